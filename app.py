@@ -1,0 +1,86 @@
+"""PowerOn private LLM service: the app factory, its lifespan and ``python app.py``.
+
+``uvicorn app:app`` works too: ``app`` is built on first access from the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import Depends, FastAPI
+
+import routeApi
+import routeHealth
+import routeOpenAi
+import routeWeb
+from config import ConfigError, Settings, loadSettings
+from errors import installErrorHandlers
+from modelRegistry import ModelRegistry
+from ollamaClient import OllamaClient, createHttpClient
+from requestContext import RequestContextMiddleware, RequestObserver
+from security import requireApiKey, requireOpenAiKey
+
+logger = logging.getLogger("poweron")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the one shared upstream client, discover models, keep discovery fresh; close everything on exit."""
+    settings: Settings = app.state.settings
+    http = createHttpClient(settings.ollama.connect_timeout, settings.ollama.read_timeout,
+                            settings.ollama.max_connections)
+    app.state.http = http
+    app.state.ollama = OllamaClient(http, settings.ollama.base_url)
+    app.state.registry = registry = ModelRegistry(settings, app.state.ollama, http)
+    await registry.refresh()
+    refresher = asyncio.create_task(registry.run(), name="model-discovery")
+    try:
+        yield
+    finally:
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+        await http.aclose()
+
+
+def createApp(settings: Settings) -> FastAPI:
+    """Build the service for the given settings."""
+    app = FastAPI(title="PowerOn private LLM service", version="1.0.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+    observers: list[RequestObserver] = []
+    app.state.requestObservers = observers
+    installErrorHandlers(app)
+    app.include_router(routeHealth.router)
+    app.include_router(routeWeb.router)
+    app.include_router(routeApi.router, dependencies=[Depends(requireApiKey)])
+    app.include_router(routeOpenAi.router, dependencies=[Depends(requireOpenAiKey)])
+    app.add_middleware(RequestContextMiddleware, observers=observers)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    """``app`` for ``uvicorn app:app``, built from config.ini and the environment on first access."""
+    if name == "app":
+        return createApp(loadSettings())
+    raise AttributeError(name)
+
+
+def main() -> None:
+    try:
+        settings = loadSettings()
+    except ConfigError as exc:
+        sys.exit(f"configuration error: {exc}")
+    logging.basicConfig(level=settings.server.log_level.upper(), format="%(message)s")
+    uvicorn.run(createApp(settings), host=settings.server.host, port=settings.server.port, loop="uvloop",
+                http="httptools", access_log=False, log_level=settings.server.log_level,
+                timeout_graceful_shutdown=int(settings.server.graceful_shutdown_seconds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The Ollama HTTP client: one shared httpx.AsyncClient, NDJSON streams, and the one place upstream failures map
+to the service's errors (503 unreachable/busy, 404 model, 504 timeout, 502 anything else)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from errors import ServiceError
+
+BUSY_RETRY_AFTER_SECONDS = 2
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
+
+
+class UpstreamError(ServiceError):
+    """Ollama (or the whisper service) failed or could not be reached."""
+
+
+def createHttpClient(connectTimeout: float, readTimeout: float, maxConnections: int) -> httpx.AsyncClient:
+    """The one shared client for upstream calls: pooled keep-alive connections, no proxies from the environment."""
+    timeout = httpx.Timeout(connect=connectTimeout, read=readTimeout, write=60.0, pool=connectTimeout + 5)
+    limits = httpx.Limits(max_connections=maxConnections, max_keepalive_connections=maxConnections,
+                          keepalive_expiry=60.0)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, follow_redirects=False)
+
+
+def _errorMessageOf(body: bytes) -> str:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace").strip()[:300]
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+        return parsed["error"]
+    return ""
+
+
+def mapTransportError(exc: httpx.HTTPError, baseUrl: str, service: str = "Ollama") -> UpstreamError:
+    """Connection refused -> 503, timeouts -> 504, a broken connection -> 502."""
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return UpstreamError(503, f"{service} is not reachable at {baseUrl}", code="upstream_unavailable",
+                             headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+    if isinstance(exc, httpx.PoolTimeout):
+        return UpstreamError(503, f"Too many requests waiting for {service}; retry shortly", code="upstream_busy",
+                             headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(504, f"{service} did not answer in time", code="upstream_timeout")
+    return UpstreamError(502, f"{service} closed the connection unexpectedly ({type(exc).__name__})",
+                         code="upstream_error")
+
+
+def mapStatusError(status: int, body: bytes, externalName: str | None, service: str = "Ollama") -> UpstreamError:
+    """Translate an upstream error status and body into a ServiceError a caller can act on."""
+    message = _errorMessageOf(body)
+    modelText = f"`{externalName}`" if externalName else "the requested model"
+    if status == 404:
+        return UpstreamError(404, f"The model {modelText} is not available in {service} (not pulled?)",
+                             code="model_not_found", param="model")
+    if status == 503:
+        return UpstreamError(503, f"{service} is busy ({message or 'server busy'}); retry shortly",
+                             code="upstream_busy", headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+    if status in (400, 422):
+        return UpstreamError(400, f"{service} rejected the request for {modelText}: {message}",
+                             code="upstream_rejected")
+    if status == 403 and not body:
+        return UpstreamError(502, f"{service} refused the request (Host check); check its base_url",
+                             code="upstream_error")
+    return UpstreamError(502, f"{service} failed with status {status}: {message or 'no message'}",
+                         code="upstream_error")
+
+
+def midStreamError(message: str) -> UpstreamError:
+    return UpstreamError(502, f"Ollama failed while generating: {message}", code="upstream_stream_error")
+
+
+TRUNCATED_STREAM_MESSAGE = "Ollama's stream ended before it was complete (no final done line)"
+
+
+class OllamaStream:
+    """An open NDJSON response from Ollama; iterate ``chunks()``, always ``aclose()``."""
+
+    def __init__(self, response: httpx.Response, startedAt: float) -> None:
+        self.response = response
+        self.startedAt = startedAt
+        self.upstreamSeconds: float | None = None
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """Parsed lines; raises UpstreamError on an error line or a stream without ``done:true``."""
+        try:
+            async for line in self.response.aiter_lines():
+                if not line:
+                    continue
+                chunk = orjson.loads(line)
+                if "error" in chunk:
+                    raise midStreamError(str(chunk["error"]))
+                yield chunk
+                if chunk.get("done"):
+                    return
+        except httpx.HTTPError as exc:
+            raise mapTransportError(exc, str(self.response.url.copy_with(path="/")).rstrip("/")) from None
+        except orjson.JSONDecodeError:
+            raise UpstreamError(502, "Ollama sent a line that is not JSON", code="upstream_error") from None
+        finally:
+            self.upstreamSeconds = time.perf_counter() - self.startedAt
+        raise UpstreamError(502, TRUNCATED_STREAM_MESSAGE, code="upstream_stream_error")
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+class OllamaClient:
+    """Calls to Ollama's native API. Builds fresh requests (the caller's Host header is never forwarded)."""
+
+    def __init__(self, http: httpx.AsyncClient, baseUrl: str) -> None:
+        self.http = http
+        self.baseUrl = baseUrl.rstrip("/")
+
+    async def getJson(self, path: str, timeout: float | None = None) -> Any:
+        return await self._requestJson("GET", path, None, None, timeout)
+
+    async def postJson(self, path: str, payload: dict[str, Any], externalName: str | None = None,
+                       timeout: float | None = None) -> Any:
+        return await self._requestJson("POST", path, payload, externalName, timeout)
+
+    async def _requestJson(self, method: str, path: str, payload: dict[str, Any] | None,
+                           externalName: str | None, timeout: float | None) -> Any:
+        content = orjson.dumps(payload) if payload is not None else None
+        extensions = {"timeout": httpx.Timeout(timeout).as_dict()} if timeout else None
+        try:
+            response = await self.http.request(method, self.baseUrl + path, content=content,
+                                               headers={"Content-Type": "application/json"} if content else None,
+                                               extensions=extensions)
+        except httpx.HTTPError as exc:
+            raise mapTransportError(exc, self.baseUrl) from None
+        if response.status_code != 200:
+            raise mapStatusError(response.status_code, response.content, externalName)
+        try:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(502, "Ollama sent an answer that is not JSON", code="upstream_error") from None
+
+    async def chat(self, payload: dict[str, Any], externalName: str) -> dict[str, Any]:
+        """Non-streaming /api/chat; returns Ollama's single answer object."""
+        answer = await self.postJson("/api/chat", {**payload, "stream": False}, externalName)
+        if "error" in answer:
+            raise midStreamError(str(answer["error"]))
+        return answer
+
+    async def openStream(self, path: str, payload: dict[str, Any], externalName: str) -> OllamaStream:
+        """Start a streaming call; an upstream error status is raised here, before any byte goes to the client."""
+        startedAt = time.perf_counter()
+        request = self.http.build_request("POST", self.baseUrl + path, content=orjson.dumps({**payload, "stream": True}),
+                                          headers={"Content-Type": "application/json"})
+        try:
+            response = await self.http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise mapTransportError(exc, self.baseUrl) from None
+        if response.status_code != 200:
+            body = await response.aread()
+            await response.aclose()
+            raise mapStatusError(response.status_code, body, externalName)
+        return OllamaStream(response, startedAt)
+
+    async def embed(self, ollamaName: str, inputs: list[str], externalName: str,
+                    dimensions: int | None = None, keepAlive: str | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = {"model": ollamaName, "input": inputs}
+        if dimensions:
+            payload["dimensions"] = dimensions
+        if keepAlive:
+            payload["keep_alive"] = keepAlive
+        return await self.postJson("/api/embed", payload, externalName)
+
+    async def version(self, timeout: float | None = None) -> str:
+        return str((await self.getJson("/api/version", timeout)).get("version", ""))
+
+    async def tags(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        return list((await self.getJson("/api/tags", timeout)).get("models") or [])
+
+    async def show(self, ollamaName: str, timeout: float | None = None) -> dict[str, Any]:
+        return await self.postJson("/api/show", {"model": ollamaName}, ollamaName, timeout)

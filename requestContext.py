@@ -1,0 +1,97 @@
+"""Per-request metadata (request id, key name, model, timings, token counts) and the middleware that carries it.
+
+Route handlers fill in the fields they know; observers (access log, metrics) read them once the response is
+complete, including the end of a stream. Content (prompts, files, answers) never goes in here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+META_SCOPE_KEY = "poweron.meta"
+REQUEST_ID_HEADER = b"x-request-id"
+logger = logging.getLogger("poweron.request")
+
+
+@dataclass(slots=True)
+class RequestMeta:
+    """What is known about one request; metadata only, never content or keys."""
+
+    requestId: str
+    method: str
+    path: str
+    startTime: float = field(default_factory=time.perf_counter)
+    keyName: str | None = None
+    keyClass: str | None = None
+    externalModel: str | None = None
+    status: int | None = None
+    upstreamSeconds: float | None = None
+    ttftSeconds: float | None = None
+    promptTokens: int | None = None
+    completionTokens: int | None = None
+    errorCode: str | None = None
+    streamed: bool = False
+    rateLimited: bool = False
+    durationSeconds: float | None = None
+
+
+RequestObserver = Callable[[RequestMeta], None]
+
+
+def getMeta(request: Any) -> RequestMeta | None:
+    """The RequestMeta of a Starlette request or an ASGI scope."""
+    scope = request if isinstance(request, dict) else request.scope
+    return scope.get(META_SCOPE_KEY)
+
+
+def _incomingRequestId(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == REQUEST_ID_HEADER:
+            candidate = value.decode("latin-1")[:64]
+            if candidate and all(c.isalnum() or c in "-_." for c in candidate):
+                return candidate
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    """Pure ASGI middleware: creates RequestMeta, returns X-Request-ID, notifies observers at the end."""
+
+    def __init__(self, app: ASGIApp, observers: list[RequestObserver]) -> None:
+        self.app = app
+        self.observers = observers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        meta = RequestMeta(requestId=_incomingRequestId(scope), method=scope["method"], path=scope["path"])
+        scope[META_SCOPE_KEY] = meta
+        requestIdHeader = (REQUEST_ID_HEADER, meta.requestId.encode())
+
+        async def sendWithId(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                meta.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), requestIdHeader]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sendWithId)
+        except BaseException:
+            meta.status = meta.status or 500
+            raise
+        finally:
+            meta.durationSeconds = time.perf_counter() - meta.startTime
+            self._notify(meta)
+
+    def _notify(self, meta: RequestMeta) -> None:
+        for observer in self.observers:
+            try:
+                observer(meta)
+            except Exception:  # an observer must never break a response
+                logger.exception("request observer failed")

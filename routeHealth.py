@@ -1,0 +1,40 @@
+"""Public health probes: /health (details), /health/liveliness and /health/readiness (LiteLLM/F13 convention)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from dependencies import RegistryDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health(registry: RegistryDep) -> JSONResponse:
+    """Overall status: ok while Ollama answers, degraded (with the reason) otherwise. No secrets."""
+    available = registry.availableModels()
+    body = {
+        "status": "ok" if registry.ollamaReachable else "degraded",
+        "ollama": {"reachable": registry.ollamaReachable, "version": registry.ollamaVersion,
+                   "reason": registry.ollamaError},
+        "whisper": {"enabled": registry.settings.whisper.enabled, "reachable": registry.whisperReachable},
+        "models": {"available": len(available), "configured": len(registry.settings.modelMapping),
+                   "names": [spec.externalName for spec in available]},
+    }
+    return JSONResponse(body)
+
+
+@router.get("/health/liveliness")
+@router.get("/health/liveness")
+async def liveliness() -> PlainTextResponse:
+    """The process is alive; checks nothing upstream."""
+    return PlainTextResponse("I'm alive!")
+
+
+@router.get("/health/readiness")
+async def readiness(registry: RegistryDep) -> JSONResponse:
+    """200 while Ollama is reachable, 503 otherwise."""
+    if registry.ollamaReachable:
+        return JSONResponse({"status": "healthy", "ollama_version": registry.ollamaVersion})
+    return JSONResponse({"status": "unhealthy", "reason": registry.ollamaError}, status_code=503)

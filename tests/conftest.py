@@ -1,0 +1,135 @@
+"""Shared fixtures: test settings, the Ollama stub, and the real service started as a process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from config import Settings, loadSettings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+API_KEY_NAME, API_KEY = "gateway", "test-analysis-key-0123456789"
+OPENAI_KEY_NAME, OPENAI_KEY = "cursor", "test-openai-key-9876543210"
+OTHER_OPENAI_KEY_NAME, OTHER_OPENAI_KEY = "kiva", "test-openai-key-kiva-555"
+DEAD_OLLAMA_URL = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused at once
+
+TEST_INI = f"""
+[auth]
+api_keys = {API_KEY_NAME}={API_KEY}
+openai_keys = {OPENAI_KEY_NAME}={OPENAI_KEY}, {OTHER_OPENAI_KEY_NAME}={OTHER_OPENAI_KEY}
+
+[ollama]
+base_url = {DEAD_OLLAMA_URL}
+discovery_ttl = 0.5
+
+[whisper]
+base_url = http://127.0.0.1:9
+enabled = false
+
+[warmup]
+models =
+"""
+
+
+def freePort() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def testIni(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config.ini with test keys; PRIVATE_LLM_CONFIG points at it; no PRIVATE_LLM_* variables leak in."""
+    for name in list(os.environ):
+        if name.startswith("PRIVATE_LLM_"):
+            monkeypatch.delenv(name)
+    path = tmp_path / "config.ini"
+    path.write_text(TEST_INI, encoding="utf-8")
+    monkeypatch.setenv("PRIVATE_LLM_CONFIG", str(path))
+    return path
+
+
+@pytest.fixture
+def makeSettings(testIni: Path):
+    """Factory: settings from the test INI with keyword overrides per section, e.g. ollama={"base_url": ...}."""
+
+    def factory(**overrides: Any) -> Settings:
+        return loadSettings(**overrides)
+
+    return factory
+
+
+def waitForHttp(url: str, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+class ServiceProcess:
+    """The real service (``python app.py``) as a subprocess on 127.0.0.1 with a given environment."""
+
+    def __init__(self, iniPath: Path, env: dict[str, str] | None = None, logPath: Path | None = None) -> None:
+        self.port = freePort()
+        self.baseUrl = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PRIVATE_LLM_CONFIG": str(iniPath), "PRIVATE_LLM_SERVER__HOST": "127.0.0.1",
+                    "PRIVATE_LLM_SERVER__PORT": str(self.port), **(env or {})}
+        self.logPath = logPath or iniPath.with_name(f"service-{self.port}.log")
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> ServiceProcess:
+        self.logFile = open(self.logPath, "wb")
+        self.process = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py")], cwd=REPO_ROOT, env=self.env,
+                                        stdout=self.logFile, stderr=subprocess.STDOUT)
+        waitForHttp(self.baseUrl + "/health/liveliness", timeout, self.process)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.logFile.close()
+        return self.process.returncode if self.process else None
+
+    def logText(self) -> str:
+        return self.logPath.read_text(encoding="utf-8", errors="replace")
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def serviceFactory(testIni: Path) -> Iterator[Any]:
+    """Start real service processes with extra environment; all are stopped at the end of the test."""
+    started: list[ServiceProcess] = []
+
+    def factory(env: dict[str, str] | None = None) -> ServiceProcess:
+        service = ServiceProcess(testIni, env).start()
+        started.append(service)
+        return service
+
+    yield factory
+    for service in started:
+        service.stop()
