@@ -1,0 +1,102 @@
+"""Settings: INI + environment, clear start-up errors, MODEL_MAPPING overrides, placeholder refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config import (MODEL_MAPPING, ConfigError, loadSettings, parseNamedKeys, resolveModel, writeInitialConfig,
+                    EXAMPLE_CONFIG_PATH)
+
+
+def test_environment_overrides_config_ini(makeSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert makeSettings().ollama.base_url == "http://127.0.0.1:9"
+    monkeypatch.setenv("PRIVATE_LLM_OLLAMA__BASE_URL", "http://127.0.0.1:11500")
+    monkeypatch.setenv("PRIVATE_LLM_SERVER__PORT", "8123")
+    settings = makeSettings()
+    assert settings.ollama.base_url == "http://127.0.0.1:11500"
+    assert settings.server.port == 8123
+
+
+def test_ini_values_are_read(testIni: Path) -> None:
+    testIni.write_text(testIni.read_text() + "\n[documents]\nmax_pdf_pages = 9\n")
+    assert loadSettings().documents.max_pdf_pages == 9
+
+
+def test_missing_config_file_names_the_file(testIni: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = testIni.with_name("absent.ini")
+    monkeypatch.setenv("PRIVATE_LLM_CONFIG", str(missing))
+    with pytest.raises(ConfigError, match="absent.ini: configuration file not found"):
+        loadSettings()
+
+
+def test_malformed_config_file_names_the_file(testIni: Path) -> None:
+    testIni.write_text("this is not = an ini file\n[auth\n")
+    with pytest.raises(ConfigError, match=r"config.ini: malformed"):
+        loadSettings()
+
+
+def test_bad_value_names_file_section_and_key(testIni: Path) -> None:
+    testIni.write_text(testIni.read_text() + "\n[server]\nport = eighty\n")
+    with pytest.raises(ConfigError) as info:
+        loadSettings()
+    assert "config.ini: [server] port" in str(info.value)
+    assert "PRIVATE_LLM_SERVER__PORT" in str(info.value)
+
+
+def test_unknown_key_is_refused(testIni: Path) -> None:
+    testIni.write_text(testIni.read_text() + "\n[documents]\nmax_pdf_pgs = 3\n")
+    with pytest.raises(ConfigError, match=r"\[documents\] max_pdf_pgs"):
+        loadSettings()
+
+
+def test_example_placeholders_refuse_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRIVATE_LLM_CONFIG", str(EXAMPLE_CONFIG_PATH))
+    with pytest.raises(ConfigError, match=r"\[auth\] api_keys: key 'gateway' is still the placeholder"):
+        loadSettings()
+
+
+def test_init_writes_a_startable_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "config.ini"
+    writeInitialConfig(target)
+    monkeypatch.setenv("PRIVATE_LLM_CONFIG", str(target))
+    settings = loadSettings()
+    assert set(settings.apiKeys) == {"gateway", "backup"}
+    assert all(len(key) >= 32 and "CHANGE" not in key for key in settings.openAiKeys.values())
+    assert target.stat().st_mode & 0o077 == 0
+
+
+def test_named_keys_parse_and_reject_bad_entries() -> None:
+    assert parseNamedKeys("cursor=abc, kiva = def ,", "x") == {"cursor": "abc", "kiva": "def"}
+    with pytest.raises(ConfigError, match="must look like name=<key>"):
+        parseNamedKeys("justakey", "[auth] openai_keys")
+    with pytest.raises(ConfigError, match="appears twice"):
+        parseNamedKeys("a=1,a=2", "[auth] openai_keys")
+
+
+def test_model_mapping_has_every_generation() -> None:
+    expected = {"poweron-text-general": "qwen2.5:7b", "poweron-vision-general": "qwen2.5vl:7b",
+                "poweron-vision-deep": "granite3.2-vision", "poweron-text-reasoning": "deepseek-r1:70b",
+                "poweron-vision-multimodal": "llama4:scout", "poweron-embed": "nomic-embed-text"}
+    assert {name: MODEL_MAPPING[name].ollamaName for name in expected} == expected
+    assert MODEL_MAPPING["poweron-transcribe"].backend == "whisper"
+    assert {spec.type for spec in MODEL_MAPPING.values()} == {"text", "vision", "reasoning", "embedding", "stt"}
+    assert all(spec.purpose and spec.vramGb > 0 for spec in MODEL_MAPPING.values())
+
+
+def test_models_section_overrides_and_adds_without_code_change(testIni: Path) -> None:
+    testIni.write_text(testIni.read_text() + "\n[models]\npoweron-text-general = qwen2.5:14b\n"
+                       "poweron-text-small = ollama=llama3.2:3b; type=text; purpose=Quick answers; vram_gb=3\n")
+    settings = loadSettings()
+    general = resolveModel(settings, "poweron-text-general")
+    small = resolveModel(settings, "poweron-text-small")
+    assert general is not None and general.ollamaName == "qwen2.5:14b" and general.type == "text"
+    assert small is not None and (small.ollamaName, small.type, small.vramGb) == ("llama3.2:3b", "text", 3.0)
+    assert resolveModel(settings, "poweron-unknown") is None
+
+
+def test_models_section_rejects_new_entry_without_type(testIni: Path) -> None:
+    testIni.write_text(testIni.read_text() + "\n[models]\npoweron-new = llama3.2:3b\n")
+    with pytest.raises(ConfigError, match="poweron-new"):
+        loadSettings()
