@@ -1,17 +1,90 @@
-"""OpenAI-compatible API for Cursor, F13/KIVA and OpenAI-SDK clients (Authorization: Bearer, OpenAI keys)."""
+"""OpenAI-compatible API for Cursor, F13/KIVA and OpenAI-SDK clients (Authorization: Bearer, OpenAI keys).
+
+Chat completions are translated from Ollama's native ``/api/chat`` (``openAiTranslate``), never passed through
+Ollama's own ``/v1`` layer. Streams are SSE, flushed line by line; the upstream request is closed as soon as the
+client goes away (also while a non-streaming answer is still being generated).
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
-from dependencies import RegistryDep
+import anyio
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from dependencies import OllamaDep, RegistryDep, SettingsDep
+from errors import ServiceError
+from modelRegistry import ResolvedModel
+from ollamaClient import OllamaClient, OllamaStream
+from openAiTranslate import (DONE_FRAME, ChatPlan, ChatStreamTranslator, buildChatPlan, chatCompletion,
+                             embeddingInputs, embeddingOptions, embeddingResponse, errorFrame, invalid,
+                             requireModelName, usageOf)
+from requestContext import RequestMeta, getMeta
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+logger = logging.getLogger("poweron.openai")
 MODEL_OWNER = "poweron"
+CLIENT_CLOSED_STATUS = 499
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the answer was ready."""
 
 
 def _modelObject(externalName: str, created: int = 0) -> dict:
     return {"id": externalName, "object": "model", "created": created, "owned_by": MODEL_OWNER}
+
+
+def _jsonResponse(body: Any) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _metaOf(request: Request) -> RequestMeta:
+    meta = getMeta(request)
+    return meta if meta is not None else RequestMeta(requestId="", method=request.method, path=request.url.path)
+
+
+async def readJsonObject(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    raw = await request.body()
+    if not raw:
+        raise invalid("The request body is empty; send a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"The request body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object")
+    return body
+
+
+async def _waitForDisconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def untilDisconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client goes away first; then cancel it (closing the upstream request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_waitForDisconnect(request.receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()
 
 
 @router.get("/models")
@@ -26,3 +99,136 @@ async def getModel(modelId: str, registry: RegistryDep) -> dict:
     if not any(spec.externalName == modelId for spec in registry.availableModels()):
         raise registry.unknownModelError(modelId)
     return _modelObject(modelId)
+
+
+@router.post("/chat/completions")
+async def chatCompletions(request: Request, settings: SettingsDep, registry: RegistryDep,
+                          ollama: OllamaDep) -> Response:
+    """OpenAI Chat Completions (streaming or not) on Ollama's native /api/chat."""
+    body = await readJsonObject(request)
+    resolved = await registry.resolve(requireModelName(body))
+    meta = _metaOf(request)
+    meta.externalModel = resolved.externalName
+    plan = buildChatPlan(body, resolved, settings.ollama.num_ctx, settings.ollama.keep_alive,
+                         settings.limits.max_image_pixels)
+    try:
+        if plan.stream:
+            return await _streamChat(request, ollama, plan, resolved, meta)
+        return await _answerChat(request, ollama, plan, resolved, meta)
+    except ClientDisconnected:
+        meta.errorCode = "client_disconnected"
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+
+
+async def _answerChat(request: Request, ollama: OllamaClient, plan: ChatPlan, resolved: ResolvedModel,
+                      meta: RequestMeta) -> Response:
+    started = time.perf_counter()
+    try:
+        answer = await untilDisconnect(request, ollama.chat(plan.payload, resolved.externalName))
+    finally:
+        meta.upstreamSeconds = time.perf_counter() - started
+    _recordUsage(meta, answer)
+    return _jsonResponse(chatCompletion(answer, resolved.externalName))
+
+
+def _recordUsage(meta: RequestMeta, done: dict[str, Any]) -> None:
+    usage = usageOf(done)
+    meta.promptTokens, meta.completionTokens = usage["prompt_tokens"], usage["completion_tokens"]
+
+
+async def _streamChat(request: Request, ollama: OllamaClient, plan: ChatPlan, resolved: ResolvedModel,
+                      meta: RequestMeta) -> Response:
+    """Open the upstream stream first (so upstream errors keep their status), then relay it as SSE."""
+    meta.streamed = True
+    stream = await untilDisconnect(request, ollama.openStream("/api/chat", plan.payload, resolved.externalName))
+    frames = _sseFrames(stream, ChatStreamTranslator(resolved.externalName), meta, plan.includeUsage)
+    return UpstreamSseResponse(frames, headers=SSE_HEADERS)
+
+
+class UpstreamSseResponse(StreamingResponse):
+    """SSE relay that always closes its frame generator (and with it the upstream request) when it ends,
+    including when the client disconnects and Starlette cancels the send loop."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def _sseFrames(stream: OllamaStream, translator: ChatStreamTranslator, meta: RequestMeta,
+                     includeUsage: bool) -> AsyncIterator[bytes]:
+    """Role frame, one frame per upstream chunk as it arrives, finish (+usage) frames; an error frame on an
+    upstream failure; always ``[DONE]`` unless the client is gone."""
+    chunks = stream.chunks()
+    try:
+        yield translator.roleFrame()
+        async for chunk in chunks:
+            for frame in _framesOf(chunk, translator, meta, includeUsage):
+                yield frame
+    except ServiceError as exc:
+        meta.errorCode = exc.code or exc.errorType
+        yield errorFrame(exc)
+    except Exception:
+        logger.exception("chat stream failed (request %s)", meta.requestId)
+        meta.errorCode = "internal_error"
+        yield errorFrame(ServiceError(500, "Internal error while streaming; the request id in the logs tells more",
+                                      code="internal_error", errorType="api_error"))
+    except BaseException:
+        meta.errorCode = "client_disconnected"
+        raise
+    finally:
+        await _closeUpstream(chunks, stream, meta)
+    yield DONE_FRAME
+
+
+def _framesOf(chunk: dict[str, Any], translator: ChatStreamTranslator, meta: RequestMeta,
+              includeUsage: bool) -> list[bytes]:
+    frames: list[bytes] = []
+    delta = translator.deltaFrame(chunk)
+    if delta is not None:
+        if meta.ttftSeconds is None:
+            meta.ttftSeconds = time.perf_counter() - meta.startTime
+        frames.append(delta)
+    if chunk.get("done"):
+        _recordUsage(meta, chunk)
+        frames.append(translator.finishFrame(chunk))
+        if includeUsage:
+            frames.append(translator.usageFrame(chunk))
+    return frames
+
+
+async def _closeUpstream(chunks: Any, stream: OllamaStream, meta: RequestMeta) -> None:
+    """Close the upstream response at once (Ollama stops generating), shielded from the cancellation."""
+    with anyio.CancelScope(shield=True):
+        meta.upstreamSeconds = time.perf_counter() - stream.startedAt
+        await stream.aclose()
+        await chunks.aclose()
+
+
+def checkEmbeddingModel(resolved: ResolvedModel) -> None:
+    if resolved.spec.type != "embedding" and "embedding" not in resolved.capabilities:
+        raise invalid(f"The model `{resolved.externalName}` is not an embedding model; use poweron-embed", "model")
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
+    """OpenAI Embeddings (float or base64, optional dimensions) on Ollama's /api/embed."""
+    body = await readJsonObject(request)
+    resolved = await registry.resolve(requireModelName(body))
+    checkEmbeddingModel(resolved)
+    meta = _metaOf(request)
+    meta.externalModel = resolved.externalName
+    inputs = embeddingInputs(body.get("input"))
+    asBase64, dimensions = embeddingOptions(body)
+    started = time.perf_counter()
+    try:
+        answer = await ollama.embed(resolved.ollamaName, inputs, resolved.externalName, dimensions,
+                                    settings.ollama.keep_alive)
+    finally:
+        meta.upstreamSeconds = time.perf_counter() - started
+    meta.promptTokens = int(answer.get("prompt_eval_count") or 0)
+    return _jsonResponse(embeddingResponse(answer, resolved.externalName, asBase64, dimensions))
