@@ -20,10 +20,13 @@ import routeOpenAi
 import routeWeb
 from config import ConfigError, Settings, loadSettings
 from errors import installErrorHandlers
+from metrics import installMetrics
 from modelRegistry import ModelRegistry
 from ollamaClient import OllamaClient, createHttpClient
 from requestContext import RequestContextMiddleware, RequestObserver
-from security import requireApiKey, requireOpenAiKey
+from accessLog import configureLogging, logAccess
+from security import fastApiTelemetryOff, installSecurity, requireApiKey, requireOpenAiKey
+from warmup import ModelWarmup
 
 logger = logging.getLogger("poweron")
 
@@ -37,6 +40,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.http = http
     app.state.ollama = OllamaClient(http, settings.ollama.base_url)
     app.state.registry = registry = ModelRegistry(settings, app.state.ollama, http)
+    app.state.warmup = warmup = ModelWarmup(settings, app.state.ollama)
+    registry.listeners.append(warmup.onRefresh)
     await registry.refresh()
     refresher = asyncio.create_task(registry.run(), name="model-discovery")
     try:
@@ -45,21 +50,26 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await refresher
+        await warmup.close()
         await http.aclose()
 
 
 def createApp(settings: Settings) -> FastAPI:
     """Build the service for the given settings."""
     app = FastAPI(title="PowerOn private LLM service", version="1.0.0", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None, **fastApiTelemetryOff())
     app.state.settings = settings
     observers: list[RequestObserver] = []
     app.state.requestObservers = observers
     installErrorHandlers(app)
+    if settings.metrics.enabled:
+        installMetrics(app, observers)
     app.include_router(routeHealth.router)
     app.include_router(routeWeb.router)
     app.include_router(routeApi.router, dependencies=[Depends(requireApiKey)])
     app.include_router(routeOpenAi.router, dependencies=[Depends(requireOpenAiKey)])
+    observers.append(logAccess)
+    installSecurity(app, settings)
     app.add_middleware(RequestContextMiddleware, observers=observers)
     return app
 
@@ -76,7 +86,7 @@ def main() -> None:
         settings = loadSettings()
     except ConfigError as exc:
         sys.exit(f"configuration error: {exc}")
-    logging.basicConfig(level=settings.server.log_level.upper(), format="%(message)s")
+    configureLogging(settings.server.log_level)
     uvicorn.run(createApp(settings), host=settings.server.host, port=settings.server.port, loop="uvloop",
                 http="httptools", access_log=False, log_level=settings.server.log_level,
                 timeout_graceful_shutdown=int(settings.server.graceful_shutdown_seconds))

@@ -1,0 +1,175 @@
+"""Prometheus metrics of one app: counters and histograms fed from RequestMeta, in-flight requests, model
+availability read at scrape time, and the key-protected ``GET /metrics`` route.
+
+Labels hold metadata from fixed sets only (route templates, configured model and key names, status codes, error
+codes of the service); never paths, prompts, file names or keys. Each app has its own CollectorRegistry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from config import Settings
+from errors import ServiceError
+from requestContext import RequestMeta
+from security import requireApiKey, requireOpenAiKey
+
+METRICS_PATH = "/metrics"
+NO_LABEL = "none"
+UNMATCHED_ROUTE = "unmatched"
+OTHER_METHOD = "other"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+router = APIRouter(tags=["metrics"], include_in_schema=False)
+
+
+def methodLabel(method: str) -> str:
+    """The HTTP method, or ``other`` for anything outside the usual set."""
+    return method if method in KNOWN_METHODS else OTHER_METHOD
+
+
+def routeLabel(routes: Iterable[Any], path: str) -> str:
+    """The template of the first route whose pattern matches ``path`` (``/v1/models/{modelId}``), else ``unmatched``."""
+    for route in routes:
+        pattern = getattr(route, "path_regex", None)
+        if pattern is not None and pattern.match(path):
+            return str(route.path) or "/"
+    return UNMATCHED_ROUTE
+
+
+class AvailabilityCollector:
+    """Model availability and upstream reachability, read from the model registry at scrape time."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        registry = getattr(self.app.state, "registry", None)
+        if registry is not None:
+            available, reachable = families
+            for spec in registry.settings.modelMapping.values():
+                available.add_metric([spec.externalName, spec.type, spec.backend],
+                                     1.0 if registry.isAvailable(spec) else 0.0)
+            reachable.add_metric(["ollama"], 1.0 if registry.ollamaReachable else 0.0)
+            reachable.add_metric(["whisper"], 1.0 if registry.whisperReachable else 0.0)
+        yield from families
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (GaugeMetricFamily("poweron_model_available", "1 while the model can serve requests (pulled in Ollama "
+                                  "or whisper reachable), else 0", labels=["model", "type", "backend"]),
+                GaugeMetricFamily("poweron_upstream_reachable", "1 while the upstream answers its probe, else 0",
+                                  labels=["upstream"]))
+
+
+class InFlightMiddleware:
+    """Pure ASGI wrapper counting the HTTP requests being served (open streams included)."""
+
+    def __init__(self, app: ASGIApp, gauge: Gauge) -> None:
+        self.app = app
+        self.gauge = gauge
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with self.gauge.track_inprogress():
+            await self.app(scope, receive, send)
+
+
+class ServiceMetrics:
+    """The collectors of one app and the request observer that feeds them."""
+
+    def __init__(self, app: FastAPI, settings: Settings) -> None:
+        self.routes = app.router.routes
+        self.modelNames = frozenset(settings.modelMapping)
+        self.keyNames = frozenset(settings.apiKeys) | frozenset(settings.openAiKeys)
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("poweron_requests", "Completed requests by route template, method, model and status",
+                                ["route", "method", "model", "status"], registry=registry)
+        self.duration = Histogram("poweron_request_duration_seconds", "Time from request to the end of the response "
+                                  "(end of the stream for streams)", ["route", "model"], buckets=LATENCY_BUCKETS,
+                                  registry=registry)
+        self.ttft = Histogram("poweron_time_to_first_token_seconds", "Time from request to the first generated token "
+                              "of a stream", ["model"], buckets=TTFT_BUCKETS, registry=registry)
+        self.upstream = Histogram("poweron_upstream_duration_seconds", "Time spent waiting for Ollama or whisper",
+                                  ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.promptTokens = Counter("poweron_prompt_tokens", "Prompt tokens reported by the upstream",
+                                    ["model", "key"], registry=registry)
+        self.completionTokens = Counter("poweron_completion_tokens", "Completion tokens reported by the upstream",
+                                        ["model", "key"], registry=registry)
+        self.rateLimited = Counter("poweron_rate_limited", "Requests refused by the per-key rate or concurrency limit",
+                                   ["route", "key"], registry=registry)
+        self.errors = Counter("poweron_request_errors", "Requests that ended in an error, by the service's error code",
+                              ["route", "code"], registry=registry)
+        self.inFlight = Gauge("poweron_requests_in_flight", "Requests being served now (open streams included)",
+                              registry=registry)
+        registry.register(AvailabilityCollector(app))
+
+    def _modelLabel(self, externalName: str | None) -> str:
+        return externalName if externalName in self.modelNames else NO_LABEL
+
+    def _keyLabel(self, keyName: str | None) -> str:
+        return keyName if keyName in self.keyNames else NO_LABEL
+
+    def observe(self, meta: RequestMeta) -> None:
+        """Request observer: record one completed request (called by RequestContextMiddleware)."""
+        route = routeLabel(self.routes, meta.path)
+        model = self._modelLabel(meta.externalModel)
+        key = self._keyLabel(meta.keyName)
+        self.requests.labels(route, methodLabel(meta.method), model, str(meta.status or NO_LABEL)).inc()
+        if meta.durationSeconds is not None:
+            self.duration.labels(route, model).observe(meta.durationSeconds)
+        if meta.ttftSeconds is not None:
+            self.ttft.labels(model).observe(meta.ttftSeconds)
+        if meta.upstreamSeconds is not None:
+            self.upstream.labels(model).observe(meta.upstreamSeconds)
+        if meta.promptTokens:
+            self.promptTokens.labels(model, key).inc(meta.promptTokens)
+        if meta.completionTokens:
+            self.completionTokens.labels(model, key).inc(meta.completionTokens)
+        if meta.rateLimited:
+            self.rateLimited.labels(route, key).inc()
+        if meta.errorCode:
+            self.errors.labels(route, meta.errorCode).inc()
+
+
+async def requireAnyKey(request: Request) -> str:
+    """Dependency for /metrics: an analysis key in X-API-Key or an OpenAI key as Bearer."""
+    if request.headers.get("x-api-key"):
+        return await requireApiKey(request)
+    if request.headers.get("authorization"):
+        return await requireOpenAiKey(request)
+    raise ServiceError(401, "Missing API key: send an analysis key as X-API-Key or an OpenAI key as "
+                       "'Authorization: Bearer <key>'", code="missing_api_key")
+
+
+@router.get(METRICS_PATH, dependencies=[Depends(requireAnyKey)])
+async def metricsEndpoint(request: Request) -> Response:
+    """Prometheus metrics of this process (needs an analysis or OpenAI key)."""
+    encoder, contentType = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(request.app.state.metrics.registry), media_type=contentType)
+
+
+def installMetrics(app: FastAPI, observers: list[Any]) -> ServiceMetrics:
+    """Create the app's metrics, feed them from the request observers, count in-flight requests, add /metrics."""
+    metrics = ServiceMetrics(app, app.state.settings)
+    app.state.metrics = metrics
+    observers.append(metrics.observe)
+    app.add_middleware(InFlightMiddleware, gauge=metrics.inFlight)
+    app.include_router(router)
+    return metrics
