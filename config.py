@@ -8,6 +8,7 @@ section ``[section]`` is overridden by the environment variable ``PRIVATE_LLM_<S
 from __future__ import annotations
 
 import configparser
+import hashlib
 import ipaddress
 import os
 import secrets
@@ -137,6 +138,28 @@ def parseNamedKeys(raw: str, setting: str) -> dict[str, str]:
             raise ConfigError(f"{setting}: key name '{name}' appears twice")
         keys[name] = key
     return keys
+
+
+PerKeyLimits = tuple[float | None, int | None, int | None]
+
+
+def parsePerKeyLimits(raw: str, knownNames: set[str]) -> dict[str, PerKeyLimits]:
+    """Parse ``[ratelimit] per_key``: ``name=<requests per minute>/<burst>/<concurrent>`` (trailing parts optional)."""
+    limits: dict[str, PerKeyLimits] = {}
+    for name, value in parseNamedKeys(raw, "[ratelimit] per_key").items():
+        if name not in knownNames:
+            raise ConfigError(f"[ratelimit] per_key: '{name}' is not a key name from [auth] api_keys or openai_keys")
+        parts = [p.strip() for p in value.split("/")]
+        try:
+            rpm = float(parts[0]) if parts[0] else None
+            burst, concurrent = (int(p) if p else None for p in (parts + ["", ""])[1:3])
+        except ValueError:
+            rpm = burst = concurrent = -1
+        if len(parts) > 3 or any(v is not None and v <= 0 for v in (rpm, burst, concurrent)):
+            raise ConfigError(f"[ratelimit] per_key: '{name}={value}' must be <requests per minute>/<burst>/"
+                              "<concurrent> with positive numbers, e.g. kiva=1200/100/32")
+        limits[name] = (rpm, burst, concurrent)
+    return limits
 
 
 def isLocalUrl(url: str) -> bool:
@@ -327,6 +350,7 @@ class Settings(BaseSettings):
     _modelMapping: dict[str, ModelSpec] = PrivateAttr(default_factory=dict)
     _apiKeys: dict[str, str] = PrivateAttr(default_factory=dict)
     _openAiKeys: dict[str, str] = PrivateAttr(default_factory=dict)
+    _perKeyLimits: dict[str, PerKeyLimits] = PrivateAttr(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -340,6 +364,7 @@ class Settings(BaseSettings):
         self._modelMapping = buildModelMapping(self.models)
         self._apiKeys = parseNamedKeys(self.auth.api_keys, "[auth] api_keys")
         self._openAiKeys = parseNamedKeys(self.auth.openai_keys, "[auth] openai_keys")
+        self._perKeyLimits = parsePerKeyLimits(self.ratelimit.per_key, set(self._apiKeys) | set(self._openAiKeys))
         return self
 
     @property
@@ -355,6 +380,11 @@ class Settings(BaseSettings):
         return self._openAiKeys
 
     @property
+    def perKeyLimits(self) -> dict[str, PerKeyLimits]:
+        """Per-key rate-limit overrides: name -> (requests per minute, burst, concurrent); None = class default."""
+        return self._perKeyLimits
+
+    @property
     def corsOrigins(self) -> list[str]:
         return [o.strip() for o in self.server.cors_origins.split(",") if o.strip()]
 
@@ -368,6 +398,34 @@ def resolveModel(settings: Settings, externalName: str) -> ModelSpec | None:
     return settings.modelMapping.get(externalName)
 
 
+MIN_KEY_CHARS = 16
+SHA256_KEY_PREFIX = "sha256:"
+
+
+def _checkKeyStrength(setting: str, name: str, key: str) -> None:
+    if key.lower().startswith(SHA256_KEY_PREFIX):
+        digest = key[len(SHA256_KEY_PREFIX):]
+        if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+            raise ConfigError(f"{setting}: key '{name}' starts with sha256: but is not followed by 64 hex digits")
+    elif len(key) < MIN_KEY_CHARS:
+        raise ConfigError(f"{setting}: key '{name}' is shorter than {MIN_KEY_CHARS} characters; use a long random key "
+                          "(python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+
+
+def _keyDigestHex(key: str) -> str:
+    if key.lower().startswith(SHA256_KEY_PREFIX):
+        return key[len(SHA256_KEY_PREFIX):].lower()
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _checkKeyClassesDiffer(settings: Settings) -> None:
+    openAiDigests = {_keyDigestHex(key): name for name, key in settings.openAiKeys.items()}
+    for name, key in settings.apiKeys.items():
+        if _keyDigestHex(key) in openAiDigests:
+            raise ConfigError(f"[auth] analysis key '{name}' and OpenAI key '{openAiDigests[_keyDigestHex(key)]}' "
+                              "are the same key; give each class its own keys")
+
+
 def checkStartupSafety(settings: Settings) -> None:
     """Refuse to start with placeholder or missing keys, or upstream URLs that leave the machine."""
     for setting, keys in (("[auth] api_keys", settings.apiKeys), ("[auth] openai_keys", settings.openAiKeys)):
@@ -378,6 +436,8 @@ def checkStartupSafety(settings: Settings) -> None:
             if PLACEHOLDER_MARKER.lower() in key.lower():
                 raise ConfigError(f"{setting}: key '{name}' is still the placeholder from config.ini.example; "
                                   f"fill in a real key (or set {envName})")
+            _checkKeyStrength(setting, name, key)
+    _checkKeyClassesDiffer(settings)
     if settings.server.allow_remote_upstream:
         return
     for setting, url in (("[ollama] base_url", settings.ollama.base_url),

@@ -39,6 +39,10 @@ class RequestMeta:
     streamed: bool = False
     rateLimited: bool = False
     durationSeconds: float | None = None
+    responseHeaders: list[tuple[bytes, bytes]] = field(default_factory=list)
+    """Extra raw headers added to the response when it starts (e.g. X-RateLimit-*)."""
+    finishCallbacks: list[Callable[[], None]] = field(default_factory=list)
+    """Run when the response is complete (end of a stream included), before the observers; e.g. release a slot."""
 
 
 RequestObserver = Callable[[RequestMeta], None]
@@ -77,7 +81,7 @@ class RequestContextMiddleware:
         async def sendWithId(message: Message) -> None:
             if message["type"] == "http.response.start":
                 meta.status = message["status"]
-                message["headers"] = [*message.get("headers", ()), requestIdHeader]
+                message["headers"] = [*message.get("headers", ()), requestIdHeader, *meta.responseHeaders]
             await send(message)
 
         try:
@@ -87,7 +91,16 @@ class RequestContextMiddleware:
             raise
         finally:
             meta.durationSeconds = time.perf_counter() - meta.startTime
+            self._finish(meta)
             self._notify(meta)
+
+    @staticmethod
+    def _finish(meta: RequestMeta) -> None:
+        for callback in meta.finishCallbacks:
+            try:
+                callback()
+            except Exception:  # a callback must never break a response
+                logger.exception("request finish callback failed")
 
     def _notify(self, meta: RequestMeta) -> None:
         for observer in self.observers:

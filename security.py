@@ -1,71 +1,201 @@
-"""Authentication: two classes of named keys (analysis keys as X-API-Key on /api/*, OpenAI keys as Bearer on /v1/*),
-compared in constant time, plain or stored as sha256:<hex>."""
+"""Authentication and admission: two classes of named keys (analysis keys as X-API-Key on /api/*, OpenAI keys as
+Bearer on /v1/*), compared in constant time (plain or stored as sha256:<hex>), then the per-key rate and
+concurrency limits. ``installSecurity`` wires key rings, rate limiter, key gate, body limit and CORS into the app.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
+import time
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from errors import ServiceError
+from config import Settings
+from errors import ServiceError, errorResponse
+from rateLimit import Clock, RateLimiter
 from requestContext import getMeta
+from requestLimits import BodyLimitMiddleware
 
 KEY_CLASS_API = "api"
 KEY_CLASS_OPENAI = "openai"
 SHA256_PREFIX = "sha256:"
+AUTH_SCOPE_KEY = "poweron.auth"
+ADMITTED_SCOPE_KEY = "poweron.admitted"
+KEY_CLASS_BY_PREFIX = (("/api/", KEY_CLASS_API), ("/v1/", KEY_CLASS_OPENAI))
+HOW_TO_SEND = {KEY_CLASS_API: "an analysis key in the X-API-Key header",
+               KEY_CLASS_OPENAI: "an OpenAI key as 'Authorization: Bearer <key>'"}
+CLASS_ROUTES = {KEY_CLASS_API: "/api/*", KEY_CLASS_OPENAI: "/v1/*"}
+CORS_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining"]
 
 
-def _keyDigest(key: str) -> bytes:
+def keyDigest(key: str) -> bytes:
+    """SHA-256 of a key, as stored in config.ini after ``sha256:``."""
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
-def _storedDigest(stored: str) -> bytes:
+def storedDigest(stored: str) -> bytes:
+    """The digest of a configured key: parsed from ``sha256:<hex>`` or computed from the plain key."""
     if stored.lower().startswith(SHA256_PREFIX):
         try:
             return bytes.fromhex(stored[len(SHA256_PREFIX):])
         except ValueError:
             return b""
-    return _keyDigest(stored)
+    return keyDigest(stored)
+
+
+class KeyRing:
+    """The named keys of one class with their digests, computed once at start."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        self.entries = tuple((name, storedDigest(stored)) for name, stored in keys.items())
+
+    def match(self, presented: str) -> str | None:
+        """Name of the key equal to ``presented``; compares against every key in constant time."""
+        presentedDigest = keyDigest(presented)
+        found = None
+        for name, digest in self.entries:
+            if hmac.compare_digest(presentedDigest, digest) and found is None:
+                found = name
+        return found
 
 
 def matchKeyName(presented: str, keys: dict[str, str]) -> str | None:
-    """Name of the configured key equal to ``presented``; compares every key in constant time."""
-    presentedDigest = _keyDigest(presented)
-    found = None
-    for name, stored in keys.items():
-        if hmac.compare_digest(presentedDigest, _storedDigest(stored)) and found is None:
-            found = name
-    return found
+    """Name of the configured key equal to ``presented`` (constant-time; builds the digests on each call)."""
+    return KeyRing(keys).match(presented)
 
 
-def _bearerToken(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+def _header(scope: Scope, wanted: bytes) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == wanted:
+            return value.decode("latin-1").strip()
+    return ""
+
+
+def presentedKey(scope: Scope, keyClass: str) -> str:
+    """The key a request presents for a class: X-API-Key for analysis keys, the Bearer token for OpenAI keys."""
+    if keyClass == KEY_CLASS_API:
+        return _header(scope, b"x-api-key")
+    scheme, _, token = _header(scope, b"authorization").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def _authenticate(request: Request, presented: str, keys: dict[str, str], keyClass: str, how: str) -> str:
+def _authError(keyClass: str, presented: str, keyRings: dict[str, KeyRing]) -> ServiceError:
+    how = HOW_TO_SEND[keyClass]
+    headers = {"WWW-Authenticate": "Bearer" if keyClass == KEY_CLASS_OPENAI else 'ApiKey header="X-API-Key"'}
     if not presented:
-        raise ServiceError(401, f"Missing API key: send it as {how}", code="missing_api_key")
-    name = matchKeyName(presented, keys)
+        return ServiceError(401, f"Missing API key: {CLASS_ROUTES[keyClass]} needs {how}",
+                            code="missing_api_key", headers=headers)
+    otherClass = KEY_CLASS_OPENAI if keyClass == KEY_CLASS_API else KEY_CLASS_API
+    if keyRings[otherClass].match(presented) is not None:
+        message = (f"Wrong key class: this key is for {CLASS_ROUTES[otherClass]}; "
+                   f"{CLASS_ROUTES[keyClass]} needs {how}")
+    else:
+        message = f"Invalid API key: {CLASS_ROUTES[keyClass]} needs {how}"
+    return ServiceError(401, message, code="invalid_api_key", headers=headers)
+
+
+def authenticate(scope: Scope, keyRings: dict[str, KeyRing], keyClass: str) -> str:
+    """The name of the key of ``keyClass`` the request presents (remembered in the scope); 401 otherwise."""
+    known = scope.get(AUTH_SCOPE_KEY)
+    if known is not None and known[0] == keyClass:
+        return known[1]
+    presented = presentedKey(scope, keyClass)
+    name = keyRings[keyClass].match(presented) if presented else None
     if name is None:
-        raise ServiceError(401, f"Invalid API key for this endpoint (expected a valid key as {how})",
-                           code="invalid_api_key")
+        raise _authError(keyClass, presented, keyRings)
+    scope[AUTH_SCOPE_KEY] = (keyClass, name)
+    return name
+
+
+def _admit(request: Request, keyClass: str, name: str) -> None:
+    """Count the request against the key's rate and concurrency limits once; the slot is freed at the end."""
+    scope = request.scope
+    if scope.get(ADMITTED_SCOPE_KEY):
+        return
     meta = getMeta(request)
     if meta is not None:
         meta.keyName, meta.keyClass = name, keyClass
+    limiter: RateLimiter = request.app.state.rateLimiter
+    try:
+        state = limiter.admit(keyClass, name)
+    except ServiceError:
+        if meta is not None:
+            meta.rateLimited = True
+        raise
+    scope[ADMITTED_SCOPE_KEY] = True
+    if meta is None:  # no RequestContextMiddleware: nothing would free the slot later
+        state.release()
+        return
+    meta.finishCallbacks.append(state.release)
+    meta.responseHeaders.extend(limiter.headers(state))
+
+
+def _requireKey(request: Request, keyClass: str) -> str:
+    name = authenticate(request.scope, request.app.state.keyRings, keyClass)
+    _admit(request, keyClass, name)
     return name
 
 
 async def requireApiKey(request: Request) -> str:
-    """Dependency for /api/*: the name of the analysis key in X-API-Key."""
-    keys = request.app.state.settings.apiKeys
-    return _authenticate(request, request.headers.get("x-api-key", "").strip(), keys, KEY_CLASS_API,
-                         "the X-API-Key header")
+    """Dependency for /api/*: the name of the analysis key in X-API-Key, admitted by its rate limits."""
+    return _requireKey(request, KEY_CLASS_API)
 
 
 async def requireOpenAiKey(request: Request) -> str:
-    """Dependency for /v1/*: the name of the OpenAI key in Authorization: Bearer."""
-    keys = request.app.state.settings.openAiKeys
-    return _authenticate(request, _bearerToken(request), keys, KEY_CLASS_OPENAI, "'Authorization: Bearer <key>'")
+    """Dependency for /v1/*: the name of the OpenAI key in Authorization: Bearer, admitted by its rate limits."""
+    return _requireKey(request, KEY_CLASS_OPENAI)
+
+
+def _keyClassOfPath(path: str) -> str | None:
+    for prefix, keyClass in KEY_CLASS_BY_PREFIX:
+        if path.startswith(prefix) or path == prefix[:-1]:
+            return keyClass
+    return None
+
+
+class KeyGateMiddleware:
+    """Pure ASGI: refuses /api/* and /v1/* requests without a valid key of their class before any body is read.
+
+    FastAPI parses request bodies (multipart uploads included) before it runs dependencies, so without this gate an
+    anonymous client could make the service read and spool uploads. The router dependencies stay the authority:
+    they reuse the gate's result and add the rate limits.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keyClass = _keyClassOfPath(scope["path"]) if scope["type"] == "http" else None
+        if keyClass is not None and scope["method"] != "OPTIONS":
+            try:
+                authenticate(scope, scope["app"].state.keyRings, keyClass)
+            except ServiceError as error:
+                await errorResponse(Request(scope, receive), error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def fastApiTelemetryOff() -> dict:
+    """Keyword for FastAPI() that switches its native OpenTelemetry export off (in versions that have it)."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False,
+                          "auto_configure": False}}
+
+
+def installSecurity(app: FastAPI, settings: Settings, clock: Clock = time.monotonic) -> None:
+    """Key rings and rate limiter on app.state; key gate, body limit and CORS as pure ASGI middlewares."""
+    app.state.keyRings = {KEY_CLASS_API: KeyRing(settings.apiKeys), KEY_CLASS_OPENAI: KeyRing(settings.openAiKeys)}
+    app.state.rateLimiter = RateLimiter(settings, clock)
+    app.add_middleware(KeyGateMiddleware)
+    app.add_middleware(BodyLimitMiddleware, maxBytes=settings.limits.max_body_bytes)
+    if settings.corsOrigins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.corsOrigins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["*"], expose_headers=CORS_EXPOSED_HEADERS, allow_credentials=False,
+                           max_age=600)
