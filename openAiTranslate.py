@@ -24,8 +24,10 @@ from typing import Any
 import orjson
 from PIL import Image, UnidentifiedImageError
 
+from config import Settings
 from errors import ServiceError, openAiErrorBody
 from modelRegistry import ResolvedModel
+from requestLimits import checkImagePixels, rejectRemoteImageUrl
 
 logger = logging.getLogger("poweron.openai")
 
@@ -226,18 +228,19 @@ class ImageRules:
 
     externalName: str
     visionAllowed: bool
-    maxPixels: int
+    settings: Settings
     perMessage: int
 
 
-def _imageSize(raw: bytes, param: str) -> Image.Image:
+def _openImage(raw: bytes, param: str) -> Image.Image:
+    """The image with its header read (format and size known, pixels not decoded)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError:
-        raise ServiceError(413, f"The image in `{param}` has too many pixels", code="image_too_large",
-                           param=param) from None
+        raise ServiceError(413, f"The image in `{param}` has too many pixels ([limits] max_image_pixels)",
+                           code="image_too_large", param=param) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise invalid(f"`{param}` is not a readable image (send PNG, JPEG or WebP)", param) from None
 
@@ -252,14 +255,12 @@ def _asPng(image: Image.Image, param: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decodeImageDataUrl(url: Any, param: str, maxPixels: int) -> str:
-    """Raw base64 for Ollama from a ``data:image/...;base64,`` URL, checked as a real image within the pixel limit
-    (read from the header, the pixels are not decoded)."""
+def decodeImageDataUrl(url: Any, param: str, settings: Settings) -> str:
+    """Raw base64 for Ollama from a ``data:image/...;base64,`` URL, checked as a real image within
+    ``[limits] max_image_pixels`` (read from the header, the pixels are not decoded). Remote URLs are refused."""
     if not isinstance(url, str) or not url:
         raise invalid(f"`{param}` needs an image URL", param)
-    if url[:8].lower().startswith(("http://", "https://")):
-        raise invalid(f"`{param}`: only data URLs are accepted (data:image/png;base64,...); this service never "
-                      "fetches remote URLs", param)
+    rejectRemoteImageUrl(url, param)
     header, comma, data = url.partition(",")
     if not comma or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
         raise invalid(f"`{param}` must be a data URL like data:image/png;base64,<data>", param)
@@ -267,11 +268,8 @@ def decodeImageDataUrl(url: Any, param: str, maxPixels: int) -> str:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"`{param}` is not valid base64", param) from None
-    image = _imageSize(raw, param)
-    width, height = image.size
-    if width * height > maxPixels:
-        raise ServiceError(413, f"The image in `{param}` is {width}x{height} = {width * height:,} pixels; the limit "
-                           f"is {maxPixels:,} ([limits] max_image_pixels)", code="image_too_large", param=param)
+    image = _openImage(raw, param)
+    checkImagePixels(*image.size, settings, param)
     return data if image.format in OLLAMA_IMAGE_FORMATS else _asPng(image, param)
 
 
@@ -283,7 +281,7 @@ def _imagePart(part: dict[str, Any], param: str, rules: ImageRules | None) -> st
                       "choose a poweron-vision-* model from GET /v1/models", param, code="model_not_vision_capable")
     imageUrl = part.get("image_url")
     url = imageUrl.get("url") if isinstance(imageUrl, dict) else imageUrl
-    return decodeImageDataUrl(url, f"{param}.image_url.url", rules.maxPixels)
+    return decodeImageDataUrl(url, f"{param}.image_url.url", rules.settings)
 
 
 def _filePart(part: dict[str, Any], param: str, rules: ImageRules | None) -> str:
@@ -464,13 +462,13 @@ def _includeUsage(body: dict[str, Any]) -> bool:
     return _flag(options, "include_usage")
 
 
-def buildChatPlan(body: dict[str, Any], resolved: ResolvedModel, numCtx: int, keepAlive: str,
-                  maxImagePixels: int) -> ChatPlan:
+def buildChatPlan(body: dict[str, Any], resolved: ResolvedModel, settings: Settings) -> ChatPlan:
     """Validate an OpenAI chat body for its resolved model and build the Ollama /api/chat payload."""
     checkChatModel(resolved)
     _checkSupported(body)
-    payload: dict[str, Any] = {"model": resolved.ollamaName, "messages": None, "keep_alive": keepAlive}
-    options = buildOptions(body, numCtx)
+    payload: dict[str, Any] = {"model": resolved.ollamaName, "messages": None,
+                               "keep_alive": settings.ollama.keep_alive}
+    options = buildOptions(body, settings.ollama.num_ctx)
     if options:
         payload["options"] = options
     tools = selectTools(body.get("tools"), body.get("tool_choice"))
@@ -486,7 +484,7 @@ def buildChatPlan(body: dict[str, Any], resolved: ResolvedModel, numCtx: int, ke
     if think is not None:
         payload["think"] = think
     stream = _flag(body, "stream")
-    rules = ImageRules(resolved.externalName, "vision" in resolved.capabilities, maxImagePixels,
+    rules = ImageRules(resolved.externalName, "vision" in resolved.capabilities, settings,
                        resolved.spec.imagesPerMessage)
     payload["messages"], _ = translateMessages(body.get("messages"), rules)
     return ChatPlan(payload, stream, stream and _includeUsage(body))

@@ -109,8 +109,7 @@ async def chatCompletions(request: Request, settings: SettingsDep, registry: Reg
     resolved = await registry.resolve(requireModelName(body))
     meta = _metaOf(request)
     meta.externalModel = resolved.externalName
-    plan = buildChatPlan(body, resolved, settings.ollama.num_ctx, settings.ollama.keep_alive,
-                         settings.limits.max_image_pixels)
+    plan = buildChatPlan(body, resolved, settings)
     try:
         if plan.stream:
             return await _streamChat(request, ollama, plan, resolved, meta)

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from config import MODEL_MAPPING
+from config import MODEL_MAPPING, LimitsSettings, OllamaSettings, Settings
 from errors import ServiceError
 from modelRegistry import ResolvedModel
 from openAiTranslate import (ChatStreamTranslator, ImageRules, buildChatPlan, chatCompletion, decodeImageDataUrl,
@@ -31,8 +31,14 @@ TOOL = {"type": "function", "function": {"name": "getWeather", "parameters": {
 OTHER_TOOL = {"type": "function", "function": {"name": "getTime", "parameters": {"type": "object"}}}
 
 
+def settingsWith(maxPixels: int = 50_000_000, numCtx: int = 8192, keepAlive: str = "30m") -> Settings:
+    """Settings without any file or environment (pure unit tests)."""
+    return Settings.model_construct(limits=LimitsSettings(max_image_pixels=maxPixels),
+                                    ollama=OllamaSettings(num_ctx=numCtx, keep_alive=keepAlive))
+
+
 def plan(body: dict, resolved: ResolvedModel = TEXT, maxPixels: int = 50_000_000):
-    return buildChatPlan({"model": resolved.externalName, **body}, resolved, 8192, "30m", maxPixels)
+    return buildChatPlan({"model": resolved.externalName, **body}, resolved, settingsWith(maxPixels))
 
 
 def rejected(body: dict, resolved: ResolvedModel = TEXT, maxPixels: int = 50_000_000) -> ServiceError:
@@ -76,7 +82,7 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
 
 
 def test_num_ctx_zero_sends_no_num_ctx() -> None:
-    payload = buildChatPlan({"model": "x", "messages": USER}, TEXT, 0, "5m", 10**6).payload
+    payload = buildChatPlan({"model": "x", "messages": USER}, TEXT, settingsWith(numCtx=0, keepAlive="5m")).payload
     assert "options" not in payload and payload["keep_alive"] == "5m"
 
 
@@ -144,7 +150,7 @@ def test_tool_calls_round_trip_with_tool_name_from_tool_call_id() -> None:
             {"id": "call_1", "type": "function", "function": {"name": "getWeather", "arguments": '{"city":"Bonn"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "12 Grad"},
     ]
-    converted, _ = translateMessages(messages, ImageRules("x", False, 10**6, 0))
+    converted, _ = translateMessages(messages, ImageRules("x", False, settingsWith(), 0))
     assert converted[1] == {"role": "assistant", "content": "", "tool_calls": [
         {"id": "call_1", "function": {"name": "getWeather", "arguments": {"city": "Bonn"}}}]}
     assert converted[2] == {"role": "tool", "content": "12 Grad", "tool_name": "getWeather", "tool_call_id": "call_1"}
@@ -202,7 +208,8 @@ def test_image_for_a_model_without_vision_is_400_naming_the_model() -> None:
 
 
 @pytest.mark.parametrize(("url", "text"), [
-    ("https://example.com/a.png", "only data URLs are accepted"),
+    ("https://example.com/a.png", "never fetches https URLs"),
+    ("file:///etc/passwd", "must be a data URL"),
     ("data:image/png;base64,@@@@", "not valid base64"),
     ("data:text/plain;base64,aGFsbG8=", "must be a data URL"),
     ("data:image/png;base64,aGFsbG8=", "not a readable image"),
@@ -216,6 +223,7 @@ def test_bad_image_urls_are_400(url: str, text: str) -> None:
 def test_image_over_the_pixel_limit_is_413_before_decoding() -> None:
     error = rejected({"messages": imageMessage(dataUrl(200, 100))}, VISION, maxPixels=19_999)
     assert error.status == 413 and "200x100 = 20,000 pixels" in error.message
+    assert error.param == "messages[0].content[1].image_url.url"
 
 
 def test_formats_ollama_cannot_read_are_converted_to_png() -> None:
@@ -241,7 +249,7 @@ def test_pdf_file_parts_point_to_the_analysis_api_and_image_files_are_read() -> 
 
 def test_decode_image_data_url_accepts_jpeg_unchanged() -> None:
     url = dataUrl(10, 10, "JPEG", "image/jpeg")
-    assert decodeImageDataUrl(url, "p", 1000) == url.split(",", 1)[1]
+    assert decodeImageDataUrl(url, "p", settingsWith(maxPixels=10_000)) == url.split(",", 1)[1]
 
 
 # ------------------------------------------------------------------------------ answers
