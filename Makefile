@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
+CONFIG_FILE ?= $(or $(PRIVATE_LLM_CONFIG),config.ini)
 
 .PHONY: run test bench clean
 
@@ -16,10 +17,10 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-config.ini: | $(RUNTIME_STAMP)
-	$(PY) config.py init config.ini
+$(CONFIG_FILE): | $(RUNTIME_STAMP)
+	$(PY) config.py init $(CONFIG_FILE)
 
-run: $(RUNTIME_STAMP) config.ini
+run: $(RUNTIME_STAMP) $(CONFIG_FILE)
 	$(PY) app.py
 
 test: $(DEV_STAMP)
