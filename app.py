@@ -24,6 +24,7 @@ from metrics import installMetrics
 from modelRegistry import ModelRegistry
 from ollamaClient import OllamaClient, createHttpClient
 from requestContext import RequestContextMiddleware, RequestObserver
+from renderWorkers import RenderPool
 from accessLog import configureLogging, logAccess
 from security import fastApiTelemetryOff, installSecurity, requireApiKey, requireOpenAiKey
 from warmup import ModelWarmup
@@ -43,6 +44,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.warmup = warmup = ModelWarmup(settings, app.state.ollama)
     registry.listeners.append(warmup.onRefresh)
     await registry.refresh()
+    app.state.renderPool = renderPool = RenderPool(settings.documents.render_workers,
+                                                   settings.documents.render_timeout_seconds)
+    if settings.documents.prestart_workers:
+        renderPool.startWarmUp()
     refresher = asyncio.create_task(registry.run(), name="model-discovery")
     try:
         yield
@@ -52,6 +57,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await refresher
         await warmup.close()
         await http.aclose()
+        await renderPool.close()
 
 
 def createApp(settings: Settings) -> FastAPI:

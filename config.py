@@ -253,6 +253,10 @@ class DocumentSettings(Section):
 class WhisperSettings(Section):
     base_url: str = "http://127.0.0.1:9000"
     """URL of the whisper service as the main service calls it."""
+    render_timeout_seconds: float = Field(60.0, gt=0)
+    """Longest one document may take to render; the worker is then stopped and the request gets 422."""
+    prestart_workers: bool = False
+    """Start the render workers with the service (otherwise the first document waits about a second for them)."""
     host: str = "127.0.0.1"
     """Address the whisper service binds to."""
     port: int = Field(9000, ge=1, le=65535)

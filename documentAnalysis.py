@@ -1,0 +1,258 @@
+"""Asking Ollama about documents and texts: chat payloads (as many images per message as the model takes, the
+context window sized for the images), answers read from Ollama's stream with their token usage, page groups
+answered one after another and combined with page markers, and structured output with one repair retry."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from config import Settings
+from documentRender import PageImage, RenderedDocument
+from errors import ServiceError
+from modelRegistry import ResolvedModel
+from ollamaClient import OllamaClient, OllamaStream
+from structuredOutput import repairPrompt, validateAnswer
+
+DEFAULT_TEMPERATURE = 0.0
+"""Document extraction and neutralisation should give the same answer for the same input."""
+PIXELS_PER_IMAGE_TOKEN = 28 * 28
+CHARS_PER_TOKEN = 3
+DEFAULT_ANSWER_TOKENS = 2048
+OLLAMA_DEFAULT_CONTEXT = 4096
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens and model time summed over every Ollama call of one request."""
+
+    promptTokens: int = 0
+    completionTokens: int = 0
+    modelSeconds: float = 0.0
+
+    def add(self, final: dict[str, Any]) -> None:
+        self.promptTokens += int(final.get("prompt_eval_count") or 0)
+        self.completionTokens += int(final.get("eval_count") or 0)
+
+    def asDict(self) -> dict[str, int]:
+        return {"promptTokens": self.promptTokens, "completionTokens": self.completionTokens,
+                "totalTokens": self.promptTokens + self.completionTokens}
+
+
+@dataclass(slots=True)
+class ModelCall:
+    """One chat request to Ollama and the pages it covers (empty for text requests)."""
+
+    pages: list[int]
+    payload: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Answer:
+    """The model's answer to one call."""
+
+    pages: list[int]
+    parts: list[str] = field(default_factory=list)
+    thinkingParts: list[str] = field(default_factory=list)
+    doneReason: str = "stop"
+    value: Any = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def thinking(self) -> str:
+        return "".join(self.thinkingParts)
+
+
+def contextSize(settings: Settings, estimatedTokens: int) -> int | None:
+    """``num_ctx`` for a request: the configured window, or a multiple of it when the images and text need more
+    (multiples, so Ollama reloads the model for a new window size rarely). None = Ollama's default."""
+    configured = settings.ollama.num_ctx
+    step = configured or OLLAMA_DEFAULT_CONTEXT
+    if estimatedTokens <= step:
+        return configured or None
+    return math.ceil(estimatedTokens / step) * step
+
+
+def estimateTokens(texts: list[str], images: list[PageImage], maxTokens: int | None) -> int:
+    imageTokens = sum(math.ceil(image.width * image.height / PIXELS_PER_IMAGE_TOKEN) + 8 for image in images)
+    return sum(len(text) for text in texts) // CHARS_PER_TOKEN + imageTokens + (maxTokens or DEFAULT_ANSWER_TOKENS)
+
+
+def chatPayload(settings: Settings, resolved: ResolvedModel, messages: list[dict[str, Any]], *,
+                temperature: float | None, maxTokens: int | None, schema: Any, estimatedTokens: int) -> dict[str, Any]:
+    """Ollama /api/chat body for one call."""
+    options: dict[str, Any] = {"temperature": DEFAULT_TEMPERATURE if temperature is None else temperature}
+    numCtx = contextSize(settings, estimatedTokens)
+    if numCtx:
+        options["num_ctx"] = numCtx
+    if maxTokens:
+        options["num_predict"] = maxTokens
+    payload: dict[str, Any] = {"model": resolved.ollamaName, "messages": messages, "options": options,
+                               "keep_alive": settings.ollama.keep_alive}
+    if schema is not None:
+        payload["format"] = schema
+    return payload
+
+
+def pageGroups(images: list[PageImage], imagesPerMessage: int) -> list[list[PageImage]]:
+    """All images in one message, or groups of ``imagesPerMessage`` (1 for models such as Llama 3.2 Vision)."""
+    size = imagesPerMessage if imagesPerMessage > 0 else len(images)
+    return [images[start:start + size] for start in range(0, len(images), size)]
+
+
+def pageNote(group: list[PageImage], document: RenderedDocument) -> str:
+    """Tells the model which pages it sees, when the document has more than one page."""
+    if document.pageCount <= 1:
+        return ""
+    pages = [image.page for image in group]
+    if len(pages) == 1:
+        return f"(This image is page {pages[0]} of a {document.pageCount}-page document.)\n\n"
+    listed = ", ".join(str(page) for page in pages)
+    return f"(The {len(pages)} images are pages {listed} of a {document.pageCount}-page document, in order.)\n\n"
+
+
+def documentCalls(settings: Settings, resolved: ResolvedModel, document: RenderedDocument, fields: Any,
+                  schema: Any) -> list[ModelCall]:
+    """The Ollama calls for an analysis: one per page group."""
+    system = [{"role": "system", "content": fields.system}] if fields.system else []
+    calls = []
+    for group in pageGroups(document.images, resolved.spec.imagesPerMessage):
+        content = pageNote(group, document) + fields.prompt
+        message = {"role": "user", "content": content, "images": [image.base64Jpeg for image in group]}
+        estimate = estimateTokens([content, fields.system or ""], group, fields.maxTokens)
+        payload = chatPayload(settings, resolved, [*system, message], temperature=fields.temperature,
+                              maxTokens=fields.maxTokens, schema=schema, estimatedTokens=estimate)
+        calls.append(ModelCall([image.page for image in group], payload))
+    return calls
+
+
+def textContent(prompt: str, text: str) -> str:
+    """The user message of /api/text: the instruction, then the text clearly delimited as data."""
+    return f"{prompt}\n\n<text>\n{text}\n</text>" if text else prompt
+
+
+def textCall(settings: Settings, resolved: ResolvedModel, fields: Any, schema: Any) -> ModelCall:
+    system = [{"role": "system", "content": fields.system}] if fields.system else []
+    content = textContent(fields.prompt, fields.text)
+    estimate = estimateTokens([content, fields.system or ""], [], fields.maxTokens)
+    payload = chatPayload(settings, resolved, [*system, {"role": "user", "content": content}],
+                          temperature=fields.temperature, maxTokens=fields.maxTokens, schema=schema,
+                          estimatedTokens=estimate)
+    return ModelCall([], payload)
+
+
+async def readStream(stream: OllamaStream, usage: Usage, answer: Answer) -> AsyncIterator[tuple[str, str]]:
+    """("content" | "thinking", text) pieces of one Ollama stream; fills the answer and the usage."""
+    try:
+        async for chunk in stream.chunks():
+            message = chunk.get("message") or {}
+            if message.get("thinking"):
+                answer.thinkingParts.append(message["thinking"])
+                yield "thinking", message["thinking"]
+            if message.get("content"):
+                answer.parts.append(message["content"])
+                yield "content", message["content"]
+            if chunk.get("done"):
+                answer.doneReason = str(chunk.get("done_reason") or "stop")
+                usage.add(chunk)
+    finally:
+        usage.modelSeconds += stream.upstreamSeconds or 0.0
+
+
+async def collectAnswer(ollama: OllamaClient, call: ModelCall, externalName: str, usage: Usage) -> Answer:
+    """The whole answer to one call (read from Ollama's stream)."""
+    answer = Answer(call.pages)
+    stream = await ollama.openStream("/api/chat", call.payload, externalName)
+    try:
+        async for _ in readStream(stream, usage, answer):
+            pass
+    finally:
+        await stream.aclose()
+    return answer
+
+
+def _schemaMismatch(answer: Answer, problem: str) -> ServiceError:
+    hint = (" The answer was cut off by the token limit (maxTokens); allow more tokens."
+            if answer.doneReason == "length" else "")
+    return ServiceError(422, f"The model's answer does not match the schema after one repair attempt: {problem}."
+                        + hint, code="schema_mismatch",
+                        extra={"rawAnswer": answer.text, "validationError": problem, "doneReason": answer.doneReason})
+
+
+async def answerWithSchema(ollama: OllamaClient, call: ModelCall, externalName: str, usage: Usage,
+                           schema: Any) -> Answer:
+    """An answer validated against the schema: one repair retry with the problem named, then 422 with the raw
+    answer."""
+    answer = await collectAnswer(ollama, call, externalName, usage)
+    value, problem = validateAnswer(answer.text, schema)
+    if problem is not None:
+        messages = [*call.payload["messages"], {"role": "assistant", "content": answer.text},
+                    {"role": "user", "content": repairPrompt(problem, schema)}]
+        retry = ModelCall(call.pages, {**call.payload, "messages": messages})
+        answer = await collectAnswer(ollama, retry, externalName, usage)
+        value, problem = validateAnswer(answer.text, schema)
+        if problem is not None:
+            raise _schemaMismatch(answer, problem)
+    answer.value = value
+    return answer
+
+
+async def answerAll(ollama: OllamaClient, calls: list[ModelCall], externalName: str, usage: Usage,
+                    schema: Any) -> list[Answer]:
+    """Every call's answer, one after another (Ollama serves one model's requests in turn anyway)."""
+    answers = []
+    for call in calls:
+        if schema is None:
+            answers.append(await collectAnswer(ollama, call, externalName, usage))
+        else:
+            answers.append(await answerWithSchema(ollama, call, externalName, usage, schema))
+    return answers
+
+
+def pageMarker(pages: list[int]) -> str:
+    if len(pages) == 1:
+        return f"--- Page {pages[0]} ---"
+    return f"--- Pages {pages[0]}-{pages[-1]} ---" if pages == list(range(pages[0], pages[-1] + 1)) \
+        else f"--- Pages {', '.join(map(str, pages))} ---"
+
+
+def combinedAnswer(answers: list[Answer], schema: Any) -> Any:
+    """One answer: the single call's, or the page groups' texts joined with page markers (a list of parsed
+    values with a schema)."""
+    if len(answers) == 1:
+        return answers[0].value if schema is not None else answers[0].text
+    if schema is not None:
+        return [answer.value for answer in answers]
+    return "\n\n".join(f"{pageMarker(answer.pages)}\n{answer.text}" for answer in answers)
+
+
+def doneReasonOf(answers: list[Answer]) -> str:
+    """"length" when any answer was cut off by the token limit, else the last answer's reason."""
+    if any(answer.doneReason == "length" for answer in answers):
+        return "length"
+    return answers[-1].doneReason if answers else "stop"
+
+
+async def streamCalls(ollama: OllamaClient, calls: list[ModelCall], externalName: str, usage: Usage,
+                      answers: list[Answer], grouped: bool) -> AsyncIterator[dict[str, Any]]:
+    """Events of a streamed answer: ``ready`` once Ollama accepted the first call (so errors before it are plain
+    HTTP errors), ``page`` before each page group when pages are answered one by one, ``delta``/``thinking``
+    pieces. Fills ``answers`` for the final event."""
+    for index, call in enumerate(calls):
+        stream = await ollama.openStream("/api/chat", call.payload, externalName)
+        answer = Answer(call.pages)
+        try:
+            if index == 0:
+                yield {"type": "ready"}
+            if grouped:
+                yield {"type": "page", "pages": call.pages, "marker": pageMarker(call.pages)}
+            async for kind, piece in readStream(stream, usage, answer):
+                yield {"type": "delta" if kind == "content" else "thinking", "text": piece}
+        finally:
+            await stream.aclose()
+        answers.append(answer)

@@ -1,0 +1,106 @@
+"""Render workers: documents are rendered in separate processes (PyMuPDF is not thread-safe), so a big PDF never
+stalls the event loop, a stuck render is stopped after a time limit, and a crashing renderer never takes the
+service down. One ``RenderPool`` lives on ``app.state.renderPool`` for the lifetime of the app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import documentRender
+from documentRender import RenderedDocument, RenderJob
+from errors import ServiceError
+
+logger = logging.getLogger("poweron.render")
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+WORKER_PRELOAD = ["__main__", "documentRender", "pymupdf", "PIL.Image"]
+"""Imported once by the fork server, so each worker (also after a restart) starts without importing them again."""
+
+
+def _newExecutor(workers: int) -> ProcessPoolExecutor:
+    """Workers are forked from a fork server (never from the running service, whose threads and sockets must not
+    be copied). Processes start on the first render, or at once with ``warmUp``."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=documentRender.initWorker)
+
+
+def _killWorkers(executor: ProcessPoolExecutor) -> None:
+    """Stop the executor's processes at once (the public API cannot cancel a render that is running)."""
+    for process in list((getattr(executor, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.kill()
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+class RenderPool:
+    """A process pool for ``documentRender.renderDocument`` with a time limit and recovery from crashed workers."""
+
+    def __init__(self, workers: int, timeoutSeconds: float) -> None:
+        self.workers = workers
+        self.timeoutSeconds = timeoutSeconds
+        self.executor = _newExecutor(workers)
+        self.restarts = 0
+        self.warmUpTask: asyncio.Task | None = None
+
+    async def render(self, job: RenderJob) -> RenderedDocument:
+        """Render in a worker (its DocumentError, a 4xx ServiceError, is raised here). A crashed pool is replaced
+        and the render retried once (the crash may have been another request's)."""
+        try:
+            return await self._renderOnce(job)
+        except BrokenProcessPool:
+            logger.warning("render worker died; retrying on a fresh pool")
+        try:
+            return await self._renderOnce(job)
+        except BrokenProcessPool:
+            raise ServiceError(422, "The document crashed the renderer; it is damaged or too complex",
+                               code="render_failed") from None
+
+    async def _renderOnce(self, job: RenderJob) -> RenderedDocument:
+        executor = self.executor
+        future = asyncio.get_running_loop().run_in_executor(executor, documentRender.renderDocument, job)
+        try:
+            return await asyncio.wait_for(future, self.timeoutSeconds)
+        except asyncio.TimeoutError:
+            self._replace(executor, "render took longer than the time limit")
+            raise ServiceError(422, f"Rendering the document took longer than {self.timeoutSeconds:g} s and was "
+                               "stopped; it is too complex (try fewer pages)", code="render_timeout") from None
+        except BrokenProcessPool:
+            self._replace(executor, "render worker died")
+            raise
+
+    def _replace(self, executor: ProcessPoolExecutor, reason: str) -> None:
+        """Kill the given executor's workers and start a fresh pool (once, however many requests noticed)."""
+        if executor is not self.executor:
+            return
+        logger.warning("restarting the render workers: %s", reason)
+        self.restarts += 1
+        self.executor = _newExecutor(self.workers)
+        _killWorkers(executor)
+
+    async def warmUp(self) -> None:
+        """Start every worker now, so the first document does not wait for the processes to start."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.gather(*(loop.run_in_executor(self.executor, documentRender.workerReady)
+                                   for _ in range(self.workers)))
+        except Exception:  # the first render will start them (and report any problem) instead
+            logger.exception("starting the render workers failed")
+
+    def startWarmUp(self) -> None:
+        """warmUp in the background (the service answers meanwhile)."""
+        self.warmUpTask = asyncio.create_task(self.warmUp(), name="render-workers")
+
+    async def close(self) -> None:
+        """Let running renders finish for a few seconds, then stop the workers."""
+        executor = self.executor
+        try:
+            await asyncio.wait_for(asyncio.to_thread(executor.shutdown, True, cancel_futures=True),
+                                   SHUTDOWN_GRACE_SECONDS)
+        except asyncio.TimeoutError:
+            _killWorkers(executor)
