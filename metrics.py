@@ -7,7 +7,7 @@ codes of the service); never paths, prompts, file names or keys. Each app has it
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -19,8 +19,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
 from errors import ServiceError
-from requestContext import RequestMeta
-from security import requireApiKey, requireOpenAiKey
+from requestContext import RequestMeta, getMeta
+from security import KEY_CLASS_API, KEY_CLASS_OPENAI, authenticate
 
 METRICS_PATH = "/metrics"
 NO_LABEL = "none"
@@ -36,15 +36,6 @@ router = APIRouter(tags=["metrics"], include_in_schema=False)
 def methodLabel(method: str) -> str:
     """The HTTP method, or ``other`` for anything outside the usual set."""
     return method if method in KNOWN_METHODS else OTHER_METHOD
-
-
-def routeLabel(routes: Iterable[Any], path: str) -> str:
-    """The template of the first route whose pattern matches ``path`` (``/v1/models/{modelId}``), else ``unmatched``."""
-    for route in routes:
-        pattern = getattr(route, "path_regex", None)
-        if pattern is not None and pattern.match(path):
-            return str(route.path) or "/"
-    return UNMATCHED_ROUTE
 
 
 class AvailabilityCollector:
@@ -95,7 +86,6 @@ class ServiceMetrics:
     """The collectors of one app and the request observer that feeds them."""
 
     def __init__(self, app: FastAPI, settings: Settings) -> None:
-        self.routes = app.router.routes
         self.modelNames = frozenset(settings.modelMapping)
         self.keyNames = frozenset(settings.apiKeys) | frozenset(settings.openAiKeys)
         self.registry = registry = CollectorRegistry()
@@ -128,7 +118,7 @@ class ServiceMetrics:
 
     def observe(self, meta: RequestMeta) -> None:
         """Request observer: record one completed request (called by RequestContextMiddleware)."""
-        route = routeLabel(self.routes, meta.path)
+        route = meta.route or UNMATCHED_ROUTE
         model = self._modelLabel(meta.externalModel)
         key = self._keyLabel(meta.keyName)
         self.requests.labels(route, methodLabel(meta.method), model, str(meta.status or NO_LABEL)).inc()
@@ -149,13 +139,20 @@ class ServiceMetrics:
 
 
 async def requireAnyKey(request: Request) -> str:
-    """Dependency for /metrics: an analysis key in X-API-Key or an OpenAI key as Bearer."""
+    """Dependency for /metrics: an analysis key in X-API-Key or an OpenAI key as Bearer. Scrapes are not counted
+    against the key's rate limits, so monitoring still works while a client exhausts them."""
     if request.headers.get("x-api-key"):
-        return await requireApiKey(request)
-    if request.headers.get("authorization"):
-        return await requireOpenAiKey(request)
-    raise ServiceError(401, "Missing API key: send an analysis key as X-API-Key or an OpenAI key as "
-                       "'Authorization: Bearer <key>'", code="missing_api_key")
+        keyClass = KEY_CLASS_API
+    elif request.headers.get("authorization"):
+        keyClass = KEY_CLASS_OPENAI
+    else:
+        raise ServiceError(401, "Missing API key: /metrics needs an analysis key in the X-API-Key header or an "
+                           "OpenAI key as 'Authorization: Bearer <key>'", code="missing_api_key")
+    name = authenticate(request.scope, request.app.state.keyRings, keyClass)
+    meta = getMeta(request)
+    if meta is not None:
+        meta.keyName, meta.keyClass = name, keyClass
+    return name
 
 
 @router.get(METRICS_PATH, dependencies=[Depends(requireAnyKey)])

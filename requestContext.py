@@ -39,6 +39,8 @@ class RequestMeta:
     streamed: bool = False
     rateLimited: bool = False
     durationSeconds: float | None = None
+    route: str | None = None
+    """Matched route template (``/v1/models/{modelId}``), set when the response is complete; None if none matched."""
     responseHeaders: list[tuple[bytes, bytes]] = field(default_factory=list)
     """Extra raw headers added to the response when it starts (e.g. X-RateLimit-*)."""
     finishCallbacks: list[Callable[[], None]] = field(default_factory=list)
@@ -91,6 +93,7 @@ class RequestContextMiddleware:
             raise
         finally:
             meta.durationSeconds = time.perf_counter() - meta.startTime
+            meta.route = getattr(scope.get("route"), "path_format", None)
             self._finish(meta)
             self._notify(meta)
 
