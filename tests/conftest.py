@@ -15,6 +15,11 @@ import httpx
 import pytest
 
 from config import Settings, loadSettings
+from tests.networkGuard import VIOLATION_MARKER, NetworkGuard
+
+NETWORK_GUARD = NetworkGuard().install()
+"""Loopback-only guard for this process (tests/networkGuard.py); processes started by tests get it via guardedEnv."""
+SUBPROCESS_GUARD_DIR = Path(__file__).resolve().parent / "subprocessGuard"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 API_KEY_NAME, API_KEY = "gateway", "test-analysis-key-0123456789"
@@ -38,6 +43,28 @@ enabled = false
 [warmup]
 models =
 """
+
+
+def guardedEnv(env: dict[str, str]) -> dict[str, str]:
+    """Environment for a Python process started by a test: installs the loopback-only network guard in it."""
+    paths = [str(SUBPROCESS_GUARD_DIR), env.get("PYTHONPATH", "")]
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def assertNoNetworkViolation(logText: str) -> None:
+    """Fail when a process started with guardedEnv tried to reach something other than loopback."""
+    violations = [line for line in logText.splitlines() if VIOLATION_MARKER in line]
+    assert not violations, "outbound network access attempted:\n" + "\n".join(violations[:5])
+
+
+@pytest.fixture(autouse=True)
+def _noSwallowedNetworkViolation() -> Iterator[None]:
+    """Fails a test whose code tried to leave the machine even if something caught the guard's error."""
+    NETWORK_GUARD.violations.clear()
+    yield
+    violations, NETWORK_GUARD.violations[:] = list(NETWORK_GUARD.violations), []
+    if violations:
+        pytest.fail("outbound network access attempted:\n" + "\n".join(violations[:5]), pytrace=False)
 
 
 def freePort() -> int:
@@ -87,8 +114,9 @@ class ServiceProcess:
     def __init__(self, iniPath: Path, env: dict[str, str] | None = None, logPath: Path | None = None) -> None:
         self.port = freePort()
         self.baseUrl = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PRIVATE_LLM_CONFIG": str(iniPath), "PRIVATE_LLM_SERVER__HOST": "127.0.0.1",
-                    "PRIVATE_LLM_SERVER__PORT": str(self.port), **(env or {})}
+        self.env = guardedEnv({**os.environ, "PRIVATE_LLM_CONFIG": str(iniPath),
+                               "PRIVATE_LLM_SERVER__HOST": "127.0.0.1", "PRIVATE_LLM_SERVER__PORT": str(self.port),
+                               **(env or {})})
         self.logPath = logPath or iniPath.with_name(f"service-{self.port}.log")
         self.process: subprocess.Popen | None = None
 
@@ -133,3 +161,5 @@ def serviceFactory(testIni: Path) -> Iterator[Any]:
     yield factory
     for service in started:
         service.stop()
+    for service in started:
+        assertNoNetworkViolation(service.logText())
