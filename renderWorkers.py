@@ -63,8 +63,8 @@ class RenderPool:
 
     async def _renderOnce(self, job: RenderJob) -> RenderedDocument:
         executor = self.executor
-        future = asyncio.get_running_loop().run_in_executor(executor, documentRender.renderDocument, job)
         try:
+            future = asyncio.get_running_loop().run_in_executor(executor, documentRender.renderDocument, job)
             return await asyncio.wait_for(future, self.timeoutSeconds)
         except asyncio.TimeoutError:
             self._replace(executor, "render took longer than the time limit")

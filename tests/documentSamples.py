@@ -1,0 +1,114 @@
+"""Documents the analysis tests generate on the fly: PDFs written with PyMuPDF, images with Pillow, and broken or
+hostile files (truncated, encrypted, ZIP in disguise, a PNG header claiming 20000x20000 pixels)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zipfile
+import zlib
+
+import pymupdf
+from PIL import Image
+
+A4_POINTS = (595, 842)
+LETTER_LANDSCAPE_POINTS = (792, 612)
+
+
+def makePdf(pages: int = 3, size: tuple[float, float] = A4_POINTS, text: str = "Invoice 2024-{page} total 123.45 EUR",
+            encryptWith: str | None = None) -> bytes:
+    """A PDF with one line of text per page (optionally AES-256 encrypted with a user password)."""
+    doc = pymupdf.open()
+    for page in range(1, pages + 1):
+        pdfPage = doc.new_page(width=size[0], height=size[1])
+        pdfPage.insert_text((72, 72), text.format(page=page), fontsize=14)
+    if encryptWith:
+        return doc.tobytes(encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw=encryptWith, owner_pw=encryptWith + "-o")
+    return doc.tobytes()
+
+
+def makeMixedPdf() -> bytes:
+    """Page 1 A4 portrait, page 2 US Letter landscape."""
+    doc = pymupdf.open()
+    for size in (A4_POINTS, LETTER_LANDSCAPE_POINTS):
+        doc.new_page(width=size[0], height=size[1]).insert_text((72, 72), "mixed", fontsize=12)
+    return doc.tobytes()
+
+
+def makeImage(width: int, height: int, fmt: str = "PNG", mode: str = "RGB", color: object = (200, 30, 30),
+              **saveArgs: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height), color).save(buffer, format=fmt, **saveArgs)
+    return buffer.getvalue()
+
+
+def makeNoisePng(width: int, height: int) -> bytes:
+    """A PNG that does not compress (random pixels): about width*height*3 bytes."""
+    import os
+
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (width, height), os.urandom(width * height * 3)).save(buffer, format="PNG",
+                                                                                  compress_level=0)
+    return buffer.getvalue()
+
+
+def makeRotatedJpeg(width: int = 200, height: int = 100) -> bytes:
+    """A landscape JPEG whose EXIF orientation (6) says: rotate 90 degrees clockwise to display (a phone photo)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return makeImage(width, height, "JPEG", exif=exif.tobytes())
+
+
+def _pngChunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def makePixelBombPng(width: int = 20000, height: int = 20000) -> bytes:
+    """A tiny file whose PNG header claims width x height pixels (decoding would need gigabytes)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\x00" + b"\x00" * (width * 3) * 1)
+    return b"\x89PNG\r\n\x1a\n" + _pngChunk(b"IHDR", header) + _pngChunk(b"IDAT", rows) + _pngChunk(b"IEND", b"")
+
+
+def makeZipNamedPdf() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("invoice.pdf", b"not really")
+    return buffer.getvalue()
+
+
+def makeZeroPagePdf() -> bytes:
+    """A PDF cut off inside its page tree: MuPDF opens it without an error, 'repaired', with no pages."""
+    data = makePdf(3)
+    return data[: data.index(b"2 0 obj") + 2]
+
+
+def makeHeaderOnlyPdf() -> bytes:
+    """Nothing but a PDF header: MuPDF cannot open it at all."""
+    return b"%PDF-1.7\n%\xc2\xb5\xc2\xb6\n"
+
+
+def makeTruncatedPdf() -> bytes:
+    """A PDF missing its second half."""
+    data = makePdf(3)
+    return data[: len(data) // 2]
+
+
+def makeBigPdf(pages: int = 2000) -> bytes:
+    doc = pymupdf.open()
+    for _ in range(pages):
+        doc.new_page(width=A4_POINTS[0], height=A4_POINTS[1])
+    doc[-1].insert_text((72, 72), "last page", fontsize=12)
+    return doc.tobytes()
+
+
+def decodedSize(base64Jpeg: str) -> tuple[int, int]:
+    with Image.open(io.BytesIO(base64.b64decode(base64Jpeg))) as image:
+        return image.size
+
+
+def decodedImage(base64Jpeg: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(base64Jpeg)))
+    image.load()
+    return image
