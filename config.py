@@ -162,8 +162,14 @@ def parsePerKeyLimits(raw: str, knownNames: set[str]) -> dict[str, PerKeyLimits]
     return limits
 
 
+LOCAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128", "fc00::/7"))
+"""Loopback and private (RFC 1918, IPv6 ULA) networks; ipaddress' is_private also counts documentation and
+reserved ranges, which are not this operator's network."""
+
+
 def isLocalUrl(url: str) -> bool:
-    """True when the URL's host is loopback, a private address or localhost."""
+    """True when the URL's host is loopback, a private (RFC 1918 / ULA) address, 0.0.0.0 or localhost."""
     host = urlsplit(url).hostname or ""
     if host == "localhost" or host.endswith(".localhost"):
         return True
@@ -171,7 +177,9 @@ def isLocalUrl(url: str) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return address.is_loopback or address.is_private
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_unspecified or any(address in network for network in LOCAL_NETWORKS)
 
 
 class Section(BaseModel):
