@@ -18,6 +18,7 @@ import routeApi
 import routeHealth
 import routeOpenAi
 import routeWeb
+import whisperProxy
 from config import ConfigError, Settings, loadSettings
 from errors import installErrorHandlers
 from metrics import installMetrics
@@ -74,6 +75,7 @@ def createApp(settings: Settings) -> FastAPI:
     app.include_router(routeWeb.router)
     app.include_router(routeApi.router, dependencies=[Depends(requireApiKey)])
     app.include_router(routeOpenAi.router, dependencies=[Depends(requireOpenAiKey)])
+    app.include_router(whisperProxy.router, dependencies=[Depends(requireOpenAiKey)])
     observers.append(logAccess)
     installSecurity(app, settings)
     app.add_middleware(RequestContextMiddleware, observers=observers)

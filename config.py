@@ -76,6 +76,11 @@ MODEL_MAPPING: dict[str, ModelSpec] = {
 }
 
 
+MODEL_ALIASES: dict[str, str] = {"whisper-1": "poweron-transcribe"}
+"""Names clients send by convention (OpenAI's audio clients send whisper-1) and the external name they mean;
+aliases are accepted but never listed in /v1/models."""
+
+
 def _parseModelOverride(externalName: str, raw: str, base: ModelSpec | None) -> ModelSpec:
     """Parse one ``[models]`` entry: either just an Ollama name, or ``key=value; key=value`` pairs."""
     if "=" not in raw:
@@ -293,6 +298,14 @@ class WhisperSettings(Section):
     """Transcriptions waiting for a slot before new ones get 503."""
     enabled: bool = True
     """Offer poweron-transcribe (the whisper service must answer its health check)."""
+    cpu_threads: int = Field(0, ge=0)
+    """CPU threads per transcription on cpu (0 = faster-whisper's default of 4)."""
+    allow_download: bool = False
+    """Allow fetching a model named by size (e.g. large-v3-turbo) from the Hugging Face Hub; off = local files only."""
+    max_audio_seconds: float = Field(7200, gt=0)
+    """Longest decoded audio accepted (decoded audio costs about 230 MB of RAM per hour)."""
+    request_timeout: float = Field(1800, gt=0)
+    """Seconds the main service waits for the whisper service's answer (or the next stream event)."""
 
 
 class MetricsSettings(Section):
@@ -406,8 +419,12 @@ class Settings(BaseSettings):
 
 
 def resolveModel(settings: Settings, externalName: str) -> ModelSpec | None:
-    """The one place where an external model name resolves to its spec (None when unknown)."""
-    return settings.modelMapping.get(externalName)
+    """The one place where an external model name resolves to its spec (None when unknown); MODEL_ALIASES apply
+    only to names the mapping does not define itself."""
+    spec = settings.modelMapping.get(externalName)
+    if spec is None and externalName in MODEL_ALIASES:
+        spec = settings.modelMapping.get(MODEL_ALIASES[externalName])
+    return spec
 
 
 MIN_KEY_CHARS = 16

