@@ -1,0 +1,308 @@
+"""The benchmark report: aggregates the rounds of a run and renders docu/performance.md (pure functions, tested in
+tests/test_bench.py on canned results)."""
+
+from __future__ import annotations
+
+from statistics import mean
+from typing import Any
+
+TARGET_ORDER = ("service", "litellm", "direct")
+MODES = (("nonstream", "Non-streaming"), ("stream", "Streaming, 32 chunks"))
+MIB = 1024 * 1024
+NA = "n/a"
+ADDED_P50_GOAL_MS = 1.0
+TTFB_GOAL_MS = 2.0
+NONSTREAM_FACTOR_GOAL = 5.0
+STREAM_FACTOR_GOAL = 10.0
+P99_GOAL_MS = 100.0
+RSS_GOAL_BYTES = 150_000_000
+RSS_GROWTH_TOLERANCE_BYTES = 5 * MIB
+
+
+def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean of the numeric fields over rounds (errors summed); None when there are no rounds."""
+    if not rounds:
+        return None
+    merged: dict[str, Any] = {"rounds": len(rounds)}
+    for key, value in rounds[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [entry[key] for entry in rounds if key in entry]
+            merged[key] = sum(values) if key in ("errors", "non2xx", "failed") else mean(values)
+    return merged
+
+
+def fmtNumber(value: float | None, digits: int | None = None) -> str:
+    if value is None:
+        return NA
+    if digits is None:
+        digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    return f"{value:,.{digits}f}"
+
+
+def fmtRatio(numerator: float | None, denominator: float | None) -> str:
+    if not numerator or not denominator:
+        return NA
+    return f"{numerator / denominator:.2f}x"
+
+
+def difference(later: float | None, earlier: float | None) -> float | None:
+    return None if later is None or earlier is None else later - earlier
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines.extend("| " + " | ".join(row) + " |" for row in rows)
+    return lines
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def wrkAggregate(results: dict[str, Any], mode: str, concurrency: int, target: str) -> dict[str, Any] | None:
+    return aggregate(_get(results, "wrk", mode, str(concurrency), target) or [])
+
+
+def probeAggregate(results: dict[str, Any], concurrency: int, target: str) -> dict[str, Any] | None:
+    return aggregate(_get(results, "probe", str(concurrency), target) or [])
+
+
+def targetLabel(results: dict[str, Any], target: str) -> str:
+    return _get(results, "targets", target, "label") or target
+
+
+def activeTargets(results: dict[str, Any]) -> list[str]:
+    return [t for t in TARGET_ORDER if t in (results.get("targets") or {})]
+
+
+def throughputTable(results: dict[str, Any], mode: str) -> list[str]:
+    header = ["Concurrency", "Target", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "rounds"]
+    rows = []
+    for concurrency in results["meta"]["concurrencies"]:
+        for target in activeTargets(results):
+            agg = wrkAggregate(results, mode, concurrency, target)
+            rows.append([str(concurrency), targetLabel(results, target)] + _wrkCells(agg))
+    return _table(header, rows)
+
+
+def _wrkCells(agg: dict[str, Any] | None) -> list[str]:
+    if agg is None:
+        return [NA] * 6
+    return [fmtNumber(agg["rps"], 0), fmtNumber(agg["p50Ms"]), fmtNumber(agg["p90Ms"]), fmtNumber(agg["p99Ms"]),
+            str(int(agg["errors"])), str(agg["rounds"])]
+
+
+def ratioTable(results: dict[str, Any]) -> list[str]:
+    header = ["Mode", "Concurrency", "service ÷ direct (req/s)", "service ÷ LiteLLM (req/s)",
+              "added p50 ms vs direct", "added p99 ms vs direct", "LiteLLM ÷ direct (req/s)"]
+    rows = []
+    for mode, modeLabel in MODES:
+        for concurrency in results["meta"]["concurrencies"]:
+            ours, lite, direct = (wrkAggregate(results, mode, concurrency, t) for t in TARGET_ORDER)
+            rows.append([modeLabel, str(concurrency), fmtRatio(_val(ours, "rps"), _val(direct, "rps")),
+                         fmtRatio(_val(ours, "rps"), _val(lite, "rps")),
+                         fmtNumber(difference(_val(ours, "p50Ms"), _val(direct, "p50Ms"))),
+                         fmtNumber(difference(_val(ours, "p99Ms"), _val(direct, "p99Ms"))),
+                         fmtRatio(_val(lite, "rps"), _val(direct, "rps"))])
+    return _table(header, rows)
+
+
+def _val(agg: dict[str, Any] | None, key: str) -> float | None:
+    return None if agg is None else agg.get(key)
+
+
+def probeTable(results: dict[str, Any]) -> list[str]:
+    header = ["Concurrency", "Target", "TTFB p50 ms", "TTFB p99 ms", "total p50 ms", "total p99 ms",
+              "streams/s (probe)", "content lines/stream", "TTFB p50 added vs direct"]
+    rows = []
+    for concurrency in results["meta"]["concurrencies"]:
+        direct = probeAggregate(results, concurrency, "direct")
+        for target in activeTargets(results):
+            agg = probeAggregate(results, concurrency, target)
+            added = NA if target == "direct" else fmtNumber(difference(_val(agg, "ttfbP50Ms"), _val(direct, "ttfbP50Ms")))
+            rows.append([str(concurrency), targetLabel(results, target)] + _probeCells(agg) + [added])
+    return _table(header, rows)
+
+
+def _probeCells(agg: dict[str, Any] | None) -> list[str]:
+    if agg is None:
+        return [NA] * 6
+    return [fmtNumber(agg["ttfbP50Ms"]), fmtNumber(agg["ttfbP99Ms"]), fmtNumber(agg["totalP50Ms"]),
+            fmtNumber(agg["totalP99Ms"]), fmtNumber(agg["streamsPerSecond"], 0), fmtNumber(agg["contentLines"], 1)]
+
+
+def pacingTable(results: dict[str, Any]) -> list[str]:
+    header = ["Target", "streams", "content chunks/stream", "gap p10 ms", "gap p50 ms", "gap p90 ms",
+              "coalesced gaps (< ¼ pacing)"]
+    rows = []
+    for target in activeTargets(results):
+        gaps = _get(results, "pacing", target)
+        if not gaps or "gaps" not in gaps:
+            rows.append([targetLabel(results, target)] + [NA] * 6)
+            continue
+        rows.append([targetLabel(results, target), str(gaps["streams"]), fmtNumber(gaps["chunksPerStream"], 1),
+                     fmtNumber(gaps["gapP10Ms"]), fmtNumber(gaps["gapP50Ms"]), fmtNumber(gaps["gapP90Ms"]),
+                     f"{gaps['coalesced']} of {gaps['gaps']}"])
+    return _table(header, rows)
+
+
+def fmtMiB(value: int | None) -> str:
+    return NA if not value else f"{value / MIB:.1f}"
+
+
+def memoryTable(results: dict[str, Any]) -> list[str]:
+    header = ["Process", "idle (after start) MiB", "200 open streams MiB", "streams open / completed",
+              "after round 1 MiB", "after run MiB"]
+    rows = []
+    for target in ("service", "litellm"):
+        memory = _get(results, "memory", target)
+        if not memory:
+            continue
+        held = memory.get("streams") or {}
+        roundsRss = memory.get("rounds") or []
+        rows.append([targetLabel(results, target), fmtMiB(memory.get("idle")), fmtMiB(held.get("sample")),
+                     f"{held.get('startedAtSample', NA)} / {held.get('completed', NA)}" if held else NA,
+                     fmtMiB(roundsRss[0] if roundsRss else None), fmtMiB(memory.get("after"))])
+    return _table(header, rows)
+
+
+def goalRows(results: dict[str, Any]) -> list[list[str]]:
+    """Each goal of the issue with the measured value and whether it is met (n/a when not measured)."""
+    concurrencies = results["meta"]["concurrencies"]
+    low, high = min(concurrencies), max(concurrencies)
+    ours1, direct1 = wrkAggregate(results, "nonstream", low, "service"), wrkAggregate(results, "nonstream", low, "direct")
+    addedP50 = difference(_val(ours1, "p50Ms"), _val(direct1, "p50Ms"))
+    rows = [_goal(f"added p50 at concurrency {low}, non-streaming", addedP50, f"<= {ADDED_P50_GOAL_MS:g} ms",
+                  lambda v: v <= ADDED_P50_GOAL_MS, " ms")]
+    for mode, factor in (("nonstream", NONSTREAM_FACTOR_GOAL), ("stream", STREAM_FACTOR_GOAL)):
+        ours, lite = wrkAggregate(results, mode, high, "service"), wrkAggregate(results, mode, high, "litellm")
+        ratio = _val(ours, "rps") / _val(lite, "rps") if _val(ours, "rps") and _val(lite, "rps") else None
+        rows.append(_goal(f"req/s at concurrency {high}, {dict(MODES)[mode].lower()}, ÷ LiteLLM", ratio,
+                          f">= {factor:g}x", lambda v, f=factor: v >= f, "x"))
+    p99 = _val(wrkAggregate(results, "nonstream", high, "service"), "p99Ms")
+    rows.append(_goal(f"p99 at concurrency {high}, non-streaming", p99, f"<= {P99_GOAL_MS:g} ms",
+                      lambda v: v <= P99_GOAL_MS, " ms"))
+    ttfb = difference(_val(probeAggregate(results, low, "service"), "ttfbP50Ms"),
+                      _val(probeAggregate(results, low, "direct"), "ttfbP50Ms"))
+    rows.append(_goal(f"streaming TTFB overhead at concurrency {low} (p50)", ttfb, f"<= {TTFB_GOAL_MS:g} ms",
+                      lambda v: v <= TTFB_GOAL_MS, " ms"))
+    rows.extend(_pacingGoal(results))
+    rows.extend(_memoryGoals(results))
+    return rows
+
+
+def _goal(name: str, value: float | None, goal: str, check: Any, unit: str) -> list[str]:
+    if value is None:
+        return [name, goal, NA, NA]
+    return [name, goal, fmtNumber(value) + unit, "yes" if check(value) else "**no**"]
+
+
+def _pacingGoal(results: dict[str, Any]) -> list[list[str]]:
+    ours, direct = _get(results, "pacing", "service"), _get(results, "pacing", "direct")
+    if not ours or "gaps" not in ours or not direct or "gaps" not in direct:
+        return [["no coalescing of streamed chunks", "gaps as upstream's", NA, NA]]
+    measured = f"{ours['coalesced']} of {ours['gaps']} gaps coalesced, p50 {fmtNumber(ours['gapP50Ms'])} ms " \
+               f"(upstream {fmtNumber(direct['gapP50Ms'])} ms)"
+    met = ours["coalesced"] <= direct["coalesced"] and ours["chunksPerStream"] >= direct["chunksPerStream"]
+    return [["no coalescing of streamed chunks", "gaps as upstream's", measured, "yes" if met else "**no**"]]
+
+
+def _memoryGoals(results: dict[str, Any]) -> list[list[str]]:
+    memory = _get(results, "memory", "service") or {}
+    held = (memory.get("streams") or {}).get("sample")
+    rows = [_goal("service RSS with 200 open streams", held / 1e6 if held else None, "<= 150 MB",
+                  lambda v: v <= RSS_GOAL_BYTES / 1e6, " MB")]
+    roundsRss, after = memory.get("rounds") or [], memory.get("after")
+    growth = (after - roundsRss[0]) / MIB if roundsRss and after else None
+    rows.append(_goal("service RSS growth, after round 1 → after run", growth, "≈ 0 (<= 5 MiB)",
+                      lambda v: v * MIB <= RSS_GROWTH_TOLERANCE_BYTES, " MiB"))
+    return rows
+
+
+def extraSection(name: str, title: str, data: Any) -> list[str]:
+    """A colleague's bench module result (PDF, STT): its own markdown if it brings one, else a key/value table."""
+    lines = [f"## {title}", ""]
+    if not data:
+        return lines + [f"Not measured: `bench/{name}.py` is not there yet.", ""]
+    if "error" in data and len(data) == 1:
+        return lines + [f"Not measured: {data['error']}", ""]
+    if isinstance(data.get("markdown"), str):
+        return lines + [data["markdown"].strip(), ""]
+    rows = [[str(key), _plain(value)] for key, value in _flatten(data)]
+    return lines + _table(["Measure", "Value"], rows) + [""]
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            items.extend(_flatten(value, name + "."))
+        else:
+            items.append((name, value))
+    return items
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float):
+        return fmtNumber(value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def renderReport(results: dict[str, Any]) -> str:
+    """docu/performance.md for one run."""
+    meta = results["meta"]
+    lines = _headerLines(results)
+    lines += ["## Goals of the issue (measured in this run)", ""]
+    lines += _table(["Goal", "Target", "Measured", "Met"], goalRows(results)) + [""]
+    for mode, modeLabel in MODES:
+        lines += [f"## {modeLabel} `/v1/chat/completions` (wrk, {meta['wrkSeconds']:g} s per run)", ""]
+        lines += throughputTable(results, mode) + [""]
+    lines += ["## Ratios (service against the limit and the anchor; means over rounds)", ""]
+    lines += ratioTable(results) + [""]
+    lines += [f"## Streaming latency: time to first byte and total ({meta['probeSeconds']:g} s per run, "
+              "raw-asyncio probe client)", ""]
+    lines += probeTable(results) + [""]
+    lines += [f"## Chunk pacing (upstream paces {meta['pacingDelayMs']:g} ms between chunks; "
+              f"{meta['pacingStreams']} streams per target)", ""]
+    lines += pacingTable(results) + [""]
+    lines += ["## Memory (VmRSS from /proc)", ""]
+    lines += memoryTable(results) + [""]
+    lines += extraSection("benchPdf", "PDF analysis (`/api/analyze`)", (results.get("extra") or {}).get("pdf"))
+    lines += extraSection("benchStt", "Speech to text", (results.get("extra") or {}).get("stt"))
+    lines += _notesLines(results)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _headerLines(results: dict[str, Any]) -> list[str]:
+    meta = results["meta"]
+    lines = ["# Performance", "",
+             "Overhead of the service against calling the Ollama-compatible upstream directly (the limit) and against "
+             f"LiteLLM proxy {meta.get('litellmVersion') or NA} (the anchor), measured side by side in one run. "
+             "Written by `make bench` (bench/run.py); do not edit by hand.", "",
+             f"- Date: {meta['date']}",
+             f"- Machine: {meta['nproc']} cores ({meta['cpuModel']}), {meta['memGiB']:.0f} GiB RAM, {meta['kernel']}, "
+             f"Python {meta['python']}",
+             f"- Command: `{meta['command']}` (git {meta['gitCommit']}); whole run {meta['elapsedSeconds']:.0f} s",
+             f"- Pinning: {meta['pinning']}",
+             f"- Upstream: {meta['upstream']}",
+             f"- Rounds: {meta['rounds']} per measurement, alternating {' / '.join(targetLabel(results, t) for t in activeTargets(results))} "
+             "within each round (A/B/A/B); tables show the mean over rounds",
+             f"- Load generator: wrk ({meta['wrkVersion']}) with bench/wrk/post.lua, 1 thread, keep-alive"]
+    for target in activeTargets(results):
+        note = _get(results, "targets", target, "note")
+        if note:
+            lines.append(f"- {targetLabel(results, target)}: {note}")
+    return lines + [""]
+
+
+def _notesLines(results: dict[str, Any]) -> list[str]:
+    notes = results.get("notes") or []
+    if not notes:
+        return []
+    return ["## Notes", ""] + [f"- {note}" for note in notes] + [""]

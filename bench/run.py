@@ -1,0 +1,501 @@
+"""``make bench`` (``python -m bench.run``): the service against the upstream directly (the limit) and against
+LiteLLM proxy (the anchor), side by side in one run, written to docu/performance.md.
+
+Starts the instant upstream (bench/instantUpstream.py), the service (``python app.py`` with a generated config) and
+LiteLLM proxy (own venv), pins the server under test to one core and the load generator to the other, and measures
+in alternating rounds: wrk throughput and latency (non-streaming and streaming) at each concurrency, streaming TTFB
+with a raw-asyncio probe, chunk pacing through each gateway, RSS idle / with 200 open streams / after the run.
+PDF and STT numbers come from bench/benchPdf.py and bench/benchStt.py when they exist.
+
+Environment: BENCH_QUICK=1 (smoke: 2 s runs, 1 round), BENCH_SECONDS, BENCH_ROUNDS, BENCH_CONCURRENCY (1,16,64),
+BENCH_PROBE_SECONDS, BENCH_SKIP_LITELLM=1, BENCH_SKIP_EXTRA=1, BENCH_SKIP_STUB=1, BENCH_OUTPUT (docu/performance.md),
+BENCH_SERVICE_CORE (0), BENCH_LOAD_CORE (1).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.util
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from bench import litellmProxy, report
+from bench.procs import BenchProcess, freePort
+from bench.streamProbe import (Endpoint, analyseGaps, holdStreams, probeLatency, probeSequential, runAsync,
+                               summariseLatency)
+from bench.wrkRunner import WrkError, runWrk
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+DEFAULT_OUTPUT = REPO_ROOT / "docu" / "performance.md"
+EXTERNAL_MODEL = "poweron-text-general"
+OLLAMA_MODEL = "qwen2.5:7b"
+CHUNKS = 32
+PROMPT = "Say hello in one short sentence."
+START_TIMEOUT_SECONDS = 60
+LITELLM_START_TIMEOUT_SECONDS = 120
+PACING_DELAY_MS = 10.0
+HOLD_DELAY_MS = 100.0
+OPEN_STREAMS = 200
+PROBE_MAX_REQUESTS_PER_SECOND = 20000
+SETTLE_SECONDS = 2.0
+ENV_OVERRIDES = ("BENCH_QUICK", "BENCH_SECONDS", "BENCH_ROUNDS", "BENCH_CONCURRENCY", "BENCH_PROBE_SECONDS",
+                 "BENCH_SKIP_LITELLM", "BENCH_SKIP_EXTRA", "BENCH_SKIP_STUB", "BENCH_OUTPUT", "BENCH_SERVICE_CORE",
+                 "BENCH_LOAD_CORE")
+
+
+@dataclass
+class BenchOptions:
+    quick: bool = False
+    wrkSeconds: float = 5.0
+    rounds: int = 2
+    concurrencies: list[int] = field(default_factory=lambda: [1, 16, 64])
+    probeSeconds: float = 2.0
+    skipLitellm: bool = False
+    skipExtra: bool = False
+    skipStub: bool = False
+    output: Path = DEFAULT_OUTPUT
+    serviceCore: int = 0
+    loadCore: int = 1
+
+
+def _flag(env: dict[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def optionsFromEnv(env: dict[str, str]) -> BenchOptions:
+    """Options from BENCH_* variables; BENCH_QUICK=1 shortens everything for a smoke run."""
+    quick = _flag(env, "BENCH_QUICK")
+    return BenchOptions(
+        quick=quick, wrkSeconds=float(env.get("BENCH_SECONDS", 2 if quick else 5)),
+        rounds=int(env.get("BENCH_ROUNDS", 1 if quick else 2)),
+        concurrencies=[int(c) for c in env.get("BENCH_CONCURRENCY", "1,16,64").split(",") if c.strip()],
+        probeSeconds=float(env.get("BENCH_PROBE_SECONDS", 1 if quick else 2)),
+        skipLitellm=_flag(env, "BENCH_SKIP_LITELLM"), skipExtra=_flag(env, "BENCH_SKIP_EXTRA"),
+        skipStub=quick or _flag(env, "BENCH_SKIP_STUB"), output=Path(env.get("BENCH_OUTPUT", DEFAULT_OUTPUT)),
+        serviceCore=int(env.get("BENCH_SERVICE_CORE", 0)), loadCore=int(env.get("BENCH_LOAD_CORE", 1)))
+
+
+@dataclass
+class Target:
+    """One thing under test: the service, LiteLLM or the upstream directly."""
+
+    name: str
+    label: str
+    port: int
+    path: str
+    bearer: str
+    bodies: dict[bool, bytes]
+    bodyFiles: dict[bool, Path]
+    process: BenchProcess | None = None
+    available: bool = False
+    note: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    def endpoint(self, stream: bool) -> Endpoint:
+        return Endpoint("127.0.0.1", self.port, self.path, self.bodies[stream], self.bearer)
+
+
+def openAiBody(stream: bool) -> bytes:
+    body: dict[str, Any] = {"model": EXTERNAL_MODEL, "messages": [{"role": "user", "content": PROMPT}],
+                            "max_tokens": 64}
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
+
+
+def ollamaBody(stream: bool) -> bytes:
+    return orjson.dumps({"model": OLLAMA_MODEL, "messages": [{"role": "user", "content": PROMPT}], "stream": stream})
+
+
+def serviceIni(port: int, upstreamUrl: str, apiKey: str, openAiKey: str) -> str:
+    """The bench config: generated keys, limits far above the load, no whisper, no warm-up, quiet logs."""
+    return (f"[server]\nhost = 127.0.0.1\nport = {port}\nlog_level = warning\ngraceful_shutdown_seconds = 2\n\n"
+            f"[ollama]\nbase_url = {upstreamUrl}\n\n"
+            f"[auth]\napi_keys = gateway={apiKey}\nopenai_keys = bench={openAiKey}\n\n"
+            f"[ratelimit]\nper_key = bench=10000000/100000/100000, gateway=10000000/100000/100000\n\n"
+            f"[whisper]\nenabled = false\n\n[warmup]\nmodels =\n")
+
+
+class BenchRun:
+    """Processes, targets and results of one run."""
+
+    def __init__(self, options: BenchOptions, workDir: Path) -> None:
+        self.options, self.workDir = options, workDir
+        self.processes: list[BenchProcess] = []
+        self.targets: dict[str, Target] = {}
+        self.notes: list[str] = []
+        self.results: dict[str, Any] = {"wrk": {}, "probe": {}, "pacing": {}, "memory": {}, "notes": self.notes}
+        self.upstream: BenchProcess | None = None
+        self.upstreamPort = 0
+
+    # ----------------------------------------------------------------------------------------- processes
+
+    def bodyFile(self, name: str, body: bytes) -> Path:
+        path = self.workDir / f"{name}.json"
+        path.write_bytes(body)
+        return path
+
+    def makeTarget(self, name: str, label: str, port: int, path: str, bearer: str, openAi: bool) -> Target:
+        bodies = {stream: (openAiBody if openAi else ollamaBody)(stream) for stream in (False, True)}
+        files = {stream: self.bodyFile(f"{name}-{'stream' if stream else 'whole'}", bodies[stream])
+                 for stream in (False, True)}
+        return Target(name, label, port, path, bearer, bodies, files)
+
+    def launch(self, name: str, command: list[str], env: dict[str, str], core: int) -> BenchProcess:
+        process = BenchProcess(name, command, env, core, self.workDir / f"{name}.log", REPO_ROOT).start()
+        self.processes.append(process)
+        return process
+
+    def startUpstream(self) -> None:
+        self.upstreamPort = freePort()
+        command = [sys.executable, "-m", "bench.instantUpstream", "--port", str(self.upstreamPort),
+                   "--models", OLLAMA_MODEL, "--chunks", str(CHUNKS)]
+        self.upstream = self.launch("upstream", command, dict(os.environ), self.options.loadCore)
+        self.upstream.waitForHttp(f"http://127.0.0.1:{self.upstreamPort}/api/version", START_TIMEOUT_SECONDS)
+        target = self.makeTarget("direct", "upstream direct", self.upstreamPort, "/api/chat", "", openAi=False)
+        target.process, target.available = self.upstream, True
+        self.targets["direct"] = target
+
+    def startService(self) -> None:
+        port, openAiKey = freePort(), secrets.token_urlsafe(32)
+        iniPath = self.workDir / "service.ini"
+        iniPath.write_text(serviceIni(port, f"http://127.0.0.1:{self.upstreamPort}", secrets.token_urlsafe(32),
+                                      openAiKey), encoding="utf-8")
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PRIVATE_LLM_")}
+        env["PRIVATE_LLM_CONFIG"] = str(iniPath)
+        target = self.makeTarget("service", "service", port, "/v1/chat/completions", openAiKey, openAi=True)
+        self.targets["service"] = target
+        target.process = self.launch("service", [sys.executable, "app.py"], env, self.options.serviceCore)
+        target.process.waitForHttp(f"http://127.0.0.1:{port}/health/liveliness", START_TIMEOUT_SECONDS)
+        self.verify(target)
+
+    def startLitellm(self) -> None:
+        port, masterKey = freePort(), "sk-bench-" + secrets.token_urlsafe(24)
+        target = self.makeTarget("litellm", f"LiteLLM {litellmProxy.LITELLM_VERSION}", port, "/v1/chat/completions",
+                                 masterKey, openAi=True)
+        self.targets["litellm"] = target
+        if self.options.skipLitellm:
+            target.note = "skipped (BENCH_SKIP_LITELLM=1)"
+            return
+        try:
+            self.results["litellmVersion"] = litellmProxy.ensureLitellm(self.workDir / "litellm-install.log")
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            target.note = f"not measured: {exc}"
+            return
+        configPath, logConfigPath = litellmProxy.writeConfig(self.workDir, EXTERNAL_MODEL, OLLAMA_MODEL,
+                                                             f"http://127.0.0.1:{self.upstreamPort}", masterKey)
+        target.process = self.launch("litellm", litellmProxy.litellmCommand(configPath, logConfigPath, port),
+                                     litellmProxy.litellmEnv(), self.options.serviceCore)
+        try:
+            target.process.waitForHttp(f"http://127.0.0.1:{port}/health/liveliness", LITELLM_START_TIMEOUT_SECONDS)
+        except (RuntimeError, TimeoutError) as exc:
+            target.note = f"not measured: did not start ({str(exc).splitlines()[0]})"
+            return
+        self.verify(target)
+
+    def verify(self, target: Target) -> None:
+        """A target is measured only when it answers a chat request and streams all chunks."""
+        try:
+            response = httpx.post(target.url, content=target.bodies[False], timeout=30, trust_env=False,
+                                  headers={"Content-Type": "application/json",
+                                           **({"Authorization": f"Bearer {target.bearer}"} if target.bearer else {})})
+        except httpx.HTTPError as exc:
+            target.note = f"not measured: {type(exc).__name__} on the first chat request"
+            return
+        if response.status_code != 200:
+            target.note = f"not measured: first chat request answered {response.status_code} {response.text[:200]}"
+            return
+        streamed = runAsync(probeSequential(target.endpoint(True), 1))[0]
+        if streamed.status != 200 or len(streamed.contentTimes) != CHUNKS:
+            target.note = (f"not measured: stream answered {streamed.status} with {len(streamed.contentTimes)} "
+                           f"content chunks (expected {CHUNKS})")
+            return
+        target.available = True
+
+    def stopAll(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+    # ----------------------------------------------------------------------------------------- measuring
+
+    def measured(self) -> list[Target]:
+        return [self.targets[name] for name in report.TARGET_ORDER if name in self.targets
+                and self.targets[name].available]
+
+    def underTest(self, target: Target) -> Any:
+        """Context: the direct upstream is moved to the server core while it is the target."""
+        return _Pinned(self.upstream, self.options.serviceCore, self.options.loadCore, target.name == "direct")
+
+    def wrkOnce(self, target: Target, stream: bool, concurrency: int, seconds: float) -> dict[str, Any] | None:
+        with self.underTest(target):
+            try:
+                return runWrk(target.url, target.bodyFiles[stream], target.bearer, concurrency, seconds,
+                              self.options.loadCore).asDict()
+            except (WrkError, subprocess.TimeoutExpired) as exc:
+                self.notes.append(f"wrk against {target.label} (c={concurrency}, stream={stream}) failed: {exc}")
+                return None
+
+    def warmUp(self) -> None:
+        for target in self.measured():
+            for stream in (False, True):
+                self.wrkOnce(target, stream, 16, 1)
+
+    def roundOrder(self, roundIndex: int) -> list[Target]:
+        order = self.measured()
+        return order if roundIndex % 2 == 0 else order[::-1]
+
+    def throughputRound(self, roundIndex: int) -> None:
+        for mode, stream in (("nonstream", False), ("stream", True)):
+            for concurrency in self.options.concurrencies:
+                for target in self.roundOrder(roundIndex):
+                    result = self.wrkOnce(target, stream, concurrency, self.options.wrkSeconds)
+                    if result is not None:
+                        slot = self.results["wrk"].setdefault(mode, {}).setdefault(str(concurrency), {})
+                        slot.setdefault(target.name, []).append(result)
+                    print(f"  round {roundIndex + 1} {mode:9} c={concurrency:<3} {target.label:16} "
+                          f"{_short(result)}", flush=True)
+
+    def probeRound(self, roundIndex: int) -> None:
+        seconds = self.options.probeSeconds
+        for concurrency in self.options.concurrencies:
+            for target in self.roundOrder(roundIndex):
+                with self.underTest(target):
+                    timings = runAsync(probeLatency(target.endpoint(True), concurrency, seconds,
+                                                    int(seconds * PROBE_MAX_REQUESTS_PER_SECOND)))
+                summary = summariseLatency(timings, seconds)
+                slot = self.results["probe"].setdefault(str(concurrency), {})
+                slot.setdefault(target.name, []).append(summary)
+                print(f"  round {roundIndex + 1} ttfb      c={concurrency:<3} {target.label:16} "
+                      f"TTFB p50 {summary['ttfbP50Ms']:.2f} ms, total p50 {summary['totalP50Ms']:.2f} ms", flush=True)
+
+    def setPacing(self, delayMs: float) -> None:
+        httpx.post(f"http://127.0.0.1:{self.upstreamPort}/_bench/config", json={"chunkDelayMs": delayMs},
+                   timeout=5, trust_env=False).raise_for_status()
+
+    def measurePacing(self, streams: int) -> None:
+        self.results["pacingStreams"] = streams
+        self.setPacing(PACING_DELAY_MS)
+        try:
+            for target in self.measured():
+                timings = runAsync(probeSequential(target.endpoint(True), streams))
+                self.results["pacing"][target.name] = analyseGaps([t.contentTimes for t in timings], PACING_DELAY_MS)
+        finally:
+            self.setPacing(0)
+
+    def memoryOf(self, name: str) -> dict[str, Any]:
+        return self.results["memory"].setdefault(name, {"rounds": []})
+
+    def sampleRss(self, key: str) -> None:
+        for name in ("service", "litellm"):
+            target = self.targets.get(name)
+            if target is not None and target.available and target.process is not None:
+                rss = target.process.rssBytes()
+                memory = self.memoryOf(name)
+                if key == "rounds":
+                    memory["rounds"].append(rss)
+                else:
+                    memory[key] = rss
+
+    def holdOpenStreams(self) -> None:
+        """200 slow streams at once through each gateway; RSS sampled while they are open."""
+        self.setPacing(HOLD_DELAY_MS)
+        try:
+            for name in ("service", "litellm"):
+                target = self.targets.get(name)
+                if target is None or not target.available or target.process is None:
+                    continue
+                streamSeconds = CHUNKS * HOLD_DELAY_MS / 1000.0
+                held = runAsync(holdStreams(target.endpoint(True), OPEN_STREAMS, streamSeconds / 2,
+                                            target.process.rssBytes, streamSeconds * 4))
+                self.memoryOf(name)["streams"] = held
+                print(f"  {OPEN_STREAMS} open streams through {target.label}: RSS {held['sample'] / 2**20:.1f} MiB, "
+                      f"{held['startedAtSample']} open at the sample, {held['completed']} completed", flush=True)
+        finally:
+            self.setPacing(0)
+
+    def measureStub(self) -> None:
+        """The test stub's own speed on one core (why the bench uses bench/instantUpstream.py)."""
+        port = freePort()
+        stub = self.launch("stub", [sys.executable, "-m", "tests.ollamaStub", "--host", "127.0.0.1", "--port",
+                                    str(port), "--models", OLLAMA_MODEL, "--chunks", str(CHUNKS), "--no-record"],
+                           dict(os.environ), self.options.serviceCore)
+        try:
+            stub.waitForHttp(f"http://127.0.0.1:{port}/api/version", START_TIMEOUT_SECONDS)
+            concurrency = max(self.options.concurrencies)
+            speeds = {}
+            for stream in (False, True):
+                result = runWrk(f"http://127.0.0.1:{port}/api/chat", self.targets["direct"].bodyFiles[stream], "",
+                                concurrency, self.options.wrkSeconds, self.options.loadCore)
+                speeds["stream" if stream else "nonstream"] = result.rps
+            self.results["stub"] = {"concurrency": concurrency, **speeds}
+        except (RuntimeError, TimeoutError, WrkError) as exc:
+            self.notes.append(f"tests/ollamaStub.py could not be measured: {str(exc).splitlines()[0]}")
+        finally:
+            stub.stop()
+
+    def run(self) -> dict[str, Any]:
+        self.startUpstream()
+        self.startService()
+        self.startLitellm()
+        self.sampleRss("idle")
+        print(f"measuring: {', '.join(t.label for t in self.measured())}", flush=True)
+        self.warmUp()
+        for roundIndex in range(self.options.rounds):
+            self.throughputRound(roundIndex)
+            self.probeRound(roundIndex)
+            self.sampleRss("rounds")
+        self.measurePacing(3 if self.options.quick else 5)
+        self.holdOpenStreams()
+        time.sleep(SETTLE_SECONDS)
+        self.sampleRss("after")
+        if not self.options.skipStub:
+            self.measureStub()
+        return self.results
+
+
+class _Pinned:
+    """Moves the upstream to the server core while it is the target under test, and back afterwards."""
+
+    def __init__(self, upstream: BenchProcess | None, serverCore: int, loadCore: int, active: bool) -> None:
+        self.upstream, self.serverCore, self.loadCore, self.active = upstream, serverCore, loadCore, active
+
+    def __enter__(self) -> None:
+        if self.active and self.upstream is not None:
+            self.upstream.pinTo(self.serverCore)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active and self.upstream is not None:
+            self.upstream.pinTo(self.loadCore)
+
+
+def _short(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "failed"
+    return (f"{result['rps']:8.0f} req/s  p50 {result['p50Ms']:7.2f}  p99 {result['p99Ms']:7.2f} ms"
+            f"{'  errors ' + str(result['errors']) if result['errors'] else ''}")
+
+
+# --------------------------------------------------------------------------------------------- extras + meta
+
+
+def runExtraBench(moduleName: str) -> dict[str, Any] | None:
+    """A colleague's bench module (``main()`` returning a dict); None when it does not exist."""
+    if importlib.util.find_spec(moduleName) is None:
+        return None
+    try:
+        result = importlib.import_module(moduleName).main()
+    except (Exception, SystemExit) as exc:
+        return {"error": f"{moduleName}.main() failed: {type(exc).__name__}: {str(exc)[:300]}"}
+    return result if isinstance(result, dict) else {"error": f"{moduleName}.main() returned {type(result).__name__}"}
+
+
+def _readCommand(command: list[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=10, cwd=REPO_ROOT).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cpuModel() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def gitDescription() -> str:
+    commit = _readCommand(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    dirty = _readCommand(["git", "status", "--porcelain", "--untracked-files=no"])
+    return commit + (" + uncommitted changes" if dirty else "")
+
+
+def commandLine() -> str:
+    overrides = " ".join(f"{name}={os.environ[name]}" for name in ENV_OVERRIDES if name in os.environ)
+    base = "make bench" if os.environ.get("MAKELEVEL") else "python -m bench.run"
+    return f"{overrides} {base}".strip()
+
+
+def buildMeta(options: BenchOptions, results: dict[str, Any], elapsed: float) -> dict[str, Any]:
+    memGiB = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    return {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "nproc": os.cpu_count(),
+            "cpuModel": cpuModel(), "memGiB": memGiB, "kernel": f"Linux {platform.release()}",
+            "python": platform.python_version(), "command": commandLine(), "gitCommit": gitDescription(),
+            "elapsedSeconds": elapsed, "rounds": options.rounds, "concurrencies": options.concurrencies,
+            "wrkSeconds": options.wrkSeconds, "probeSeconds": options.probeSeconds, "pacingDelayMs": PACING_DELAY_MS,
+            "pacingStreams": results.get("pacingStreams", 0),
+            "litellmVersion": results.get("litellmVersion"), "wrkVersion": wrkVersion(),
+            "pinning": f"servers under test (service, LiteLLM, and the upstream while it is measured directly) on core "
+                       f"{options.serviceCore} with taskset; wrk, the probe client and the upstream (while it serves "
+                       f"a gateway) on core {options.loadCore}",
+            "upstream": upstreamDescription(results)}
+
+
+def wrkVersion() -> str:
+    text = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout
+    return text.split("[", 1)[0].replace("wrk", "").strip() or "unknown"
+
+
+def upstreamDescription(results: dict[str, Any]) -> str:
+    text = (f"bench/instantUpstream.py (raw asyncio protocol on uvloop, Ollama /api/chat NDJSON contract, {CHUNKS} "
+            f"chunks per streamed reply, {CHUNKS}-word non-streaming reply)")
+    stub = results.get("stub")
+    if stub:
+        text += (f"; the test stub tests/ollamaStub.py (uvicorn ASGI) served {stub['nonstream']:,.0f} req/s "
+                 f"non-streaming and {stub['stream']:,.0f} streaming at concurrency {stub['concurrency']} on one core "
+                 "in this run, too close to the gateways' rates to be the limit")
+    return text
+
+
+def finishTargets(bench: BenchRun) -> dict[str, Any]:
+    return {name: {"label": t.label, "available": t.available, "note": t.note} for name, t in bench.targets.items()}
+
+
+def writeOutputs(results: dict[str, Any], options: BenchOptions) -> str:
+    text = report.renderReport(results)
+    options.output.parent.mkdir(parents=True, exist_ok=True)
+    options.output.write_text(text, encoding="utf-8")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (RESULTS_DIR / f"bench-{stamp}.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    return text
+
+
+def main() -> dict[str, Any]:
+    options = optionsFromEnv(dict(os.environ))
+    started = time.monotonic()
+    allCores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {options.loadCore})
+    with tempfile.TemporaryDirectory(prefix="poweron-bench-") as workDir:
+        bench = BenchRun(options, Path(workDir))
+        try:
+            results = bench.run()
+        finally:
+            bench.stopAll()
+        results["targets"] = finishTargets(bench)
+    os.sched_setaffinity(0, allCores)
+    if not options.skipExtra:
+        results["extra"] = {"pdf": runExtraBench("bench.benchPdf"), "stt": runExtraBench("bench.benchStt")}
+    results["meta"] = buildMeta(options, results, time.monotonic() - started)
+    text = writeOutputs(results, options)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()

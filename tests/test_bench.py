@@ -1,0 +1,182 @@
+"""The benchmark harness's parsing and report functions on canned data (no timing assertions, no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bench import report
+from bench.instantUpstream import UpstreamState, decodeChunkedBody, parseHead
+from bench.procs import parseVmRss
+from bench.run import BenchOptions, openAiBody, optionsFromEnv, serviceIni
+from bench.streamProbe import LineClock, StreamTiming, analyseGaps, percentile, summariseLatency
+from bench.wrkRunner import WrkError, parseWrkOutput, wrkCommand
+from config import parsePerKeyLimits
+
+WRK_OUTPUT = """Running 5s test @ http://127.0.0.1:8000/v1/chat/completions
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    52.10ms   10.22ms 120.50ms   80.00%
+    Req/Sec     1.23k    80.00     1.40k    70.00%
+  6150 requests in 5.00s, 4.10MB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:   1230.00
+Transfer/sec:    820.00KB
+BENCHJSON {"requests":6150,"duration_us":5000000,"bytes":4300000,"connect_errors":0,"read_errors":1,"write_errors":0,\
+"status_errors":3,"timeouts":2,"p50_us":48000,"p90_us":65000,"p99_us":98000,"mean_us":52100.0,"max_us":120500}
+"""
+
+
+def test_parseWrkOutput_readsTheSummaryLine() -> None:
+    result = parseWrkOutput(WRK_OUTPUT)
+    assert result.requests == 6150
+    assert result.rps == pytest.approx(1230.0)
+    assert (result.p50Ms, result.p90Ms, result.p99Ms) == (48.0, 65.0, 98.0)
+    assert result.non2xx == 3
+    assert result.errors == 3 + 1 + 2
+
+
+def test_parseWrkOutput_withoutSummary_raises() -> None:
+    with pytest.raises(WrkError, match="BENCHJSON"):
+        parseWrkOutput("Requests/sec: 10\n")
+
+
+def test_wrkCommand_pinsToTheLoadCore() -> None:
+    command = wrkCommand("http://127.0.0.1:1/x", 16, 5, core=1)
+    assert command[:3] == ["taskset", "-c", "1"]
+    assert "-c16" in command and "-t1" in command and "-d5s" in command
+
+
+def test_percentile_nearestRank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([], 50) == 0.0
+
+
+def test_lineClock_timesContentLinesOnly() -> None:
+    timing = StreamTiming(status=200)
+    clock = LineClock(0.0, timing)
+    clock.feed(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\ndata: {"choices":[{"delta":')
+    clock.feed(b'{"content":"word0 "}}]}\n\ndata: [DONE]\n\n')
+    assert len(timing.contentTimes) == 1
+    assert timing.ttfb > 0
+
+
+def test_analyseGaps_countsCoalescedChunks() -> None:
+    paced = [[0.010 * i for i in range(1, 33)]]
+    assert analyseGaps(paced, 10.0)["coalesced"] == 0
+    assert analyseGaps(paced, 10.0)["gapP50Ms"] == pytest.approx(10.0)
+    bunched = [[0.0, 0.0001, 0.0002, 0.0103]]
+    result = analyseGaps(bunched, 10.0)
+    assert result["coalesced"] == 2 and result["gaps"] == 3
+
+
+def test_summariseLatency_skipsFailures() -> None:
+    timings = [StreamTiming(200, 0.001, 0.002, [0.001]), StreamTiming(503, 0.0, 0.001, [])]
+    summary = summariseLatency(timings, 1.0)
+    assert summary["streams"] == 1 and summary["failed"] == 1
+    assert summary["ttfbP50Ms"] == pytest.approx(1.0)
+
+
+def test_parseVmRss() -> None:
+    assert parseVmRss("Name:\tpython\nVmRSS:\t  102400 kB\nThreads:\t3\n") == 100 * 1024 * 1024
+    assert parseVmRss("Name:\tzombie\n") == 0
+
+
+def test_optionsFromEnv_quickAndOverrides() -> None:
+    quick = optionsFromEnv({"BENCH_QUICK": "1"})
+    assert quick.rounds == 1 and quick.wrkSeconds == 2 and quick.skipStub
+    full = optionsFromEnv({"BENCH_SECONDS": "3", "BENCH_CONCURRENCY": "1,8", "BENCH_SKIP_LITELLM": "yes"})
+    assert full.wrkSeconds == 3 and full.concurrencies == [1, 8] and full.skipLitellm and full.rounds == 2
+
+
+def test_serviceIni_perKeyLimitsParse() -> None:
+    text = serviceIni(8000, "http://127.0.0.1:11434", "a" * 32, "b" * 32)
+    perKey = next(line for line in text.splitlines() if line.startswith("per_key"))
+    limits = parsePerKeyLimits(perKey.split("=", 1)[1].strip(), {"bench", "gateway"})
+    assert limits["bench"] == (10000000.0, 100000, 100000)
+    assert b'"stream":true' in openAiBody(True) and b"stream" not in openAiBody(False)
+
+
+def test_instantUpstream_parsing() -> None:
+    method, path, headers = parseHead(b"POST /api/chat?x=1 HTTP/1.1\r\nContent-Length: 2\r\nHost: a")
+    assert (method, path, headers[b"content-length"]) == ("POST", "/api/chat", b"2")
+    body = bytearray(b"HEAD\r\n\r\n4\r\nabcd\r\n2\r\nef\r\n0\r\n\r\nNEXT")
+    assert decodeChunkedBody(body, 8) == (b"abcdef", len(body) - 4)
+    assert decodeChunkedBody(bytearray(b"4\r\nab"), 0) is None
+    state = UpstreamState(("qwen2.5:7b",), chunks=4, chunkDelayMs=0)
+    assert len(state.streamLines["qwen2.5:7b"]) == 5 and state.lookup("QWEN2.5:7b") == "qwen2.5:7b"
+
+
+def cannedResults(withService: bool = True) -> dict:
+    def wrk(rps: float, p50: float, p99: float) -> list[dict]:
+        return [{"requests": int(rps * 5), "seconds": 5.0, "rps": rps, "p50Ms": p50, "p90Ms": p50 * 1.5,
+                 "p99Ms": p99, "meanMs": p50, "maxMs": p99 * 2, "errors": 0, "non2xx": 0}]
+
+    def probe(ttfb: float) -> list[dict]:
+        return [{"streams": 100, "failed": 0, "streamsPerSecond": 50.0, "ttfbP50Ms": ttfb, "ttfbP99Ms": ttfb * 3,
+                 "totalP50Ms": ttfb * 2, "totalP99Ms": ttfb * 4, "contentLines": 32.0}]
+
+    byTarget = {"service": (1500.0, 0.9, 60.0), "litellm": (250.0, 3.7, 300.0), "direct": (24000.0, 0.1, 3.0)}
+    if not withService:
+        del byTarget["service"]
+    wrkData = {mode: {str(c): {t: wrk(*v) for t, v in byTarget.items()} for c in (1, 64)}
+               for mode in ("nonstream", "stream")}
+    gaps = {"streams": 5, "chunksPerStream": 32.0, "gaps": 155, "gapP10Ms": 9.8, "gapP50Ms": 10.1,
+            "gapP90Ms": 10.5, "coalesced": 0, "delayMs": 10.0}
+    mib = 1024 * 1024
+    return {
+        "meta": {"date": "2026-01-01 10:00 UTC", "nproc": 2, "cpuModel": "AMD EPYC", "memGiB": 24.0,
+                 "kernel": "Linux 6.1", "python": "3.11.7", "command": "make bench", "gitCommit": "abc1234",
+                 "elapsedSeconds": 300.0, "rounds": 1, "concurrencies": [1, 64], "wrkSeconds": 5.0,
+                 "probeSeconds": 2.0, "pacingDelayMs": 10.0, "pacingStreams": 5, "litellmVersion": "1.74.4",
+                 "wrkVersion": "debian/4.1.0", "pinning": "server on core 0, wrk on core 1",
+                 "upstream": "bench/instantUpstream.py"},
+        "targets": {"service": {"label": "service", "available": withService,
+                                "note": "" if withService else "not measured: first chat request answered 404"},
+                    "litellm": {"label": "LiteLLM 1.74.4", "available": True, "note": ""},
+                    "direct": {"label": "upstream direct", "available": True, "note": ""}},
+        "wrk": wrkData,
+        "probe": {str(c): {t: probe(v[1]) for t, v in byTarget.items()} for c in (1, 64)},
+        "pacing": {t: gaps for t in byTarget},
+        "memory": {"service": {"idle": 60 * mib, "rounds": [80 * mib], "after": 81 * mib,
+                               "streams": {"sample": 90 * mib, "streams": 200, "startedAtSample": 200,
+                                           "completed": 200}}} if withService else {},
+        "extra": {"pdf": {"pagesPerSecond": 3.5, "render": {"p50Ms": 120.0}}, "stt": {"error": "no model"}},
+        "notes": ["a note"],
+    }
+
+
+def test_renderReport_tablesRatiosAndGoals() -> None:
+    text = report.renderReport(cannedResults())
+    assert text.startswith("# Performance")
+    assert "| 64 | service | 1,500 | 0.90 |" in text
+    assert "6.00x" in text  # 1500 / 250 req/s
+    assert "| added p50 at concurrency 1, non-streaming | <= 1 ms | 0.80 ms | yes |" in text
+    assert "| p99 at concurrency 64, non-streaming | <= 100 ms | 60.0 ms | yes |" in text
+    assert "streaming, 32 chunks, ÷ LiteLLM | >= 10x | 6.00x | **no** |" in text
+    assert "| service RSS with 200 open streams | <= 150 MB | 94.4 MB | yes |" in text
+    assert "| pagesPerSecond | 3.50 |" in text and "| render.p50Ms | 120 |" in text
+    assert "Not measured: no model" in text
+    assert "`make bench`" in text and "2 cores (AMD EPYC)" in text
+
+
+def test_renderReport_withoutService_marksNotAvailable() -> None:
+    text = report.renderReport(cannedResults(withService=False))
+    assert "| 1 | service | n/a | n/a |" in text
+    assert "not measured: first chat request answered 404" in text
+    assert "| added p50 at concurrency 1, non-streaming | <= 1 ms | n/a | n/a |" in text
+
+
+def test_aggregate_meansRoundsAndSumsErrors() -> None:
+    merged = report.aggregate([{"rps": 100.0, "errors": 1}, {"rps": 200.0, "errors": 2}])
+    assert merged == {"rounds": 2, "rps": 150.0, "errors": 3}
+    assert report.aggregate([]) is None
+
+
+def test_benchOptionsDefaults() -> None:
+    options = BenchOptions()
+    assert options.concurrencies == [1, 16, 64] and options.serviceCore != options.loadCore
+    assert asyncio.iscoroutinefunction(__import__("bench.streamProbe", fromlist=["x"]).probeLatency)
