@@ -1,7 +1,7 @@
 """The access log: one JSON line per completed request on the logger ``poweron.access``, metadata only.
 
-Fields: request id, method, route, key name and class, external model, status, durations and token counts. Never
-prompt text, file content, embeddings, answers or keys; the query string is left out too.
+Fields: request id, method, route template and path, key name and class, external model, status, durations and
+token counts. Never prompt text, file content, embeddings, answers or keys; the query string is left out too.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _milliseconds(seconds: float | None) -> float | None:
 def accessRecord(meta: RequestMeta) -> dict:
     """The fields of one access line."""
     return {
-        "ts": round(time.time(), 3), "requestId": meta.requestId, "method": meta.method,
+        "ts": round(time.time(), 3), "requestId": meta.requestId, "method": meta.method, "route": meta.route,
         "path": meta.path[:MAX_PATH_CHARS], "key": meta.keyName, "keyClass": meta.keyClass,
         "model": meta.externalModel, "status": meta.status, "durationMs": _milliseconds(meta.durationSeconds),
         "upstreamMs": _milliseconds(meta.upstreamSeconds), "ttftMs": _milliseconds(meta.ttftSeconds),
@@ -44,6 +44,7 @@ def logAccess(meta: RequestMeta) -> None:
 
 def configureLogging(level: str) -> None:
     """Plain message format for the process (the access line is JSON already); noisy libraries held at WARNING."""
-    logging.basicConfig(level=level.upper(), format="%(message)s")
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger().setLevel(level.upper())
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
