@@ -143,8 +143,8 @@ async def forwardAudio(request: Request, registry: RegistryDep, endpoint: str) -
     if not settings.whisper.enabled:
         raise ServiceError(404, "Speech-to-text is switched off on this server ([whisper] enabled = false)",
                            code="model_not_found", param="model")
-    await registry.resolve(STT_MODEL)
     checkUpload(request, settings)
+    await registry.resolve(STT_MODEL)
     baseUrl = settings.whisper.base_url.rstrip("/")
     started = time.perf_counter()
     response = await sendToWhisper(request, settings, baseUrl, endpoint)

@@ -1,0 +1,116 @@
+"""Pieces of speech-to-text without the model: response formats, the admission queue, audio decoding, model
+names (whisper-1) and the translation guard."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from config import WhisperSettings, resolveModel
+from errors import ServiceError
+from transcriptFormats import Transcript, TranscriptSegment, formatTimestamp, renderTranscript, segmentFromWhisper
+from whisperEngine import AdmissionControl, WhisperEngine, decodeAudio, resolveComputeType
+from tests.whisperSupport import FAKE_PDF, silenceWav, toneWav
+
+
+def segment(index: int, start: float, end: float, text: str) -> TranscriptSegment:
+    return TranscriptSegment(id=index, seek=0, start=start, end=end, text=text, tokens=[1, 2], temperature=0.0,
+                             avg_logprob=-0.2, compression_ratio=1.1, no_speech_prob=0.01,
+                             words=[{"word": text.split()[0], "start": start, "end": start + 0.3}])
+
+
+TRANSCRIPT = Transcript(task="transcribe", language="en", duration=3725.5,
+                        segments=[segment(0, 0.0, 1.5, " Hello there."), segment(1, 3723.25, 3725.1, " Goodbye.")])
+
+
+def test_timestampsUseTheSubtitleLayouts() -> None:
+    assert formatTimestamp(3723.25, ",") == "01:02:03,250"
+    assert formatTimestamp(0.0004, ".") == "00:00:00.000"
+    assert formatTimestamp(59.9996, ".") == "00:01:00.000"
+
+
+def test_srtAndVttCues() -> None:
+    assert renderTranscript(TRANSCRIPT, "srt") == (
+        "1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n2\n01:02:03,250 --> 01:02:05,100\nGoodbye.\n")
+    assert renderTranscript(TRANSCRIPT, "vtt") == (
+        "WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nHello there.\n\n01:02:03.250 --> 01:02:05.100\nGoodbye.\n")
+
+
+def test_jsonTextAndVerboseJson() -> None:
+    assert renderTranscript(TRANSCRIPT, "json") == {"text": "Hello there. Goodbye.",
+                                                    "usage": {"type": "duration", "seconds": 3725.5}}
+    assert renderTranscript(TRANSCRIPT, "text") == "Hello there. Goodbye.\n"
+    verbose = renderTranscript(TRANSCRIPT, "verbose_json", withWords=True)
+    assert verbose["segments"][1] == {"id": 1, "seek": 0, "start": 3723.25, "end": 3725.1, "text": " Goodbye.",
+                                      "tokens": [1, 2], "temperature": 0.0, "avg_logprob": -0.2,
+                                      "compression_ratio": 1.1, "no_speech_prob": 0.01}
+    assert verbose["words"] == [{"word": "Hello", "start": 0.0, "end": 0.3}, {"word": "Goodbye.", "start": 3723.25,
+                                                                              "end": 3723.55}]
+    assert "words" not in renderTranscript(TRANSCRIPT, "verbose_json")
+
+
+def test_translationsCarryNoUsageAndEmptyTranscriptsStayEmpty() -> None:
+    translated = Transcript(task="translate", language="de", duration=2.0, segments=[])
+    assert renderTranscript(translated, "json") == {"text": ""}
+    assert renderTranscript(translated, "text") == "" and renderTranscript(translated, "srt") == ""
+
+
+def test_whisperSegmentsBecomePlainFloatsThatNeverGoBack() -> None:
+    raw = SimpleNamespace(seek=np.int64(0), start=np.float64(4.1), end=np.float64(6.0), text=" Hi", tokens=[5],
+                          temperature=0.0, avg_logprob=np.float64(-0.1), compression_ratio=1.0, no_speech_prob=0.0,
+                          words=[SimpleNamespace(word=" Hi", start=np.float64(4.1), end=np.float64(4.5))])
+    converted = segmentFromWhisper(raw, 3, previousEnd=4.3)
+    assert converted.id == 3 and converted.start == 4.3 and converted.end == 6.0
+    assert type(converted.start) is float and type(converted.words[0]["end"]) is float
+
+
+def test_admissionAllowsRunningPlusQueuedThen503() -> None:
+    admission = AdmissionControl(maxConcurrent=2, maxQueue=1)
+    for _ in range(3):
+        admission.admit()
+    assert (admission.running, admission.waiting) == (2, 1)
+    with pytest.raises(ServiceError) as busy:
+        admission.admit()
+    assert busy.value.status == 503 and busy.value.headers["Retry-After"] == "5"
+    admission.release()
+    admission.admit()
+    assert admission.admitted == 3
+
+
+def test_decodeGives16kHzMonoFloats() -> None:
+    samples = decodeAudio(io.BytesIO(toneWav(1.0)), maxSeconds=60)
+    assert samples.dtype == np.float32 and abs(samples.shape[0] - 16_000) <= 32
+    assert 0.25 < float(np.abs(samples).max()) < 0.35
+
+
+@pytest.mark.parametrize("content, status, code", [
+    (FAKE_PDF, 415, "unsupported_audio"),
+    (silenceWav(1.0)[:44], 400, "empty_audio"),
+    (b"", 415, "unsupported_audio"),
+])
+def test_decodeRefusesWhatIsNotAudio(content: bytes, status: int, code: str) -> None:
+    with pytest.raises(ServiceError) as refused:
+        decodeAudio(io.BytesIO(content), maxSeconds=60)
+    assert (refused.value.status, refused.value.code) == (status, code)
+
+
+def test_decodeStopsAtTheDurationLimit() -> None:
+    with pytest.raises(ServiceError) as tooLong:
+        decodeAudio(io.BytesIO(silenceWav(3.0)), maxSeconds=2)
+    assert tooLong.value.status == 413 and "2 seconds" in tooLong.value.message
+
+
+def test_whisper1IsAnAliasOfTranscribe(makeSettings) -> None:
+    settings = makeSettings()
+    assert resolveModel(settings, "whisper-1") is resolveModel(settings, "poweron-transcribe")
+    assert "whisper-1" not in settings.modelMapping
+
+
+def test_turboModelsRefuseToTranslate() -> None:
+    assert "cannot translate" in WhisperEngine(WhisperSettings(model="large-v3-turbo")).translationProblem()
+    assert WhisperEngine(WhisperSettings(model="large-v3-turbo", translation_model="large-v3")).translationProblem() \
+        is None
+    assert resolveComputeType("default", "cuda") == "float16" and resolveComputeType("default", "cpu") == "int8"
