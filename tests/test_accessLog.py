@@ -131,7 +131,8 @@ def test_fullRequestCycleLogsNoPromptFileEmbeddingOrKey(serviceFactory) -> None:
                           headers={"X-Request-ID": ids["text"]})
         refused = httpx.get(service.baseUrl + "/v1/models", headers={"Authorization": f"Bearer {wrongKey}",
                                                                      "X-Request-ID": ids["wrongKey"]})
-        invalid = httpx.post(service.baseUrl + "/v1/chat/completions", json={"model": "poweron-text-general", "messages": prompt},
+        invalid = httpx.post(service.baseUrl + "/v1/chat/completions",
+                             json={"model": "poweron-text-general", "messages": prompt},
                              headers={"Authorization": f"Bearer {OPENAI_KEY}", "X-Request-ID": ids["invalid"]})
         service.stop()
     assert analyzed.status_code == 200, analyzed.text
