@@ -110,8 +110,8 @@ def test_serviceProcessCannotReachARemoteUpstream(tmp_path: Path) -> None:
     path = tmp_path / "config.ini"
     path.write_text(TEST_INI, encoding="utf-8")
     env = guardedEnv({k: v for k, v in __import__("os").environ.items() if not k.startswith("PRIVATE_LLM_")})
-    env.update(PRIVATE_LLM_CONFIG=str(path), PRIVATE_LLM_SERVER__HOST="127.0.0.1", PRIVATE_LLM_SERVER__PORT=str(freePort()),
-               PRIVATE_LLM_SERVER__ALLOW_REMOTE_UPSTREAM="true",
+    env.update(PRIVATE_LLM_CONFIG=str(path), PRIVATE_LLM_SERVER__HOST="127.0.0.1",
+               PRIVATE_LLM_SERVER__PORT=str(freePort()), PRIVATE_LLM_SERVER__ALLOW_REMOTE_UPSTREAM="true",
                PRIVATE_LLM_OLLAMA__BASE_URL=f"http://{PUBLIC_ADDRESS}:11434")
     result = subprocess.run([sys.executable, str(REPO_ROOT / "app.py")], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
