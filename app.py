@@ -96,7 +96,7 @@ def main() -> None:
         sys.exit(f"configuration error: {exc}")
     configureLogging(settings.server.log_level)
     uvicorn.run(createApp(settings), host=settings.server.host, port=settings.server.port, loop="uvloop",
-                http="httptools", access_log=False, log_level=settings.server.log_level,
+                http="httptools", access_log=False, server_header=False, log_level=settings.server.log_level,
                 timeout_graceful_shutdown=int(settings.server.graceful_shutdown_seconds))
 
 
