@@ -1,0 +1,75 @@
+"""End to end: /api/analyze on the real service process (uvicorn, uvloop, render workers from the fork server) in
+front of the Ollama stub: good and hostile documents, no content in the logs, no worker left behind."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY
+from tests.documentSamples import makeImage, makePdf, makePixelBombPng, makeZipNamedPdf
+from tests.ollamaStub import StubServer
+
+pytestmark = pytest.mark.e2e
+SECRET_TEXT = "Kontoinhaber Hans Muster 7731"
+PROMPT = "Find the account holder [marker-4711]"
+
+
+def childPids(pid: int) -> set[int]:
+    """Direct and indirect children of a process (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, pending = set(), [pid]
+    while pending:
+        current = pending.pop()
+        children = [child for child, parent in parents.items() if parent == current]
+        found.update(children)
+        pending.extend(children)
+    return found
+
+
+def analyze(baseUrl: str, data: bytes, **fields: str) -> httpx.Response:
+    return httpx.post(baseUrl + "/api/analyze", headers={"X-API-Key": API_KEY}, timeout=60,
+                      files={"file": ("upload.pdf", data, "application/pdf")}, data={"prompt": PROMPT, **fields})
+
+
+def test_realServiceAnalysesDocumentsSurvivesHostileOnesAndLogsNoContent(serviceFactory) -> None:
+    with StubServer() as stub:
+        service = serviceFactory({"PRIVATE_LLM_OLLAMA__BASE_URL": stub.baseUrl,
+                                  "PRIVATE_LLM_DOCUMENTS__PRESTART_WORKERS": "true"})
+        first = analyze(service.baseUrl, makePdf(2, text=SECRET_TEXT + " page {page}"))
+        assert first.status_code == 200, first.text
+        assert first.json()["pagesAnalysed"] == [1, 2] and first.headers["x-request-id"]
+        chats = httpx.get(stub.url("/_stub/requests"), params={"path": "/api/chat"}).json()["requests"]
+        assert [len(chat["images"]) for chat in chats] == [2]
+        assert (analyze(service.baseUrl, makePixelBombPng()).status_code,
+                analyze(service.baseUrl, makeZipNamedPdf()).status_code,
+                analyze(service.baseUrl, b"").status_code) == (413, 415, 400)
+        streamed = analyze(service.baseUrl, makeImage(1600, 1200, "PNG"), stream="true")
+        assert streamed.text.splitlines()[-1].startswith('{"type":"done"')
+        workers = childPids(service.process.pid)
+        assert workers, "the render workers run as child processes"
+        service.stop()
+    log = service.logText()
+    assert SECRET_TEXT not in log and "marker-4711" not in log, "logs carry metadata only"
+    deadline = time.monotonic() + 10  # the fork server and resource tracker notice the parent's exit within ~3 s
+    while any(isRunning(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if isRunning(pid)], "no render process outlives the service"
+
+
+def isRunning(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
