@@ -69,6 +69,10 @@ class BenchProcess:
     def rssBytes(self) -> int:
         return treeRssBytes(self.pid) if self.alive() else 0
 
+    def cpuSeconds(self) -> float:
+        """CPU time (user + system) used so far by the process and its children."""
+        return treeCpuSeconds(self.pid) if self.alive() else 0.0
+
     def logTail(self, chars: int = 1500) -> str:
         try:
             return self.logPath.read_text(encoding="utf-8", errors="replace")[-chars:]
@@ -137,3 +141,40 @@ def rssBytesOf(pid: int) -> int:
 def treeRssBytes(root: int) -> int:
     """Summed VmRSS of a process and its descendants."""
     return sum(rssBytesOf(pid) for pid in processTree(root))
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def parseCpuTicks(statText: str) -> int:
+    """utime + stime (clock ticks) from a /proc/<pid>/stat text."""
+    fields = statText.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def treeCpuSeconds(root: int) -> float:
+    ticks = 0
+    for pid in processTree(root):
+        try:
+            ticks += parseCpuTicks(Path(f"/proc/{pid}/stat").read_text())
+        except OSError:
+            continue
+    return ticks / CLOCK_TICKS
+
+
+BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
+"""user, nice, system, irq, softirq, steal in a /proc/stat cpuN line."""
+
+
+def parseCoreBusyTicks(procStatText: str, core: int) -> int:
+    """Busy clock ticks of one core from a /proc/stat text."""
+    prefix = f"cpu{core} "
+    for line in procStatText.splitlines():
+        if line.startswith(prefix):
+            values = [int(v) for v in line.split()[1:]]
+            return sum(values[i] for i in BUSY_FIELDS if i < len(values))
+    return 0
+
+
+def coreBusySeconds(core: int) -> float:
+    return parseCoreBusyTicks(Path("/proc/stat").read_text(), core) / CLOCK_TICKS

@@ -17,6 +17,7 @@ STREAM_FACTOR_GOAL = 10.0
 P99_GOAL_MS = 100.0
 RSS_GOAL_BYTES = 150_000_000
 RSS_GROWTH_TOLERANCE_BYTES = 5 * MIB
+NOISY_OTHER_LOAD = 0.10
 
 
 def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -81,7 +82,8 @@ def activeTargets(results: dict[str, Any]) -> list[str]:
 
 
 def throughputTable(results: dict[str, Any], mode: str) -> list[str]:
-    header = ["Concurrency", "Target", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "rounds"]
+    header = ["Concurrency", "Target", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "server CPU ms/req",
+              "server core use", "other load on that core", "rounds"]
     rows = []
     for concurrency in results["meta"]["concurrencies"]:
         for target in activeTargets(results):
@@ -92,14 +94,20 @@ def throughputTable(results: dict[str, Any], mode: str) -> list[str]:
 
 def _wrkCells(agg: dict[str, Any] | None) -> list[str]:
     if agg is None:
-        return [NA] * 6
+        return [NA] * 9
     return [fmtNumber(agg["rps"], 0), fmtNumber(agg["p50Ms"]), fmtNumber(agg["p90Ms"]), fmtNumber(agg["p99Ms"]),
-            str(int(agg["errors"])), str(agg["rounds"])]
+            str(int(agg["errors"])), fmtNumber(agg.get("cpuMsPerRequest"), 3), fmtPercent(agg.get("cpuShare")),
+            fmtPercent(agg.get("otherLoad")), str(agg["rounds"])]
+
+
+def fmtPercent(value: float | None) -> str:
+    return NA if value is None else f"{value:.0%}"
 
 
 def ratioTable(results: dict[str, Any]) -> list[str]:
     header = ["Mode", "Concurrency", "service ÷ direct (req/s)", "service ÷ LiteLLM (req/s)",
-              "added p50 ms vs direct", "added p99 ms vs direct", "LiteLLM ÷ direct (req/s)"]
+              "added p50 ms vs direct", "added p99 ms vs direct", "LiteLLM ÷ direct (req/s)",
+              "CPU per request: LiteLLM ÷ service"]
     rows = []
     for mode, modeLabel in MODES:
         for concurrency in results["meta"]["concurrencies"]:
@@ -108,7 +116,8 @@ def ratioTable(results: dict[str, Any]) -> list[str]:
                          fmtRatio(_val(ours, "rps"), _val(lite, "rps")),
                          fmtNumber(difference(_val(ours, "p50Ms"), _val(direct, "p50Ms"))),
                          fmtNumber(difference(_val(ours, "p99Ms"), _val(direct, "p99Ms"))),
-                         fmtRatio(_val(lite, "rps"), _val(direct, "rps"))])
+                         fmtRatio(_val(lite, "rps"), _val(direct, "rps")),
+                         fmtRatio(_val(lite, "cpuMsPerRequest"), _val(ours, "cpuMsPerRequest"))])
     return _table(header, rows)
 
 
@@ -293,7 +302,9 @@ def _headerLines(results: dict[str, Any]) -> list[str]:
              f"- Upstream: {meta['upstream']}",
              f"- Rounds: {meta['rounds']} per measurement, alternating {' / '.join(targetLabel(results, t) for t in activeTargets(results))} "
              "within each round (A/B/A/B); tables show the mean over rounds",
-             f"- Load generator: wrk ({meta['wrkVersion']}) with bench/wrk/post.lua, 1 thread, keep-alive"]
+             f"- Load generator: wrk ({meta['wrkVersion']}) with bench/wrk/post.lua, 1 thread, keep-alive",
+             f"- Other load: load average {meta.get('loadBefore', NA)} before and {meta.get('loadAfter', NA)} after the "
+             f"run; {otherLoadSummary(results)}"]
     for target in activeTargets(results):
         note = _get(results, "targets", target, "note")
         if note:
@@ -306,3 +317,16 @@ def _notesLines(results: dict[str, Any]) -> list[str]:
     if not notes:
         return []
     return ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+
+
+def otherLoadSummary(results: dict[str, Any]) -> str:
+    """How much of the server core other processes took during the wrk runs (noise indicator)."""
+    shares = [run.get("otherLoad", 0.0) for mode in (results.get("wrk") or {}).values()
+              for byTarget in mode.values() for runs in byTarget.values() for run in runs]
+    if not shares:
+        return "no wrk runs"
+    text = f"other processes took {mean(shares):.0%} of the server core on average during the wrk runs " \
+           f"(max {max(shares):.0%})"
+    if mean(shares) > NOISY_OTHER_LOAD:
+        text += "; **the machine was busy, so req/s and latencies are noisy — compare the CPU ms per request**"
+    return text

@@ -32,7 +32,7 @@ import httpx
 import orjson
 
 from bench import litellmProxy, report
-from bench.procs import BenchProcess, freePort
+from bench.procs import BenchProcess, coreBusySeconds, freePort
 from bench.streamProbe import (Endpoint, analyseGaps, holdStreams, probeLatency, probeSequential, runAsync,
                                summariseLatency)
 from bench.wrkRunner import WrkError, runWrk
@@ -243,13 +243,20 @@ class BenchRun:
         return _Pinned(self.upstream, self.options.serviceCore, self.options.loadCore, target.name == "direct")
 
     def wrkOnce(self, target: Target, stream: bool, concurrency: int, seconds: float) -> dict[str, Any] | None:
+        """One wrk run; adds the server's CPU time per request (robust against other load on the machine)."""
+        process, core = target.process, self.options.serviceCore
         with self.underTest(target):
+            cpuBefore, busyBefore = (process.cpuSeconds() if process else 0.0), coreBusySeconds(core)
             try:
-                return runWrk(target.url, target.bodyFiles[stream], target.bearer, concurrency, seconds,
-                              self.options.loadCore).asDict()
+                result = runWrk(target.url, target.bodyFiles[stream], target.bearer, concurrency, seconds,
+                                self.options.loadCore).asDict()
             except (WrkError, subprocess.TimeoutExpired) as exc:
                 self.notes.append(f"wrk against {target.label} (c={concurrency}, stream={stream}) failed: {exc}")
                 return None
+            cpuUsed = (process.cpuSeconds() if process else 0.0) - cpuBefore
+            busy = coreBusySeconds(core) - busyBefore
+        result.update(serverCpu(cpuUsed, busy, result["requests"], result["seconds"]))
+        return result
 
     def warmUp(self) -> None:
         for target in self.measured():
@@ -350,6 +357,7 @@ class BenchRun:
             stub.stop()
 
     def run(self) -> dict[str, Any]:
+        self.results["loadBefore"] = loadAverage()
         self.startUpstream()
         self.startService()
         self.startLitellm()
@@ -384,10 +392,20 @@ class _Pinned:
             self.upstream.pinTo(self.loadCore)
 
 
+def serverCpu(cpuUsed: float, coreBusy: float, requests: int, seconds: float) -> dict[str, float]:
+    """The server's CPU per request, its share of its core, and how much of that core other processes took
+    (other load on the machine makes a run noisy; the CPU per request stays comparable)."""
+    return {"cpuMsPerRequest": cpuUsed * 1000.0 / requests if requests else 0.0,
+            "cpuShare": cpuUsed / seconds if seconds else 0.0,
+            "otherLoad": max(0.0, coreBusy - cpuUsed) / seconds if seconds else 0.0}
+
+
 def _short(result: dict[str, Any] | None) -> str:
     if result is None:
         return "failed"
-    return (f"{result['rps']:8.0f} req/s  p50 {result['p50Ms']:7.2f}  p99 {result['p99Ms']:7.2f} ms"
+    return (f"{result['rps']:8.0f} req/s  p50 {result['p50Ms']:7.2f}  p99 {result['p99Ms']:7.2f} ms  "
+            f"CPU {result['cpuMsPerRequest']:.3f} ms/req ({result['cpuShare']:.0%} of the core, others "
+            f"{result['otherLoad']:.0%})"
             f"{'  errors ' + str(result['errors']) if result['errors'] else ''}")
 
 
@@ -440,10 +458,15 @@ def buildMeta(options: BenchOptions, results: dict[str, Any], elapsed: float) ->
             "wrkSeconds": options.wrkSeconds, "probeSeconds": options.probeSeconds, "pacingDelayMs": PACING_DELAY_MS,
             "pacingStreams": results.get("pacingStreams", 0),
             "litellmVersion": results.get("litellmVersion"), "wrkVersion": wrkVersion(),
+            "loadBefore": results.get("loadBefore"), "loadAfter": loadAverage(),
             "pinning": f"servers under test (service, LiteLLM, and the upstream while it is measured directly) on core "
                        f"{options.serviceCore} with taskset; wrk, the probe client and the upstream (while it serves "
                        f"a gateway) on core {options.loadCore}",
             "upstream": upstreamDescription(results)}
+
+
+def loadAverage() -> str:
+    return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def wrkVersion() -> str:

@@ -8,8 +8,8 @@ import pytest
 
 from bench import report
 from bench.instantUpstream import UpstreamState, decodeChunkedBody, parseHead
-from bench.procs import parseVmRss
-from bench.run import BenchOptions, openAiBody, optionsFromEnv, serviceIni
+from bench.procs import parseCoreBusyTicks, parseCpuTicks, parseVmRss
+from bench.run import BenchOptions, openAiBody, optionsFromEnv, serverCpu, serviceIni
 from bench.streamProbe import LineClock, StreamTiming, analyseGaps, percentile, summariseLatency
 from bench.wrkRunner import WrkError, parseWrkOutput, wrkCommand
 from config import parsePerKeyLimits
@@ -85,6 +85,16 @@ def test_parseVmRss() -> None:
     assert parseVmRss("Name:\tzombie\n") == 0
 
 
+def test_cpuAccounting() -> None:
+    stat = "1234 (python app.py) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 0 0"
+    assert parseCpuTicks(stat) == 300
+    procStat = "cpu  10 0 10 100 0 0 0 0 0 0\ncpu0 5 1 4 50 9 1 2 3 0 0\ncpu1 5 0 6 50 0 0 0 0 0 0\n"
+    assert parseCoreBusyTicks(procStat, 0) == 5 + 1 + 4 + 1 + 2 + 3
+    assert parseCoreBusyTicks(procStat, 7) == 0
+    cpu = serverCpu(cpuUsed=2.0, coreBusy=2.5, requests=4000, seconds=5.0)
+    assert cpu == {"cpuMsPerRequest": 0.5, "cpuShare": 0.4, "otherLoad": pytest.approx(0.1)}
+
+
 def test_optionsFromEnv_quickAndOverrides() -> None:
     quick = optionsFromEnv({"BENCH_QUICK": "1"})
     assert quick.rounds == 1 and quick.wrkSeconds == 2 and quick.skipStub
@@ -113,7 +123,8 @@ def test_instantUpstream_parsing() -> None:
 def cannedResults(withService: bool = True) -> dict:
     def wrk(rps: float, p50: float, p99: float) -> list[dict]:
         return [{"requests": int(rps * 5), "seconds": 5.0, "rps": rps, "p50Ms": p50, "p90Ms": p50 * 1.5,
-                 "p99Ms": p99, "meanMs": p50, "maxMs": p99 * 2, "errors": 0, "non2xx": 0}]
+                 "p99Ms": p99, "meanMs": p50, "maxMs": p99 * 2, "errors": 0, "non2xx": 0,
+                 "cpuMsPerRequest": 1000.0 / rps, "cpuShare": 1.0, "otherLoad": 0.25}]
 
     def probe(ttfb: float) -> list[dict]:
         return [{"streams": 100, "failed": 0, "streamsPerSecond": 50.0, "ttfbP50Ms": ttfb, "ttfbP99Ms": ttfb * 3,
@@ -161,6 +172,8 @@ def test_renderReport_tablesRatiosAndGoals() -> None:
     assert "| pagesPerSecond | 3.50 |" in text and "| render.p50Ms | 120 |" in text
     assert "Not measured: no model" in text
     assert "`make bench`" in text and "2 cores (AMD EPYC)" in text
+    assert "| 64 | service | 1,500 | 0.90 | 1.35 | 60.0 | 0 | 0.667 | 100% | 25% | 1 |" in text
+    assert "the machine was busy" in text
 
 
 def test_renderReport_withoutService_marksNotAvailable() -> None:
