@@ -4,6 +4,7 @@ with vision models, text tasks (e.g. neutralising personal data) and embeddings.
 from __future__ import annotations
 
 import time
+from functools import partial
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -108,10 +109,13 @@ def _errorEvent(error: ServiceError) -> dict[str, Any]:
 
 
 async def _streamResponse(mode: str, events: AsyncIterator[dict[str, Any]], start: dict[str, Any],
-                          finish: Callable[[], dict[str, Any]], meta: RequestMeta) -> Response:
+                          finish: Callable[[], dict[str, Any]], meta: RequestMeta, usage: Usage) -> Response:
     """Wait until Ollama accepted the first call (earlier errors stay plain HTTP errors), then stream events:
     start, [page], delta/thinking ..., done — or error as the last event."""
-    await events.__anext__()
+    try:
+        await events.__anext__()
+    finally:
+        _recordUsage(meta, usage)
     meta.streamed = True
 
     async def body() -> AsyncIterator[bytes]:
@@ -127,6 +131,7 @@ async def _streamResponse(mode: str, events: AsyncIterator[dict[str, Any]], star
             yield _frame(mode, _errorEvent(error))
         finally:
             await events.aclose()
+            _recordUsage(meta, usage)
 
     mediaType = "text/event-stream" if mode == "sse" else "application/x-ndjson"
     return StreamingResponse(body(), media_type=mediaType, headers=STREAM_HEADERS)
@@ -137,10 +142,27 @@ def _recordUsage(meta: RequestMeta, usage: Usage) -> None:
     meta.upstreamSeconds = usage.modelSeconds
 
 
-async def _answer(request: Request, ollama: OllamaClient, calls: list[ModelCall], resolved: ResolvedModel,
-                  usage: Usage, schema: Any) -> list[Answer]:
-    """All answers, stopping Ollama's work when the client goes away."""
-    return await untilDisconnect(request, answerAll(ollama, calls, resolved.externalName, usage, schema))
+BodyBuilder = Callable[[list[Answer], Any], dict[str, Any]]
+"""Builds the response body from the answers and the schema (None for streams)."""
+
+
+async def _respond(request: Request, ollama: OllamaClient, resolved: ResolvedModel, calls: list[ModelCall],
+                   schema: Any, mode: str | None, start: dict[str, Any], bodyOf: BodyBuilder,
+                   usage: Usage) -> Response:
+    """The whole answer as one JSON body (Ollama's work stops when the client goes away), or streamed events."""
+    meta = _metaOf(request)
+    if mode is not None:
+        answers: list[Answer] = []
+        events = streamCalls(ollama, calls, resolved.externalName, usage, answers, len(calls) > 1)
+        return await _streamResponse(mode, events, start, partial(bodyOf, answers, None), meta, usage)
+    try:
+        answers = await untilDisconnect(request, answerAll(ollama, calls, resolved.externalName, usage, schema))
+    except ClientDisconnected:
+        meta.errorCode = "client_disconnected"
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+    finally:
+        _recordUsage(meta, usage)
+    return _jsonResponse(bodyOf(answers, schema))
 
 
 def _analysisMode(document: RenderedDocument, calls: list[ModelCall]) -> str:
@@ -184,8 +206,8 @@ def _answerFields(answers: list[Answer], schema: Any, usage: Usage, startedAt: f
     return body
 
 
-def _analysisBody(facts: dict[str, Any], answers: list[Answer], schema: Any, usage: Usage, startedAt: float,
-                  document: RenderedDocument, maxPages: int) -> dict[str, Any]:
+def _analysisBody(facts: dict[str, Any], document: RenderedDocument, maxPages: int, usage: Usage, startedAt: float,
+                  answers: list[Answer], schema: Any) -> dict[str, Any]:
     fields = _answerFields(answers, schema, usage, startedAt)
     durations = {**facts["durations"], "modelMs": fields.pop("modelMs"), "totalMs": fields.pop("totalMs")}
     return {**facts, **fields, "durations": durations, "warnings": _warnings(document, answers, maxPages)}
@@ -215,29 +237,9 @@ async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep
     document, renderSeconds = await _render(request, settings, resolved, data, fields)
     calls = documentCalls(settings, resolved, document, fields, schema)
     facts = _documentFacts(resolved, document, calls, renderSeconds)
-    usage, maxPages = Usage(), settings.documents.max_pdf_pages
-    if mode is not None:
-        answers: list[Answer] = []
-        events = streamCalls(ollama, calls, resolved.externalName, usage, answers, len(calls) > 1)
-        finish = lambda: _finished(meta, usage, _analysisBody(facts, answers, None, usage, startedAt, document, maxPages))  # noqa: E731
-        return await _streamResponse(mode, events, {"type": "start", **facts}, finish, meta)
-    try:
-        answers = await _answer(request, ollama, calls, resolved, usage, schema)
-    except ClientDisconnected:
-        return _clientGone(meta, usage)
-    finally:
-        _recordUsage(meta, usage)
-    return _jsonResponse(_analysisBody(facts, answers, schema, usage, startedAt, document, maxPages))
-
-
-def _finished(meta: RequestMeta, usage: Usage, body: dict[str, Any]) -> dict[str, Any]:
-    _recordUsage(meta, usage)
-    return body
-
-
-def _clientGone(meta: RequestMeta, usage: Usage) -> Response:
-    meta.errorCode = "client_disconnected"
-    return Response(status_code=CLIENT_CLOSED_STATUS)
+    usage = Usage()
+    bodyOf = partial(_analysisBody, facts, document, settings.documents.max_pdf_pages, usage, startedAt)
+    return await _respond(request, ollama, resolved, calls, schema, mode, {"type": "start", **facts}, bodyOf, usage)
 
 
 @router.post("/text")
@@ -249,23 +251,14 @@ async def text(request: Request, settings: SettingsDep, registry: RegistryDep, o
     schema = _checkSchemaAndStream(fields.schema_, mode)
     resolved = await _resolveWith(registry, fields.model, "completion", "generate text (it is not a chat model)")
     meta.externalModel = resolved.externalName
-    calls, usage = [textCall(settings, resolved, fields, schema)], Usage()
-    if mode is not None:
-        answers: list[Answer] = []
-        events = streamCalls(ollama, calls, resolved.externalName, usage, answers, False)
-        finish = lambda: _finished(meta, usage, _textBody(resolved, answers, None, usage, startedAt))  # noqa: E731
-        return await _streamResponse(mode, events, {"type": "start", "model": resolved.externalName}, finish, meta)
-    try:
-        answers = await _answer(request, ollama, calls, resolved, usage, schema)
-    except ClientDisconnected:
-        return _clientGone(meta, usage)
-    finally:
-        _recordUsage(meta, usage)
-    return _jsonResponse(_textBody(resolved, answers, schema, usage, startedAt))
+    usage = Usage()
+    bodyOf = partial(_textBody, resolved, usage, startedAt)
+    return await _respond(request, ollama, resolved, [textCall(settings, resolved, fields, schema)], schema, mode,
+                          {"type": "start", "model": resolved.externalName}, bodyOf, usage)
 
 
-def _textBody(resolved: ResolvedModel, answers: list[Answer], schema: Any, usage: Usage,
-              startedAt: float) -> dict[str, Any]:
+def _textBody(resolved: ResolvedModel, usage: Usage, startedAt: float, answers: list[Answer],
+              schema: Any) -> dict[str, Any]:
     fields = _answerFields(answers, schema, usage, startedAt)
     durations = {"modelMs": fields.pop("modelMs"), "totalMs": fields.pop("totalMs")}
     return {"model": resolved.externalName, **fields, "durations": durations,
@@ -312,7 +305,8 @@ async def embed(request: Request, settings: SettingsDep, registry: RegistryDep, 
         vectors, promptTokens = await untilDisconnect(
             request, _embedBatches(ollama, resolved, fields, settings.ollama.keep_alive))
     except ClientDisconnected:
-        return _clientGone(meta, Usage())
+        meta.errorCode = "client_disconnected"
+        return Response(status_code=CLIENT_CLOSED_STATUS)
     meta.upstreamSeconds, meta.promptTokens = time.perf_counter() - startedAt, promptTokens
     return _jsonResponse({"model": resolved.externalName, "embeddings": vectors,
                           "dimensions": len(vectors[0]) if vectors else 0, "count": len(vectors),
