@@ -17,6 +17,9 @@ OPENAI_TYPES = {
 }
 
 
+HTTP_EXCEPTION_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
 class ServiceError(Exception):
     """An error with an HTTP status and a message a person can act on."""
 
@@ -86,7 +89,8 @@ async def _handleHttpException(request: Request, exc: Exception) -> Response:
         message = f"No route {request.method} {request.url.path}"
     if exc.status_code == 405:
         message = f"Method {request.method} is not allowed on {request.url.path}"
-    return errorResponse(request, ServiceError(exc.status_code, message, headers=dict(exc.headers or {})))
+    code = HTTP_EXCEPTION_CODES.get(exc.status_code)
+    return errorResponse(request, ServiceError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
 
 
 async def _handleUnexpected(request: Request, exc: Exception) -> Response:
