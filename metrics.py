@@ -8,7 +8,6 @@ codes of the service); never paths, prompts, file names or keys. Each app has it
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
@@ -19,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
 from errors import ServiceError
-from requestContext import RequestMeta, getMeta
+from requestContext import RequestMeta, RequestObserver, getMeta
 from security import KEY_CLASS_API, KEY_CLASS_OPENAI, authenticate
 
 METRICS_PATH = "/metrics"
@@ -162,7 +161,7 @@ async def metricsEndpoint(request: Request) -> Response:
     return Response(encoder(request.app.state.metrics.registry), media_type=contentType)
 
 
-def installMetrics(app: FastAPI, observers: list[Any]) -> ServiceMetrics:
+def installMetrics(app: FastAPI, observers: list[RequestObserver]) -> ServiceMetrics:
     """Create the app's metrics, feed them from the request observers, count in-flight requests, add /metrics."""
     metrics = ServiceMetrics(app, app.state.settings)
     app.state.metrics = metrics

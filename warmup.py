@@ -22,19 +22,11 @@ logger = logging.getLogger("poweron.warmup")
 WARMUP_EMBED_INPUT = "warm-up"
 
 
-def keepAliveValue(keepAlive: str) -> str | int:
-    """Ollama's keep_alive: a duration such as ``30m`` stays text, a bare number of seconds (``-1``) becomes int."""
-    try:
-        return int(keepAlive)
-    except ValueError:
-        return keepAlive
-
-
 def warmupRequest(spec: ModelSpec, pulledName: str, keepAlive: str) -> tuple[str, dict[str, Any]]:
     """Path and payload that load ``pulledName`` into memory without generating anything."""
     if spec.type == "embedding":
-        return "/api/embed", {"model": pulledName, "input": WARMUP_EMBED_INPUT, "keep_alive": keepAliveValue(keepAlive)}
-    return "/api/chat", {"model": pulledName, "messages": [], "keep_alive": keepAliveValue(keepAlive)}
+        return "/api/embed", {"model": pulledName, "input": WARMUP_EMBED_INPUT, "keep_alive": keepAlive}
+    return "/api/chat", {"model": pulledName, "messages": [], "keep_alive": keepAlive}
 
 
 class ModelWarmup:

@@ -12,7 +12,7 @@ import pytest
 from app import createApp
 from config import MODEL_MAPPING
 from tests.ollamaStub import StubServer
-from warmup import ModelWarmup, keepAliveValue, warmupRequest
+from warmup import ModelWarmup, warmupRequest
 
 WAIT_SECONDS = 20.0
 
@@ -49,15 +49,9 @@ def test_chatModelsGetOllamasLoadRequest():
 
 
 def test_embeddingModelsGetATinyEmbedRequest():
-    path, payload = warmupRequest(MODEL_MAPPING["poweron-embed"], "nomic-embed-text:latest", "-1")
+    path, payload = warmupRequest(MODEL_MAPPING["poweron-embed"], "nomic-embed-text:latest", "24h")
     assert path == "/api/embed"
-    assert payload == {"model": "nomic-embed-text:latest", "input": "warm-up", "keep_alive": -1}
-
-
-def test_keepAliveSecondsBecomeNumbersAndDurationsStayText():
-    assert keepAliveValue("300") == 300
-    assert keepAliveValue("-1") == -1
-    assert keepAliveValue("30m") == "30m"
+    assert payload == {"model": "nomic-embed-text:latest", "input": "warm-up", "keep_alive": "24h"}
 
 
 async def test_startupPreloadsTheConfiguredModelsThatArePulled(stub, makeSettings):
