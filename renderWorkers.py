@@ -16,6 +16,7 @@ from errors import ServiceError
 
 logger = logging.getLogger("poweron.render")
 SHUTDOWN_GRACE_SECONDS = 5.0
+RETRY_AFTER_BUSY_SECONDS = 5
 
 
 WORKER_PRELOAD = ["__main__", "documentRender", "pymupdf", "PIL.Image"]
@@ -47,6 +48,10 @@ class RenderPool:
         self.executor = _newExecutor(workers)
         self.restarts = 0
         self.warmUpTask: asyncio.Task | None = None
+        self.slots = asyncio.Semaphore(workers)
+        """One render per worker at a time, so the time limit counts rendering only, never waiting in line."""
+        self.queueWaitSeconds = timeoutSeconds
+        """Longest wait for a free worker before the request gets 503 (with Retry-After)."""
 
     async def render(self, job: RenderJob) -> RenderedDocument:
         """Render in a worker (its DocumentError, a 4xx ServiceError, is raised here). A crashed pool is replaced
@@ -62,6 +67,18 @@ class RenderPool:
                                code="render_failed") from None
 
     async def _renderOnce(self, job: RenderJob) -> RenderedDocument:
+        try:
+            async with asyncio.timeout(self.queueWaitSeconds):
+                await self.slots.acquire()
+        except TimeoutError:
+            raise ServiceError(503, f"All render workers stayed busy for {self.queueWaitSeconds:g} s; retry shortly",
+                               code="render_busy", headers={"Retry-After": str(RETRY_AFTER_BUSY_SECONDS)}) from None
+        try:
+            return await self._renderInWorker(job)
+        finally:
+            self.slots.release()
+
+    async def _renderInWorker(self, job: RenderJob) -> RenderedDocument:
         executor = self.executor
         try:
             future = asyncio.get_running_loop().run_in_executor(executor, documentRender.renderDocument, job)

@@ -279,3 +279,34 @@ async def test_aKilledWorkerIsReplacedAndTheRenderRetried() -> None:
         assert pool.restarts == 1
     finally:
         await pool.close()
+
+
+async def test_theTimeLimitCountsRenderingNotWaitingInLine() -> None:
+    """Six renders queue for one worker; together they take far longer than the limit, each alone well under it."""
+    pool = RenderPool(1, 60)
+    renderJob = job(makePdf(5), budget=8_000_000, maxImagePixels=10**9)
+    try:
+        await pool.warmUp()
+        startedAt = asyncio.get_running_loop().time()
+        await pool.render(renderJob)
+        single = asyncio.get_running_loop().time() - startedAt
+        pool.timeoutSeconds, pool.queueWaitSeconds = 2.5 * single, 60
+        results = await asyncio.gather(*(pool.render(renderJob) for _ in range(6)))
+        assert [result.pages for result in results] == [[1, 2, 3, 4, 5]] * 6
+        assert pool.restarts == 0
+    finally:
+        await pool.close()
+
+
+async def test_waitingTooLongForAWorkerIs503() -> None:
+    pool = RenderPool(1, 60)
+    try:
+        await pool.warmUp()
+        pool.queueWaitSeconds = 0.01
+        heavy = pool.render(job(makePdf(5), budget=8_000_000, maxImagePixels=10**9))
+        results = await asyncio.gather(heavy, pool.render(job(makePdf(1))), return_exceptions=True)
+        assert results[0].pages == [1, 2, 3, 4, 5]
+        assert isinstance(results[1], ServiceError) and (results[1].status, results[1].code) == (503, "render_busy")
+        assert results[1].headers["Retry-After"]
+    finally:
+        await pool.close()
