@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import API_KEY
@@ -56,15 +57,34 @@ def test_realServiceAnalysesDocumentsSurvivesHostileOnesAndLogsNoContent(service
                 analyze(service.baseUrl, b"").status_code) == (413, 415, 400)
         streamed = analyze(service.baseUrl, makeImage(1600, 1200, "PNG"), stream="true")
         assert streamed.text.splitlines()[-1].startswith('{"type":"done"')
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while the model is still answering
+            httpx.post(service.baseUrl + "/api/analyze", headers={"X-API-Key": API_KEY}, timeout=0.5,
+                       files={"file": ("a.png", makeImage(64, 64), "image/png")}, data={"prompt": "[[slow]]"})
+        waitForDisconnectEvent(stub)
         workers = childPids(service.process.pid)
         assert workers, "the render workers run as child processes"
         service.stop()
     log = service.logText()
     assert SECRET_TEXT not in log and "marker-4711" not in log, "logs carry metadata only"
+    access = [orjson.loads(line) for line in log.splitlines() if line.startswith("{") and "/api/analyze" in line]
+    done = [entry for entry in access if entry["status"] == 200 and not entry["streamed"]][0]
+    assert done["model"] == "poweron-vision-general" and done["key"] == "gateway"
+    assert done["promptTokens"] > 0 and done["completionTokens"] > 0 and done["upstreamMs"] > 0
     deadline = time.monotonic() + 10  # the fork server and resource tracker notice the parent's exit within ~3 s
     while any(isRunning(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in workers if isRunning(pid)], "no render process outlives the service"
+
+
+def waitForDisconnectEvent(stub: StubServer, timeout: float = 10.0) -> None:
+    """Until the stub saw the service close the chat request (Ollama stops generating then)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = httpx.get(stub.url("/_stub/events"), params={"type": "disconnect"}).json()["events"]
+        if any(event["path"] == "/api/chat" for event in events):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the service kept the Ollama request open after its client left")
 
 
 def isRunning(pid: int) -> bool:
