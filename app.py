@@ -38,7 +38,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the one shared upstream client, discover models, keep discovery fresh; close everything on exit."""
     settings: Settings = app.state.settings
     http = createHttpClient(settings.ollama.connect_timeout, settings.ollama.read_timeout,
-                            settings.ollama.max_connections)
+                            settings.ollama.max_connections,
+                            settings.ollama.base_url if settings.ollama.fast_transport else None)
     app.state.http = http
     app.state.ollama = OllamaClient(http, settings.ollama.base_url)
     app.state.registry = registry = ModelRegistry(settings, app.state.ollama, http)

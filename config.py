@@ -221,6 +221,8 @@ class OllamaSettings(Section):
     """Seconds between refreshes of the list of pulled models (/api/tags)."""
     max_connections: int = Field(256, ge=1)
     """Size of the connection pool to Ollama."""
+    fast_transport: bool = True
+    """Talk to a plain-http Ollama through the service's lean HTTP/1.1 transport (false: httpx's standard pool)."""
 
 
 class AuthSettings(Section):

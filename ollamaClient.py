@@ -11,6 +11,7 @@ import httpx
 import orjson
 
 from errors import ServiceError
+from upstreamTransport import UpstreamTransport, mountPattern
 
 BUSY_RETRY_AFTER_SECONDS = 2
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
@@ -20,12 +21,20 @@ class UpstreamError(ServiceError):
     """Ollama (or the whisper service) failed or could not be reached."""
 
 
-def createHttpClient(connectTimeout: float, readTimeout: float, maxConnections: int) -> httpx.AsyncClient:
-    """The one shared client for upstream calls: pooled keep-alive connections, no proxies from the environment."""
+def createHttpClient(connectTimeout: float, readTimeout: float, maxConnections: int,
+                     fastUpstreamUrl: str | None = None) -> httpx.AsyncClient:
+    """The one shared client for upstream calls: pooled keep-alive connections, no proxies from the environment.
+
+    With ``fastUpstreamUrl`` (plain http), calls to that host go through the lean UpstreamTransport."""
     timeout = httpx.Timeout(connect=connectTimeout, read=readTimeout, write=60.0, pool=connectTimeout + 5)
     limits = httpx.Limits(max_connections=maxConnections, max_keepalive_connections=maxConnections,
                           keepalive_expiry=60.0)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, follow_redirects=False)
+    pattern = mountPattern(fastUpstreamUrl) if fastUpstreamUrl else None
+    mounts = None
+    if pattern is not None:
+        fallback = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+        mounts = {pattern: UpstreamTransport(maxConnections, fallback, keepaliveExpiry=60.0)}
+    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, follow_redirects=False, mounts=mounts)
 
 
 def _errorMessageOf(body: bytes) -> str:
@@ -117,6 +126,14 @@ class OllamaClient:
     def __init__(self, http: httpx.AsyncClient, baseUrl: str) -> None:
         self.http = http
         self.baseUrl = baseUrl.rstrip("/")
+        self.urls: dict[str, httpx.URL] = {}
+        """Parsed URL per path (httpx re-parses a URL string on every request)."""
+
+    def url(self, path: str) -> httpx.URL:
+        parsed = self.urls.get(path)
+        if parsed is None:
+            parsed = self.urls[path] = httpx.URL(self.baseUrl + path)
+        return parsed
 
     async def getJson(self, path: str, timeout: float | None = None) -> Any:
         return await self._requestJson("GET", path, None, None, timeout)
@@ -130,7 +147,7 @@ class OllamaClient:
         content = orjson.dumps(payload) if payload is not None else None
         extensions = {"timeout": httpx.Timeout(timeout).as_dict()} if timeout else None
         try:
-            response = await self.http.request(method, self.baseUrl + path, content=content,
+            response = await self.http.request(method, self.url(path), content=content,
                                                headers={"Content-Type": "application/json"} if content else None,
                                                extensions=extensions)
         except httpx.HTTPError as exc:
@@ -152,7 +169,7 @@ class OllamaClient:
     async def openStream(self, path: str, payload: dict[str, Any], externalName: str) -> OllamaStream:
         """Start a streaming call; an upstream error status is raised here, before any byte goes to the client."""
         startedAt = time.perf_counter()
-        request = self.http.build_request("POST", self.baseUrl + path, content=orjson.dumps({**payload, "stream": True}),
+        request = self.http.build_request("POST", self.url(path), content=orjson.dumps({**payload, "stream": True}),
                                           headers={"Content-Type": "application/json"})
         try:
             response = await self.http.send(request, stream=True)

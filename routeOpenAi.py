@@ -67,24 +67,38 @@ async def readJsonObject(request: Request) -> dict[str, Any]:
     return body
 
 
-async def _waitForDisconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+class DisconnectWatch:
+    """Cancels the handler's task when the client disconnects (one small task instead of racing two)."""
+
+    __slots__ = ("gone", "handler", "watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        self.handler = asyncio.current_task()
+        self.watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self.handler is not None:
+            self.handler.cancel()
+
+    def stop(self) -> None:
+        self.watcher.cancel()
 
 
 async def untilDisconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work`` unless the client goes away first; then cancel it (closing the upstream request)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_waitForDisconnect(request.receive))
+    watch = DisconnectWatch(request.receive)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if watch.gone and watch.handler is not None and watch.handler.uncancel() == 0:
+            raise ClientDisconnected from None
+        raise
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        raise ClientDisconnected
-    return task.result()
+        watch.stop()
 
 
 @router.get("/models")

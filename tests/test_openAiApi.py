@@ -267,6 +267,17 @@ async def test_wrong_key_is_authentication_error(stub: StubServer, makeSettings)
     assert info.value.body["type"] == "authentication_error"
 
 
+async def test_rate_limited_key_gets_rate_limit_error_with_retry_after(stub: StubServer, makeSettings) -> None:
+    settings = makeSettings(ollama={"base_url": stub.baseUrl},
+                            ratelimit={"openai_burst": 1, "openai_requests_per_minute": 2})
+    async for _, sdk in openService(settings):
+        await sdk.chat.completions.create(model=TEXT, messages=HELLO)
+        with pytest.raises(openai.RateLimitError) as info:
+            await sdk.chat.completions.create(model=TEXT, messages=HELLO)
+    assert info.value.status_code == 429 and info.value.body["type"] == "rate_limit_error"
+    assert 1 <= int(info.value.response.headers["retry-after"]) <= 30
+
+
 async def test_midstream_failure_raises_in_the_sdk_stream(client: AsyncOpenAI) -> None:
     stream = await client.chat.completions.create(
         model=TEXT, messages=[{"role": "user", "content": "Bitte [[midstream-error]]"}], stream=True)

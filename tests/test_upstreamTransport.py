@@ -1,0 +1,161 @@
+"""The lean upstream transport against the Ollama stub: keep-alive reuse, streaming, early close, httpx's errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from errors import ServiceError
+from ollamaClient import OllamaClient, createHttpClient
+from tests.conftest import freePort
+from tests.ollamaStub import REPLY_TEMPLATE, StubServer
+from upstreamTransport import UpstreamTransport, mountPattern
+
+HELLO = {"model": "qwen2.5:7b", "messages": [{"role": "user", "content": "Hallo"}]}
+SLOW = {"model": "qwen2.5:7b", "messages": [{"role": "user", "content": "Langsam [[slow]]"}]}
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[StubServer]:
+    with StubServer(models=["qwen2.5:7b", "nomic-embed-text"]) as server:
+        yield server
+
+
+@pytest.fixture
+def stubControl(stub: StubServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stub.baseUrl, timeout=5.0) as control:
+        control.post("/_stub/reset").raise_for_status()
+        yield control
+
+
+async def clientFor(baseUrl: str, maxConnections: int = 8, readTimeout: float = 5.0) -> OllamaClient:
+    return OllamaClient(createHttpClient(1.0, readTimeout, maxConnections, baseUrl), baseUrl)
+
+
+@pytest.fixture
+async def ollama(stub: StubServer, stubControl) -> AsyncIterator[OllamaClient]:
+    client = await clientFor(stub.baseUrl)
+    yield client
+    await client.http.aclose()
+
+
+def transportOf(client: OllamaClient) -> UpstreamTransport:
+    transport = client.http._transport_for_url(client.url("/api/chat"))
+    assert isinstance(transport, UpstreamTransport)
+    return transport
+
+
+def test_mount_pattern_only_for_plain_http() -> None:
+    assert mountPattern("http://127.0.0.1:11434/") == "http://127.0.0.1:11434"
+    assert mountPattern("http://[::1]:11434") == "http://[::1]:11434"
+    assert mountPattern("https://10.0.0.5:11434") is None
+
+
+async def test_sequential_calls_reuse_one_connection(ollama: OllamaClient) -> None:
+    answers = [await ollama.chat(HELLO, "poweron-text-general") for _ in range(20)]
+    assert all(answer["message"]["content"] == REPLY_TEMPLATE.format(prompt="Hallo") for answer in answers)
+    transport = transportOf(ollama)
+    assert transport.open == 1 and len(transport.idle[("127.0.0.1", int(ollama.url("/").port))]) == 1
+
+
+async def test_stream_chunks_arrive_as_they_are_produced(ollama: OllamaClient) -> None:
+    stream = await ollama.openStream("/api/chat", SLOW, "poweron-text-general")
+    arrivals = []
+    try:
+        async for chunk in stream.chunks():
+            arrivals.append((time.monotonic(), chunk))
+    finally:
+        await stream.aclose()
+    assert arrivals[-1][1]["done"] is True and len(arrivals) == 9
+    assert arrivals[-1][0] - arrivals[0][0] >= 1.0  # 8 chunks 0.2 s apart, not delivered in one piece
+    assert transportOf(ollama).open == 1  # read to the end: the connection went back to the pool
+
+
+async def test_closing_a_stream_early_closes_the_connection(ollama: OllamaClient, stubControl) -> None:
+    stream = await ollama.openStream("/api/chat", SLOW, "poweron-text-general")
+    async for _ in stream.chunks():
+        break
+    closedAt = time.monotonic()
+    await stream.aclose()
+    assert transportOf(ollama).open == 0
+    for _ in range(40):
+        events = stubControl.get("/_stub/events", params={"type": "disconnect"}).json()["events"]
+        if events:
+            break
+        await asyncio.sleep(0.05)
+    assert events and events[0]["at"] - closedAt < 1.0
+
+
+async def test_cancelled_call_closes_its_connection(ollama: OllamaClient, stubControl) -> None:
+    task = asyncio.ensure_future(ollama.chat(SLOW, "poweron-text-general"))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert transportOf(ollama).open == 0
+    await asyncio.sleep(0.3)
+    assert stubControl.get("/_stub/events", params={"type": "disconnect"}).json()["count"] == 1
+
+
+async def test_refused_connection_is_503() -> None:
+    client = await clientFor(f"http://127.0.0.1:{freePort()}")
+    with pytest.raises(ServiceError) as info:
+        await client.chat(HELLO, "poweron-text-general")
+    assert info.value.status == 503 and "not reachable" in info.value.message
+    assert transportOf(client).open == 0
+    await client.http.aclose()
+
+
+async def test_silent_upstream_is_a_read_timeout_504(stub: StubServer, stubControl) -> None:
+    client = await clientFor(stub.baseUrl, readTimeout=0.1)
+    with pytest.raises(ServiceError) as info:
+        await client.chat(SLOW, "poweron-text-general")
+    assert info.value.status == 504
+    await client.http.aclose()
+
+
+async def test_a_restarted_upstream_does_not_break_the_next_call(stub: StubServer, stubControl) -> None:
+    client = await clientFor(stub.baseUrl)
+    await client.chat(HELLO, "poweron-text-general")
+    stub.restart()
+    answer = await client.chat(HELLO, "poweron-text-general")
+    assert answer["done"] is True
+    await client.http.aclose()
+
+
+async def test_pool_limit_queues_and_then_times_out(stub: StubServer, stubControl) -> None:
+    client = await clientFor(stub.baseUrl, maxConnections=1)
+    answers = await asyncio.gather(*[client.chat(HELLO, "poweron-text-general") for _ in range(5)])
+    assert len(answers) == 5 and transportOf(client).open == 1
+    stream = await client.openStream("/api/chat", SLOW, "poweron-text-general")  # holds the only connection
+    client.http.timeout = httpx.Timeout(connect=1.0, read=5.0, write=5.0, pool=0.2)
+    with pytest.raises(ServiceError) as info:
+        await client.chat(HELLO, "poweron-text-general")
+    assert info.value.status == 503 and info.value.code == "upstream_busy"
+    await stream.aclose()
+    assert (await client.chat(HELLO, "poweron-text-general"))["done"] is True
+    await client.http.aclose()
+
+
+async def test_large_bodies_flow_through(ollama: OllamaClient) -> None:
+    texts = [f"Satz Nummer {index}" for index in range(400)]
+    answer = await ollama.embed("nomic-embed-text", texts, "poweron-embed")
+    assert len(answer["embeddings"]) == 400 and len(answer["embeddings"][0]) == 768
+
+
+async def test_upstream_error_statuses_still_map(ollama: OllamaClient) -> None:
+    with pytest.raises(ServiceError) as info:
+        await ollama.chat({**HELLO, "model": "missing:1b"}, "poweron-text-general")
+    assert info.value.status == 404
+
+
+async def test_streamed_request_bodies_use_the_standard_transport(ollama: OllamaClient) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"model": "qwen2.5:7b"}'
+
+    response = await ollama.http.post(ollama.url("/api/show"), content=body())
+    assert response.status_code == 200 and "capabilities" in response.json()
