@@ -420,6 +420,60 @@ def translateMessages(messages: Any, rules: ImageRules) -> tuple[list[dict[str, 
     return converted, any("images" in message for message in converted)
 
 
+# ---------------------------------------------------------------- Responses-shaped bodies (Cursor)
+
+
+def _responsesToolCall(item: dict[str, Any]) -> dict[str, Any]:
+    return {"id": item.get("call_id") or item.get("id"), "type": "function",
+            "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}
+
+
+def _appendResponsesItem(messages: list[dict[str, Any]], item: Any, index: int) -> None:
+    kind = item.get("type", "message") if isinstance(item, dict) else None
+    if kind == "message":
+        messages.append({"role": item.get("role"), "content": item.get("content")})
+    elif kind == "function_call":
+        previous = messages[-1] if messages else None
+        if previous is not None and previous.get("role") == "assistant" and previous.get("tool_calls"):
+            previous["tool_calls"].append(_responsesToolCall(item))
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [_responsesToolCall(item)]})
+    elif kind == "function_call_output":
+        messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
+    elif kind != "reasoning":
+        raise invalid(f"`input[{index}]`: item type {kind!r} is not supported", f"input[{index}]")
+
+
+def fromResponsesShape(body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses-API body (``input``, ``instructions``, ...) posted to /chat/completions, as a chat body.
+
+    Cursor sends such bodies for some model names while expecting a Chat Completions answer; a body with
+    ``messages`` is returned unchanged."""
+    if "messages" in body or "input" not in body:
+        return body
+    messages: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    items = body["input"]
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+    elif isinstance(items, list):
+        for index, item in enumerate(items):
+            _appendResponsesItem(messages, item, index)
+    converted = {**body, "messages": messages}
+    if body.get("max_output_tokens") is not None:
+        converted["max_completion_tokens"] = body["max_output_tokens"]
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        converted["reasoning_effort"] = reasoning["effort"]
+    textFormat = body.get("text", {}).get("format") if isinstance(body.get("text"), dict) else None
+    if isinstance(textFormat, dict) and textFormat.get("type") == "json_schema":
+        converted["response_format"] = {"type": "json_schema", "json_schema": textFormat}
+    elif isinstance(textFormat, dict):
+        converted["response_format"] = textFormat
+    return converted
+
+
 # ---------------------------------------------------------------- the request as a whole
 
 
@@ -464,6 +518,7 @@ def _includeUsage(body: dict[str, Any]) -> bool:
 
 def buildChatPlan(body: dict[str, Any], resolved: ResolvedModel, settings: Settings) -> ChatPlan:
     """Validate an OpenAI chat body for its resolved model and build the Ollama /api/chat payload."""
+    body = fromResponsesShape(body)
     checkChatModel(resolved)
     _checkSupported(body)
     payload: dict[str, Any] = {"model": resolved.ollamaName, "messages": None,

@@ -327,3 +327,22 @@ def test_embedding_response_in_base64_and_shortened_to_dimensions() -> None:
 def test_chat_with_an_embedding_model_is_400() -> None:
     error = rejected({"messages": USER}, EMBED)
     assert error.status == 400 and "/v1/embeddings" in error.message
+
+
+def test_responses_shaped_body_from_cursor_is_translated() -> None:
+    body = {"input": [{"role": "user", "content": [{"type": "input_text", "text": "Fix it"}]},
+                      {"type": "reasoning", "summary": []},
+                      {"type": "function_call", "call_id": "c1", "name": "read_file", "arguments": '{"path":"a.py"}'},
+                      {"type": "function_call_output", "call_id": "c1", "output": "print(1)"}],
+            "instructions": "You are a coding agent.", "max_output_tokens": 64, "reasoning": {"effort": "low"},
+            "tools": [{"type": "function", "name": "read_file", "parameters": {"type": "object"}}]}
+    payload = plan(body, GPT_OSS).payload
+    assert payload["messages"] == [
+        {"role": "system", "content": "You are a coding agent."},
+        {"role": "user", "content": "Fix it"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "function": {"name": "read_file", "arguments": {"path": "a.py"}}}]},
+        {"role": "tool", "content": "print(1)", "tool_name": "read_file", "tool_call_id": "c1"}]
+    assert payload["options"]["num_predict"] == 64 and payload["think"] == "low"
+    assert payload["tools"][0]["function"]["name"] == "read_file"
+    assert plan({"input": "Hallo"}).payload["messages"] == [{"role": "user", "content": "Hallo"}]
