@@ -7,6 +7,7 @@ codes of the service); never paths, prompts, file names or keys. Each app has it
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -24,7 +25,9 @@ from security import KEY_CLASS_API, KEY_CLASS_OPENAI, authenticate
 METRICS_PATH = "/metrics"
 NO_LABEL = "none"
 UNMATCHED_ROUTE = "unmatched"
-OTHER_METHOD = "other"
+OTHER_LABEL = "other"
+ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,47}")
+"""Shape of the service's error codes (``model_not_found``); anything else is counted as ``other``."""
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -34,7 +37,7 @@ router = APIRouter(tags=["metrics"], include_in_schema=False)
 
 def methodLabel(method: str) -> str:
     """The HTTP method, or ``other`` for anything outside the usual set."""
-    return method if method in KNOWN_METHODS else OTHER_METHOD
+    return method if method in KNOWN_METHODS else OTHER_LABEL
 
 
 class AvailabilityCollector:
@@ -134,7 +137,7 @@ class ServiceMetrics:
         if meta.rateLimited:
             self.rateLimited.labels(route, key).inc()
         if meta.errorCode:
-            self.errors.labels(route, meta.errorCode).inc()
+            self.errors.labels(route, meta.errorCode if ERROR_CODE.fullmatch(meta.errorCode) else OTHER_LABEL).inc()
 
 
 async def requireAnyKey(request: Request) -> str:

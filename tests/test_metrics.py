@@ -212,9 +212,11 @@ def test_inFlightGaugeSeesAnOpenStreamInTheRealProcess(stub, serviceFactory):
 def test_observerKeepsLabelsToConfiguredNamesAndFixedSets(makeSettings):
     app = createApp(makeSettings())
     meta = RequestMeta(requestId="r1", method="BREW", path="/v1/private-path-e81d", status=200,
-                       externalModel=MADE_UP_MODEL, keyName="someone-else", promptTokens=7, durationSeconds=0.1)
+                       externalModel=MADE_UP_MODEL, keyName="someone-else", promptTokens=7, durationSeconds=0.1,
+                       errorCode="Ollama said: Erika Mustermann")
     app.state.metrics.observe(meta)
     samples = parseMetrics(generate_latest(app.state.metrics.registry).decode())
     assert sampleValue(samples, "poweron_requests_total", route=UNMATCHED_ROUTE, method="other", model=NO_LABEL,
                        status="200") == 1
     assert sampleValue(samples, "poweron_prompt_tokens_total", model=NO_LABEL, key=NO_LABEL) == 7
+    assert sampleValue(samples, "poweron_request_errors_total", route=UNMATCHED_ROUTE, code="other") == 1
