@@ -50,6 +50,10 @@ pruneReleases() {
   done
 }
 
+# One deployment at a time (two quick pushes to main start two workflow runs).
+exec 9>"$root/.deploy.lock"
+flock 9
+
 [ -d "$root/releases/$revision" ] || { log "no release $root/releases/$revision"; exit 1; }
 previous=$(readlink "$root/current" 2>/dev/null || true)
 previous=${previous#releases/}
