@@ -21,7 +21,7 @@ $(CONFIG_FILE): | $(RUNTIME_STAMP)
 	$(PY) config.py init $(CONFIG_FILE)
 
 run: $(RUNTIME_STAMP) $(CONFIG_FILE)
-	$(PY) app.py
+	$(PY) runAll.py
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest

@@ -329,7 +329,8 @@ def main() -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(message)s")
     uvicorn.run(createWhisperApp(settings), host=settings.whisper.host, port=settings.whisper.port, loop="uvloop",
-                http="httptools", access_log=False, log_level=settings.server.log_level)
+                http="httptools", access_log=False, log_level=settings.server.log_level,
+                timeout_graceful_shutdown=int(settings.server.graceful_shutdown_seconds))
 
 
 if __name__ == "__main__":

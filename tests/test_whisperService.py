@@ -240,15 +240,18 @@ def test_idleModelIsUnloadedAndLoadedAgainOnDemand(tightWhisper: WhisperProcess,
 
 def test_missingModelStopsTheServiceWithAClearMessage(workDir: Path) -> None:
     service = WhisperProcess(workDir, model="large-v3-turbo", allow_download="false")
-    process = service.launch()
-    assert process.wait(60) != 0
-    service.stop()
+    try:
+        assert service.launch().wait(60) != 0
+    finally:
+        service.stop()
     log = service.logText()
     assert "cannot load the whisper model 'large-v3-turbo'" in log and "allow_download" in log
 
 
 def test_refusesToListenBeyondThisServer(workDir: Path) -> None:
     service = WhisperProcess(workDir, host="0.0.0.0")
-    assert service.launch().wait(60) != 0
-    service.stop()
+    try:
+        assert service.launch().wait(60) != 0
+    finally:
+        service.stop()
     assert "not a loopback or private address" in service.logText()

@@ -1,0 +1,80 @@
+"""``make run``: the whisper service in the background and the main service in the foreground; Ctrl-C or SIGTERM
+stops both. When whisper cannot start (no model on this machine) the main service keeps running without
+poweron-transcribe; with ``[whisper] enabled = false`` whisper is not started at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from config import ConfigError, loadSettings
+
+HERE = Path(__file__).resolve().parent
+PR_SET_PDEATHSIG = 1
+POLL_SECONDS = 0.5
+STOP_TIMEOUT_SECONDS = 60
+
+
+def _dieWithParent() -> None:
+    """Runs in the child before exec (Linux): SIGTERM it when runAll itself dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def start(script: str) -> subprocess.Popen:
+    """A child in its own session, so a terminal's Ctrl-C reaches it once (forwarded here), not twice."""
+    return subprocess.Popen([sys.executable, str(HERE / script)], cwd=HERE, start_new_session=True,
+                            preexec_fn=_dieWithParent if sys.platform.startswith("linux") else None)
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main() -> int:
+    try:
+        settings = loadSettings()
+    except ConfigError as exc:
+        sys.exit(f"configuration error: {exc}")
+    whisper = start("whisperService.py") if settings.whisper.enabled else None
+    service = start("app.py")
+    children = [p for p in (service, whisper) if p is not None]
+
+    stopRequested: list[int] = []
+
+    def forwardStop(signum: int, frame: object) -> None:
+        stopRequested.append(signum)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forwardStop)
+    signal.signal(signal.SIGTERM, forwardStop)
+    whisperReported = False
+    while service.poll() is None:
+        if whisper is not None and whisper.poll() is not None and not whisperReported:
+            print(f"runAll: the whisper service exited with code {whisper.returncode}; speech-to-text "
+                  "(poweron-transcribe) is unavailable, the main service keeps running", file=sys.stderr, flush=True)
+            whisperReported = True
+        time.sleep(POLL_SECONDS)
+    stop(whisper)
+    stoppedBySignal = service.returncode in (0, -signal.SIGTERM)
+    return 0 if stopRequested and stoppedBySignal else service.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
