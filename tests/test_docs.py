@@ -29,7 +29,8 @@ import pytest
 import yaml
 
 from config import MODEL_MAPPING, LimitsSettings, ServerSettings, Settings
-from tests.conftest import API_KEY, OPENAI_KEY, REPO_ROOT, TEST_INI, ServiceProcess, guardedEnv, waitForHttp
+from tests.conftest import (API_KEY, OPENAI_KEY, REPO_ROOT, TEST_INI, ServiceProcess, freePort, guardedEnv,
+                            waitForHttp)
 from tests.documentSamples import makeImage, makePdf
 from tests.ollamaStub import StubServer
 
@@ -477,3 +478,36 @@ def test_testedBlockRunsAgainstTheService(block: DocBlock, docService: ServicePr
                             timeout=BLOCK_TIMEOUT_SECONDS)
     assert result.returncode == 0, f"{block.id} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     assert result.stdout.strip(), f"{block.id} printed nothing"
+
+
+@pytest.mark.e2e
+def test_caddyProxiesStreamsAndLogsNoKeys(docService: ServiceProcess, tmp_path: Path):
+    """docu/Caddyfile on plain HTTP in front of the real service: streams pass, /metrics is hidden, no key is logged."""
+    if shutil.which("caddy") is None:
+        pytest.skip("caddy is not installed here")
+    port = freePort()
+    logPath = tmp_path / "access.log"
+    site = (DOCU / "Caddyfile").read_text()
+    site = site.replace("llm.example.org {", f"{{\n\tadmin off\n}}\n\nhttp://127.0.0.1:{port} {{")
+    site = site.replace("/var/log/caddy/poweron-access.log", str(logPath))
+    site = site.replace(f"reverse_proxy 127.0.0.1:{ServerSettings().port}", f"reverse_proxy 127.0.0.1:{docService.port}")
+    (tmp_path / "Caddyfile").write_text(site)
+    caddy = subprocess.Popen(["caddy", "run", "--config", str(tmp_path / "Caddyfile"), "--adapter", "caddyfile"],
+                             cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proxy = f"http://127.0.0.1:{port}"
+        waitForHttp(proxy + "/health/liveliness", process=caddy)
+        openAi = {"Authorization": f"Bearer {OPENAI_KEY}"}
+        chat = {"model": "poweron-text-general", "stream": True, "messages": [{"role": "user", "content": "Hallo"}]}
+        with httpx.Client(base_url=proxy, timeout=60) as client:
+            streamed = client.post("/v1/chat/completions", json=chat, headers=openAi)
+            assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+            assert client.get("/api/models", headers={"X-API-Key": API_KEY}).status_code == 200
+            assert client.get("/metrics", headers={"X-API-Key": API_KEY}).status_code == 404
+    finally:
+        caddy.terminate()
+        caddy.wait(10)
+    logged = logPath.read_text()
+    assert "/v1/chat/completions" in logged and "/api/models" in logged
+    assert API_KEY not in logged and OPENAI_KEY not in logged
