@@ -490,7 +490,8 @@ def test_caddyProxiesStreamsAndLogsNoKeys(docService: ServiceProcess, tmp_path: 
     site = (DOCU / "Caddyfile").read_text()
     site = site.replace("llm.example.org {", f"{{\n\tadmin off\n}}\n\nhttp://127.0.0.1:{port} {{")
     site = site.replace("/var/log/caddy/poweron-access.log", str(logPath))
-    site = site.replace(f"reverse_proxy 127.0.0.1:{ServerSettings().port}", f"reverse_proxy 127.0.0.1:{docService.port}")
+    site = site.replace(f"reverse_proxy 127.0.0.1:{ServerSettings().port}",
+                        f"reverse_proxy 127.0.0.1:{docService.port}")
     (tmp_path / "Caddyfile").write_text(site)
     caddy = subprocess.Popen(["caddy", "run", "--config", str(tmp_path / "Caddyfile"), "--adapter", "caddyfile"],
                              cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)},
