@@ -192,10 +192,12 @@ class LoadedModel:
 
 
 def _describeLoadError(name: str, exc: Exception, localOnly: bool) -> str:
-    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    hint = ("; point [whisper] model at a local CTranslate2 model directory, or set [whisper] allow_download = true "
-            "once to fetch it from the Hugging Face Hub") if localOnly and not os.path.isdir(name) else ""
-    return f"cannot load the whisper model '{name}': {detail}{hint}"
+    if localOnly and not os.path.isdir(name):
+        return (f"cannot load the whisper model '{name}': it is not a local model directory and not in the Hugging "
+                "Face cache (downloads are off); point [whisper] model at a local CTranslate2 model directory, or "
+                "set [whisper] allow_download = true once to fetch it")
+    detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return f"cannot load the whisper model '{name}': {detail}"
 
 
 class WhisperEngine:
@@ -240,7 +242,10 @@ class WhisperEngine:
             return loaded
 
     def preload(self) -> None:
-        """Load the transcription model now (at start), so the first request does not wait for it."""
+        """Load and warm up the transcription model now (at start), so the first request does not wait for it."""
+        name = self.modelNameFor("transcribe")
+        if name in self.models:
+            return
         self.acquireModel("transcribe").warmUp(self.settings.vad)
         self.releaseModel()
 

@@ -277,8 +277,7 @@ def logRequest(meta: RequestMeta) -> None:
 @contextlib.asynccontextmanager
 async def whisperLifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the transcription model once before serving; unload it when idle; free it on exit."""
-    engine = WhisperEngine(app.state.settings.whisper)
-    app.state.engine = engine
+    engine: WhisperEngine = app.state.engine
     try:
         await asyncio.to_thread(engine.preload)
     except ModelLoadError as exc:
@@ -294,11 +293,12 @@ async def whisperLifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.close()
 
 
-def createWhisperApp(settings: Settings) -> FastAPI:
-    """Build the whisper service for the given settings."""
+def createWhisperApp(settings: Settings, engine: WhisperEngine | None = None) -> FastAPI:
+    """Build the whisper service for the given settings (and an engine whose model may already be loaded)."""
     app = FastAPI(title="PowerOn whisper service", version="1.0.0", lifespan=whisperLifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
+    app.state.engine = engine or WhisperEngine(settings.whisper)
     installErrorHandlers(app)
     app.include_router(router)
     app.add_middleware(RequestContextMiddleware, observers=[logRequest])
@@ -328,7 +328,12 @@ def main() -> None:
     if not settings.whisper.allow_download:
         os.environ["HF_HUB_OFFLINE"] = "1"
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(message)s")
-    uvicorn.run(createWhisperApp(settings), host=settings.whisper.host, port=settings.whisper.port, loop="uvloop",
+    engine = WhisperEngine(settings.whisper)
+    try:
+        engine.preload()
+    except ModelLoadError as exc:
+        sys.exit(f"whisper service cannot start: {exc}")
+    uvicorn.run(createWhisperApp(settings, engine), host=settings.whisper.host, port=settings.whisper.port, loop="uvloop",
                 http="httptools", access_log=False, log_level=settings.server.log_level,
                 timeout_graceful_shutdown=int(settings.server.graceful_shutdown_seconds))
 
