@@ -4,8 +4,8 @@ with vision models, text tasks (e.g. neutralising personal data) and embeddings.
 from __future__ import annotations
 
 import time
-from functools import partial
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -55,8 +55,9 @@ def _modelEntry(registry: ModelRegistry, spec: ModelSpec) -> dict[str, Any]:
         "capabilities": sorted(cached) if cached is not None else TYPE_CAPABILITIES[spec.type],
         "capabilitiesSource": "ollama" if cached is not None and spec.backend == "ollama" else "configured",
     }
-    if spec.maxImagePixels:
-        entry["vision"] = {"maxImagePixels": spec.maxImagePixels, "imagesPerMessage": spec.imagesPerMessage}
+    if spec.maxImagePixels or "vision" in entry["capabilities"]:
+        budget = spec.maxImagePixels or registry.settings.documents.default_pixel_budget
+        entry["vision"] = {"maxImagePixels": budget, "imagesPerMessage": spec.imagesPerMessage}
     return entry
 
 
