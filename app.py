@@ -24,8 +24,8 @@ from errors import installErrorHandlers
 from metrics import installMetrics
 from modelRegistry import ModelRegistry
 from ollamaClient import OllamaClient, createHttpClient
-from requestContext import RequestContextMiddleware, RequestObserver
 from renderWorkers import RenderPool
+from requestContext import RequestContextMiddleware, RequestObserver
 from accessLog import configureLogging, logAccess
 from security import fastApiTelemetryOff, installSecurity, requireApiKey, requireOpenAiKey
 from warmup import ModelWarmup
@@ -45,11 +45,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.registry = registry = ModelRegistry(settings, app.state.ollama, http)
     app.state.warmup = warmup = ModelWarmup(settings, app.state.ollama)
     registry.listeners.append(warmup.onRefresh)
-    await registry.refresh()
     app.state.renderPool = renderPool = RenderPool(settings.documents.render_workers,
                                                    settings.documents.render_timeout_seconds)
     if settings.documents.prestart_workers:
         renderPool.startWarmUp()
+    await registry.refresh()
     refresher = asyncio.create_task(registry.run(), name="model-discovery")
     try:
         yield
@@ -58,8 +58,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await refresher
         await warmup.close()
-        await http.aclose()
         await renderPool.close()
+        await http.aclose()
 
 
 def createApp(settings: Settings) -> FastAPI:
@@ -98,7 +98,7 @@ def main() -> None:
     configureLogging(settings.server.log_level)
     uvicorn.run(createApp(settings), host=settings.server.host, port=settings.server.port, loop="uvloop",
                 http="httptools", access_log=False, server_header=False, log_level=settings.server.log_level,
-                timeout_graceful_shutdown=int(settings.server.graceful_shutdown_seconds))
+                timeout_graceful_shutdown=settings.server.graceful_shutdown_seconds)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

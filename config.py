@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_PATH_ENV = "PRIVATE_LLM_CONFIG"
@@ -214,7 +214,7 @@ class OllamaSettings(Section):
     read_timeout: float = Field(600.0, gt=0)
     """Seconds to wait for the next bytes from Ollama (model loads can take minutes)."""
     keep_alive: str = "30m"
-    """How long Ollama keeps a model loaded after a request (Ollama's keep_alive)."""
+    """How long Ollama keeps a model loaded after a request (Ollama's keep_alive; a bare number means seconds)."""
     num_ctx: int = Field(8192, ge=0)
     """Context window sent as options.num_ctx (0 = Ollama's default)."""
     discovery_ttl: float = Field(10.0, gt=0)
@@ -223,6 +223,17 @@ class OllamaSettings(Section):
     """Size of the connection pool to Ollama."""
     fast_transport: bool = True
     """Talk to a plain-http Ollama through the service's lean HTTP/1.1 transport (false: httpx's standard pool)."""
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keepAliveWithUnit(cls, value: str) -> str:
+        """Ollama parses string durations with Go's ParseDuration, which needs a unit: ``-1`` becomes ``-1s``."""
+        value = value.strip()
+        try:
+            float(value)
+        except ValueError:
+            return value
+        return value + "s"
 
 
 class AuthSettings(Section):
@@ -263,15 +274,15 @@ class DocumentSettings(Section):
     """Pixels per rendered page or image when the model has no budget of its own."""
     render_workers: int = Field(1, ge=1)
     """Processes rendering PDFs (PyMuPDF is not thread-safe)."""
+    render_timeout_seconds: float = Field(60.0, gt=0)
+    """Longest one document may take to render; the worker is then stopped and the request gets 422."""
+    prestart_workers: bool = False
+    """Start the render workers with the service (otherwise the first document waits about a second for them)."""
 
 
 class WhisperSettings(Section):
     base_url: str = "http://127.0.0.1:9000"
     """URL of the whisper service as the main service calls it."""
-    render_timeout_seconds: float = Field(60.0, gt=0)
-    """Longest one document may take to render; the worker is then stopped and the request gets 422."""
-    prestart_workers: bool = False
-    """Start the render workers with the service (otherwise the first document waits about a second for them)."""
     host: str = "127.0.0.1"
     """Address the whisper service binds to."""
     port: int = Field(9000, ge=1, le=65535)

@@ -100,3 +100,8 @@ def test_models_section_rejects_new_entry_without_type(testIni: Path) -> None:
     testIni.write_text(testIni.read_text() + "\n[models]\npoweron-new = llama3.2:3b\n")
     with pytest.raises(ConfigError, match="poweron-new"):
         loadSettings()
+
+
+@pytest.mark.parametrize(("configured", "sent"), [("30m", "30m"), ("-1", "-1s"), ("600", "600s"), ("0", "0s")])
+def test_keep_alive_always_has_a_unit_for_ollama(makeSettings, configured: str, sent: str) -> None:
+    assert makeSettings(ollama={"keep_alive": configured}).ollama.keep_alive == sent
