@@ -2,7 +2,8 @@
 Pillow pipeline, in-process and through the render worker pool) versus poppler's ``pdftoppm`` on the same file at
 the same pixel size, and requests/s of ``POST /api/analyze`` with a 1-page PDF against an instant Ollama stub.
 
-Run:  python -m bench.benchPdf          (``main()`` returns the results as a dict for ``make bench``)
+Run:  python -m bench.benchPdf   (prints markdown tables; ``main()`` returns the results as a dict, with the tables
+under "markdown", for ``make bench``)
 Options (environment): BENCH_PDF_REPEATS (5), BENCH_PDF_SECONDS (10), BENCH_PDF_CONCURRENCY (8),
 BENCH_PDF_WORKERS (1,2: render_workers values to measure), BENCH_PDF_SERVICE_CORE (0), BENCH_PDF_LOAD_CORE (1).
 """
@@ -241,29 +242,42 @@ def benchAnalyze(workers: int, seconds: float, concurrency: int, serviceCore: in
                     process.stop()
 
 
-def printTable(results: dict[str, Any]) -> None:
+def _renderRows(results: dict[str, Any]) -> list[tuple[str, float]]:
     ours, poppler, pool = results["pymupdf"], results["pdftoppm"], results["pool"]
-    width, height = ours["pixels"]
-    print(f"\nPDF rendering: {PAGES}-page A4 invoice, default budget {BUDGET} px -> {width}x{height} px per page")
-    print(f"{'method':52} {'ms/page':>8}")
-    rows = [("PyMuPDF + Pillow JPEG q90 + base64 (our pipeline)", ours["pipelineMsPerPage"]),
-            ("  same, through the render worker pool (IPC incl.)", pool["poolMsPerPage"]),
-            ("PyMuPDF rasterise only", ours["renderOnlyMsPerPage"]),
-            ("PyMuPDF PNG (pix.tobytes)", ours["pngMsPerPage"])]
+    rows = [("PyMuPDF + Pillow JPEG q90 + base64 (our pipeline, in process)", ours["pipelineMsPerPage"]),
+            ("same, through the render worker pool (hand-over between processes included)", pool["poolMsPerPage"]),
+            ("PyMuPDF rasterising only (no encoding)", ours["renderOnlyMsPerPage"]),
+            ("PyMuPDF PNG (`pix.tobytes(\"png\")`)", ours["pngMsPerPage"])]
     if "error" not in poppler:
-        rows += [("pdftoppm -jpeg q90 (same size, files, 1 process)", poppler["jpegMsPerPage"]),
-                 ("pdftoppm -png (same size, files, 1 process)", poppler["pngMsPerPage"])]
-    for label, value in rows:
-        print(f"{label:52} {value:8.1f}")
-    print(f"JPEG size: {ours['jpegKiBPerPage']} KiB per page; {poppler.get('version', poppler.get('error'))}")
-    print("\n/api/analyze, 1-page PDF, multipart, instant stub; service on 1 core")
-    print(f"{'render workers':>14} {'conns':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
-    for run in results["analyze"]:
-        if "error" in run:
-            print(f"{run.get('renderWorkers', '?'):>14} {run['error']}")
-            continue
-        print(f"{run['renderWorkers']:>14} {run['concurrency']:>6} {run['rps']:8.1f} {run['p50Ms']:8.1f} "
-              f"{run['p99Ms']:8.1f} {run['errors']:>7}")
+        rows += [("`pdftoppm -jpeg -jpegopt quality=90`, same pixel size (one process, writes files)",
+                  poppler["jpegMsPerPage"]),
+                 ("`pdftoppm -png`, same pixel size (one process, writes files)", poppler["pngMsPerPage"])]
+    return rows
+
+
+def _analyzeRow(run: dict[str, Any]) -> str:
+    if "error" in run:
+        return f"| {run.get('renderWorkers', '?')} | not measured: {run['error']} | | | | |"
+    return (f"| {run['renderWorkers']} | {run['concurrency']} | {run['rps']:.1f} | {run['p50Ms']:.1f} | "
+            f"{run['p99Ms']:.1f} | {run['errors']} |")
+
+
+def reportMarkdown(results: dict[str, Any]) -> str:
+    """The results as markdown tables (printed, and used by bench/report.py for docu/performance.md)."""
+    ours, poppler = results["pymupdf"], results["pdftoppm"]
+    width, height = ours["pixels"]
+    lines = [f"Rendering a {PAGES}-page A4 invoice PDF (text, ruled table, embedded photo; {results['pdfBytes']} "
+             f"bytes) at the default budget of {BUDGET} px: {width}x{height} px per page, JPEG "
+             f"{ours['jpegKiBPerPage']} KiB per page; best of {results['repeats']} runs. "
+             f"Poppler: {poppler.get('version', poppler.get('error'))}.", "",
+             "| Method | ms per page |", "|---|---:|"]
+    lines += [f"| {label} | {value:.1f} |" for label, value in _renderRows(results)]
+    lines += ["", f"`POST /api/analyze` with a 1-page PDF (multipart) against an instant Ollama stub, wrk "
+              f"{results['seconds']:g} s; the service and its render workers share one core, stub and wrk the "
+              "other.", "", "| Render workers | Connections | Requests/s | p50 ms | p99 ms | Errors |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    lines += [_analyzeRow(run) for run in results["analyze"]]
+    return "\n".join(lines)
 
 
 def main() -> dict[str, Any]:
@@ -273,7 +287,8 @@ def main() -> dict[str, Any]:
     concurrency = int(_option("BENCH_PDF_CONCURRENCY", "8"))
     serviceCore, loadCore = int(_option("BENCH_PDF_SERVICE_CORE", "0")), int(_option("BENCH_PDF_LOAD_CORE", "1"))
     data = makeInvoicePdf(PAGES)
-    results: dict[str, Any] = {"pages": PAGES, "pixelBudget": BUDGET, "pdfBytes": len(data)}
+    results: dict[str, Any] = {"pages": PAGES, "pixelBudget": BUDGET, "pdfBytes": len(data), "repeats": repeats,
+                               "seconds": seconds}
     results["pymupdf"] = benchPyMuPdf(data, repeats)
     results["pdftoppm"] = benchPdftoppm(data, *results["pymupdf"]["pixels"], repeats)
     results["pool"] = benchPool(data, repeats)
@@ -283,7 +298,8 @@ def main() -> dict[str, Any]:
             results["analyze"].append(benchAnalyze(workers, seconds, concurrency, serviceCore, loadCore))
         except (WrkError, RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
             results["analyze"].append({"renderWorkers": workers, "error": f"{type(exc).__name__}: {exc}"[:300]})
-    printTable(results)
+    results["markdown"] = reportMarkdown(results)
+    print(results["markdown"])
     return results
 
 
