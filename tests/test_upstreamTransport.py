@@ -97,8 +97,17 @@ async def test_cancelled_call_closes_its_connection(ollama: OllamaClient, stubCo
     with pytest.raises(asyncio.CancelledError):
         await task
     assert transportOf(ollama).open == 0
-    await asyncio.sleep(0.3)
-    assert stubControl.get("/_stub/events", params={"type": "disconnect"}).json()["count"] == 1
+    assert await disconnectsSeen(stubControl) == 1
+
+
+async def disconnectsSeen(stubControl: httpx.Client) -> int:
+    """How many upstream disconnects the stub recorded (waits up to 2 s for the first)."""
+    for _ in range(40):
+        count = stubControl.get("/_stub/events", params={"type": "disconnect"}).json()["count"]
+        if count:
+            return count
+        await asyncio.sleep(0.05)
+    return 0
 
 
 async def test_refused_connection_is_503() -> None:
