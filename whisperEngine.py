@@ -361,10 +361,12 @@ class WhisperEngine:
                 nextSegment.cancel()
 
     def close(self) -> None:
-        """Stop the worker threads (waiting jobs are dropped) and free the weights."""
+        """Stop the worker threads (waiting jobs are dropped) and free the weights unless a job still runs."""
         self.executor.shutdown(wait=False, cancel_futures=True)
-        for loaded in self.models.values():
-            loaded.unload()
+        with self.loadLock:
+            if self.active == 0:
+                for loaded in self.models.values():
+                    loaded.unload()
 
 
 def _retrieveOutcome(future: asyncio.Future[Any]) -> None:
