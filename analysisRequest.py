@@ -111,8 +111,9 @@ class InMemoryMultiPartParser(MultiPartParser):
         if self._current_part.file is not None:
             self.fileBytes += end - start
             if self.fileBytes > self.maxFileBytes:
-                raise ServiceError(413, f"The uploaded file is larger than the limit of {describeBytes(self.maxFileBytes)}"
-                                   " ([limits] max_file_bytes)", code="file_too_large", param="file")
+                limit = describeBytes(self.maxFileBytes)
+                raise ServiceError(413, f"The uploaded file is larger than the limit of {limit} ([limits] "
+                                   "max_file_bytes)", code="file_too_large", param="file")
         super().on_part_data(data, start, end)
 
 

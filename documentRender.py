@@ -210,6 +210,21 @@ def _renderPage(doc, pageIndex: int, pixelBudget: int) -> PageImage:  # noqa: AN
     return PageImage(pageIndex + 1, pixmap.width, pixmap.height, encodeJpeg(image))
 
 
+def _checkEmbeddedImages(doc, pageIndex: int, maxImagePixels: int) -> None:  # noqa: ANN001
+    """Refuse a page whose embedded images are pixel bombs (sizes from the PDF's image dictionaries, nothing
+    decoded): rendering would decode them in full."""
+    try:
+        images = doc[pageIndex].get_images(full=True)
+    except (RuntimeError, ValueError):
+        return  # rendering reports the damage
+    for image in images:
+        width, height = int(image[2] or 0), int(image[3] or 0)
+        if width * height > maxImagePixels:
+            raise DocumentError(413, f"Page {pageIndex + 1} of the PDF embeds an image of {width}x{height} pixels "
+                                f"({width * height / 1e6:.0f} MP); at most {maxImagePixels / 1e6:.0f} MP per image "
+                                "are accepted ([limits] max_image_pixels)", "image_too_large")
+
+
 def renderPdf(job: RenderJob) -> RenderedDocument:
     """Render the selected pages of a PDF; the document's page count comes back too."""
     doc = _openPdf(job.data, job.password)
@@ -217,6 +232,7 @@ def renderPdf(job: RenderJob) -> RenderedDocument:
         pages, truncated = selectPages(job.pageRanges, doc.page_count, job.maxPages)
         result = RenderedDocument("pdf", doc.page_count, truncated=truncated)
         for pageIndex in pages:
+            _checkEmbeddedImages(doc, pageIndex, job.maxImagePixels)
             try:
                 result.images.append(_renderPage(doc, pageIndex, job.pixelBudget))
             except (RuntimeError, ValueError):

@@ -112,3 +112,14 @@ def decodedImage(base64Jpeg: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(base64Jpeg)))
     image.load()
     return image
+
+
+def makePdfWithHugeImage(width: int = 20000, height: int = 20000) -> bytes:
+    """A one-page PDF whose embedded image declares width x height pixels (the data is a tiny stand-in: the
+    service must refuse the page from the declared size, before MuPDF would decode it)."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=A4_POINTS[0], height=A4_POINTS[1])
+    xref = page.insert_image(pymupdf.Rect(50, 50, 300, 300), stream=makeImage(8, 8, "PNG"))
+    doc.xref_set_key(xref, "Width", str(width))
+    doc.xref_set_key(xref, "Height", str(height))
+    return doc.tobytes()

@@ -19,7 +19,7 @@ from app import createApp
 from config import MODEL_MAPPING
 from tests.conftest import API_KEY
 from tests.documentSamples import (makeBigPdf, makeHeaderOnlyPdf, makeImage, makeNoisePng, makePdf,
-                                   makePixelBombPng, makeZeroPagePdf, makeZipNamedPdf)
+                                   makePdfWithHugeImage, makePixelBombPng, makeZeroPagePdf, makeZipNamedPdf)
 from tests.ollamaStub import BAD_JSON_REPLY, CONFIG_DEFAULTS, MIDSTREAM_ERROR, StubServer
 
 QWEN_BUDGET = MODEL_MAPPING["poweron-vision-general"].maxImagePixels
@@ -221,6 +221,8 @@ BAD_INPUTS = [
     ("pdf header only", dict(data=makeHeaderOnlyPdf()), 422, "damaged_pdf", "damaged"),
     ("encrypted pdf", dict(data=makePdf(1, encryptWith="x")), 422, "pdf_password_required", "password"),
     ("20000x20000 png", dict(data=makePixelBombPng(20000, 20000)), 413, "image_too_large", "20000x20000"),
+    ("pdf embedding a 20000x20000 image", dict(data=makePdfWithHugeImage(20000, 20000)), 413, "image_too_large",
+     "embeds an image of 20000x20000"),
     ("text-only model", dict(data=makePdf(1), model="poweron-text-general"), 400, "model_capability",
      "`poweron-text-general` cannot read images"),
     ("embedding model", dict(data=makePdf(1), model="poweron-embed"), 400, "model_capability", "poweron-embed"),

@@ -12,11 +12,11 @@ import pytest
 import documentRender
 from documentRender import (MAX_RENDER_DPI, DocumentError, RenderJob, detectFileType, parsePageRanges,
                             renderDocument, selectPages, sizeForBudget, zoomForBudget)
-from renderWorkers import RenderPool
 from errors import ServiceError
-from tests.documentSamples import (A4_POINTS, makeBigPdf, makeHeaderOnlyPdf, makeImage, makeMixedPdf, makePdf,
-                                   makePixelBombPng, makeRotatedJpeg, makeTruncatedPdf, makeZeroPagePdf,
-                                   makeZipNamedPdf, decodedImage, decodedSize)
+from renderWorkers import RenderPool
+from tests.documentSamples import (A4_POINTS, decodedImage, decodedSize, makeBigPdf, makeHeaderOnlyPdf, makeImage,
+                                   makeMixedPdf, makePdf, makePdfWithHugeImage, makePixelBombPng, makeRotatedJpeg,
+                                   makeTruncatedPdf, makeZeroPagePdf, makeZipNamedPdf)
 
 QWEN_BUDGET = 2_097_152
 LLAMA_BUDGET = 1_254_400
@@ -225,6 +225,13 @@ def test_pixelBombIsRefusedFromTheHeaderBeforeDecoding() -> None:
     error = renderError(job(data))
     assert (error.status, error.code) == (413, "image_too_large")
     assert "20000x20000" in error.message
+
+
+def test_pdfPageEmbeddingAPixelBombIsRefusedBeforeRendering() -> None:
+    error = renderError(job(makePdfWithHugeImage(20000, 20000)))
+    assert (error.status, error.code) == (413, "image_too_large")
+    assert "Page 1" in error.message and "20000x20000" in error.message
+    assert renderDocument(job(makePdfWithHugeImage(2000, 2000))).pages == [1]
 
 
 def test_truncatedImageIs422() -> None:
