@@ -18,6 +18,8 @@ P99_GOAL_MS = 100.0
 RSS_GOAL_BYTES = 150_000_000
 RSS_GROWTH_TOLERANCE_BYTES = 5 * MIB
 NOISY_OTHER_LOAD = 0.10
+PACING_TOLERANCE = 0.2
+COALESCED_NOISE_SHARE = 0.05
 
 
 def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -217,8 +219,17 @@ def _pacingGoal(results: dict[str, Any]) -> list[list[str]]:
         return [["no coalescing of streamed chunks", "gaps as upstream's", NA, NA]]
     measured = f"{ours['coalesced']} of {ours['gaps']} gaps coalesced, p50 {fmtNumber(ours['gapP50Ms'])} ms " \
                f"(upstream {fmtNumber(direct['gapP50Ms'])} ms)"
-    met = ours["coalesced"] <= direct["coalesced"] and ours["chunksPerStream"] >= direct["chunksPerStream"]
-    return [["no coalescing of streamed chunks", "gaps as upstream's", measured, "yes" if met else "**no**"]]
+    return [["no coalescing of streamed chunks", "gaps as upstream's", measured,
+             "yes" if notCoalesced(ours, direct) else "**no**"]]
+
+
+def notCoalesced(ours: dict[str, Any], direct: dict[str, Any]) -> bool:
+    """Every chunk arrives on its own with the upstream's pacing. A few bunched gaps are scheduling noise on a busy
+    machine; a gateway that buffers shows fewer chunks, a median gap off the pacing, or many bunched gaps."""
+    sameChunks = ours["chunksPerStream"] >= direct["chunksPerStream"]
+    samePacing = abs(ours["gapP50Ms"] - direct["gapP50Ms"]) <= PACING_TOLERANCE * direct["gapP50Ms"]
+    fewBunched = ours["coalesced"] <= max(direct["coalesced"], COALESCED_NOISE_SHARE * ours["gaps"])
+    return sameChunks and samePacing and fewBunched
 
 
 def _memoryGoals(results: dict[str, Any]) -> list[list[str]]:
@@ -242,8 +253,22 @@ def extraSection(name: str, title: str, data: Any) -> list[str]:
         return lines + [f"Not measured: {data['error']}", ""]
     if isinstance(data.get("markdown"), str):
         return lines + [data["markdown"].strip(), ""]
-    rows = [[str(key), _plain(value)] for key, value in _flatten(data)]
-    return lines + _table(["Measure", "Value"], rows) + [""]
+    listed = {key: value for key, value in data.items() if _isListOfDicts(value)}
+    rows = [[str(key), _plain(value)] for key, value in _flatten({k: v for k, v in data.items() if k not in listed})]
+    lines += _table(["Measure", "Value"], rows) + [""]
+    for key, value in listed.items():
+        lines += [f"`{key}`:", ""] + _listTable(value) + [""]
+    return lines
+
+
+def _isListOfDicts(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
+
+
+def _listTable(items: list[dict[str, Any]]) -> list[str]:
+    flattened = [dict(_flatten(item)) for item in items]
+    columns = list(dict.fromkeys(key for item in flattened for key in item))
+    return _table(columns, [[_plain(item.get(column, "")) for column in columns] for item in flattened])
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -155,7 +155,9 @@ def cannedResults(withService: bool = True) -> dict:
         "memory": {"service": {"idle": 60 * mib, "rounds": [80 * mib], "after": 81 * mib,
                                "streams": {"sample": 90 * mib, "streams": 200, "startedAtSample": 200,
                                            "completed": 200}}} if withService else {},
-        "extra": {"pdf": {"pagesPerSecond": 3.5, "render": {"p50Ms": 120.0}}, "stt": {"error": "no model"}},
+        "extra": {"pdf": {"pagesPerSecond": 3.5, "render": {"p50Ms": 120.0},
+                          "analyze": [{"renderWorkers": 1, "rps": 20.5}, {"renderWorkers": 2, "error": "boom"}]},
+                  "stt": {"error": "no model"}},
         "notes": ["a note"],
     }
 
@@ -171,6 +173,7 @@ def test_renderReport_tablesRatiosAndGoals() -> None:
     assert "| service RSS with 200 open streams | <= 150 MB | 94.4 MB | yes |" in text
     assert "| pagesPerSecond | 3.50 |" in text and "| render.p50Ms | 120 |" in text
     assert "Not measured: no model" in text
+    assert "| renderWorkers | rps | error |" in text and "| 2 |  | boom |" in text
     assert "`make bench`" in text and "2 cores (AMD EPYC)" in text
     assert "| 64 | service | 1,500 | 0.90 | 1.35 | 60.0 | 0 | 0.667 | 100% | 25% | 1 |" in text
     assert "the machine was busy" in text
@@ -181,6 +184,14 @@ def test_renderReport_withoutService_marksNotAvailable() -> None:
     assert "| 1 | service | n/a | n/a |" in text
     assert "not measured: first chat request answered 404" in text
     assert "| added p50 at concurrency 1, non-streaming | <= 1 ms | n/a | n/a |" in text
+
+
+def test_notCoalesced_toleratesSchedulingNoiseOnly() -> None:
+    upstream = {"chunksPerStream": 32.0, "gapP50Ms": 20.0, "coalesced": 0, "gaps": 155}
+    assert report.notCoalesced({**upstream, "coalesced": 4}, upstream)
+    assert not report.notCoalesced({**upstream, "coalesced": 40}, upstream)
+    assert not report.notCoalesced({**upstream, "chunksPerStream": 8.0}, upstream)
+    assert not report.notCoalesced({**upstream, "gapP50Ms": 80.0}, upstream)
 
 
 def test_aggregate_meansRoundsAndSumsErrors() -> None:
