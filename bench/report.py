@@ -18,6 +18,10 @@ P99_GOAL_MS = 100.0
 RSS_GOAL_BYTES = 150_000_000
 RSS_GROWTH_TOLERANCE_BYTES = 5 * MIB
 NOISY_OTHER_LOAD = 0.10
+FEW_REQUESTS_FACTOR = 5
+FEW_MARK = " *"
+FEW_REQUESTS_NOTE = (f"{FEW_MARK.strip()} fewer than {FEW_REQUESTS_FACTOR} requests per connection completed: the work "
+                     "of the requests still in flight at the end is counted too, so the CPU per request is overstated.")
 PACING_TOLERANCE = 0.2
 COALESCED_NOISE_SHARE = 0.05
 
@@ -90,16 +94,20 @@ def throughputTable(results: dict[str, Any], mode: str) -> list[str]:
     for concurrency in results["meta"]["concurrencies"]:
         for target in activeTargets(results):
             agg = wrkAggregate(results, mode, concurrency, target)
-            rows.append([str(concurrency), targetLabel(results, target)] + _wrkCells(agg))
-    return _table(header, rows)
+            rows.append([str(concurrency), targetLabel(results, target)] + _wrkCells(agg, concurrency))
+    return _table(header, rows) + ["", FEW_REQUESTS_NOTE] if any(FEW_MARK in cell for row in rows for cell in row) \
+        else _table(header, rows)
 
 
-def _wrkCells(agg: dict[str, Any] | None) -> list[str]:
+def _wrkCells(agg: dict[str, Any] | None, concurrency: int) -> list[str]:
     if agg is None:
         return [NA] * 9
+    cpu = fmtNumber(agg.get("cpuMsPerRequest"), 3)
+    if agg.get("requests", FEW_REQUESTS_FACTOR * concurrency) < FEW_REQUESTS_FACTOR * concurrency:
+        cpu += FEW_MARK
     return [fmtNumber(agg["rps"], 0), fmtNumber(agg["p50Ms"]), fmtNumber(agg["p90Ms"]), fmtNumber(agg["p99Ms"]),
-            str(int(agg["errors"])), fmtNumber(agg.get("cpuMsPerRequest"), 3), fmtPercent(agg.get("cpuShare")),
-            fmtPercent(agg.get("otherLoad")), str(agg["rounds"])]
+            str(int(agg["errors"])), cpu, fmtPercent(agg.get("cpuShare")), fmtPercent(agg.get("otherLoad")),
+            str(agg["rounds"])]
 
 
 def fmtPercent(value: float | None) -> str:

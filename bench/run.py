@@ -51,6 +51,7 @@ HOLD_DELAY_MS = 100.0
 OPEN_STREAMS = 200
 PROBE_MAX_REQUESTS_PER_SECOND = 20000
 SETTLE_SECONDS = 2.0
+EXTRA_BENCHES = (("pdf", "bench.benchPdf"), ("stt", "bench.benchStt"))
 ENV_OVERRIDES = ("BENCH_QUICK", "BENCH_SECONDS", "BENCH_ROUNDS", "BENCH_CONCURRENCY", "BENCH_PROBE_SECONDS",
                  "BENCH_SKIP_LITELLM", "BENCH_SKIP_EXTRA", "BENCH_SKIP_STUB", "BENCH_OUTPUT", "BENCH_SERVICE_CORE",
                  "BENCH_LOAD_CORE")
@@ -357,6 +358,7 @@ class BenchRun:
             stub.stop()
 
     def run(self) -> dict[str, Any]:
+        started = time.monotonic()
         self.results["loadBefore"] = loadAverage()
         self.startUpstream()
         self.startService()
@@ -374,6 +376,7 @@ class BenchRun:
         self.sampleRss("after")
         if not self.options.skipStub:
             self.measureStub()
+        self.notes.append(f"service, LiteLLM and upstream measurements took {time.monotonic() - started:.0f} s")
         return self.results
 
 
@@ -421,6 +424,18 @@ def runExtraBench(moduleName: str) -> dict[str, Any] | None:
     except (Exception, SystemExit) as exc:
         return {"error": f"{moduleName}.main() failed: {type(exc).__name__}: {str(exc)[:300]}"}
     return result if isinstance(result, dict) else {"error": f"{moduleName}.main() returned {type(result).__name__}"}
+
+
+def runExtras(notes: list[str]) -> dict[str, Any]:
+    """The PDF and STT benches of the colleagues' issues, timed."""
+    extra: dict[str, Any] = {}
+    for key, moduleName in EXTRA_BENCHES:
+        started = time.monotonic()
+        print(f"running {moduleName}", flush=True)
+        extra[key] = runExtraBench(moduleName)
+        if extra[key] is not None:
+            notes.append(f"{moduleName} took {time.monotonic() - started:.0f} s")
+    return extra
 
 
 def _readCommand(command: list[str]) -> str:
@@ -513,7 +528,7 @@ def main() -> dict[str, Any]:
         results["targets"] = finishTargets(bench)
     os.sched_setaffinity(0, allCores)
     if not options.skipExtra:
-        results["extra"] = {"pdf": runExtraBench("bench.benchPdf"), "stt": runExtraBench("bench.benchStt")}
+        results["extra"] = runExtras(results["notes"])
     results["meta"] = buildMeta(options, results, time.monotonic() - started)
     text = writeOutputs(results, options)
     print(text)

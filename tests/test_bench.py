@@ -186,6 +186,15 @@ def test_renderReport_withoutService_marksNotAvailable() -> None:
     assert "| added p50 at concurrency 1, non-streaming | <= 1 ms | n/a | n/a |" in text
 
 
+def test_throughputTable_marksCpuOfRunsWithFewRequests() -> None:
+    results = cannedResults()
+    results["wrk"]["stream"]["64"]["litellm"][0]["requests"] = 40
+    table = "\n".join(report.throughputTable(results, "stream"))
+    assert "| 64 | LiteLLM 1.74.4 | 250 | 3.70 | 5.55 | 300 | 0 | 4.000 * |" in table
+    assert "CPU per request is overstated" in table
+    assert "overstated" not in "\n".join(report.throughputTable(cannedResults(), "stream"))
+
+
 def test_notCoalesced_toleratesSchedulingNoiseOnly() -> None:
     upstream = {"chunksPerStream": 32.0, "gapP50Ms": 20.0, "coalesced": 0, "gaps": 155}
     assert report.notCoalesced({**upstream, "coalesced": 4}, upstream)
