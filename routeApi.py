@@ -15,6 +15,7 @@ from starlette.responses import Response, StreamingResponse
 from analysisRequest import (AnalyzeFields, EmbedBody, StreamMode, TextBody, parseFields, readAnalyzeRequest,
                              readJsonBody)
 from config import ModelSpec, Settings
+from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
 from dependencies import OllamaDep, RegistryDep, SettingsDep
 from documentAnalysis import (Answer, ModelCall, Usage, answerAll, combinedAnswer, documentCalls, doneReasonOf,
                               streamCalls, textCall)
@@ -23,12 +24,10 @@ from errors import ServiceError
 from modelRegistry import ModelRegistry, ResolvedModel
 from ollamaClient import OllamaClient
 from requestContext import RequestMeta, getMeta
-from routeOpenAi import ClientDisconnected, untilDisconnect
 from structuredOutput import parseSchema
 
 router = APIRouter(prefix="/api", tags=["analysis"])
 EMBED_BATCH_SIZE = 64
-CLIENT_CLOSED_STATUS = 499
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 TYPE_CAPABILITIES = {"text": ["completion"], "reasoning": ["completion", "thinking"],
                      "vision": ["completion", "vision"], "embedding": ["embedding"], "stt": ["stt"]}

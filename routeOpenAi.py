@@ -7,11 +7,10 @@ client goes away (also while a non-streaming answer is still being generated).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import orjson
@@ -26,18 +25,13 @@ from ollamaClient import OllamaClient, OllamaStream
 from openAiTranslate import (DONE_FRAME, ChatPlan, ChatStreamTranslator, buildChatPlan, chatCompletion,
                              embeddingInputs, embeddingOptions, embeddingResponse, errorFrame, invalid,
                              requireModelName, usageOf)
+from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
 from requestContext import RequestMeta, getMeta
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 logger = logging.getLogger("poweron.openai")
 MODEL_OWNER = "poweron"
-CLIENT_CLOSED_STATUS = 499
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The client closed the connection before the answer was ready."""
 
 
 def _modelObject(externalName: str, created: int = 0) -> dict:
@@ -65,40 +59,6 @@ async def readJsonObject(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object")
     return body
-
-
-class DisconnectWatch:
-    """Cancels the handler's task when the client disconnects (one small task instead of racing two)."""
-
-    __slots__ = ("gone", "handler", "watcher")
-
-    def __init__(self, receive: Receive) -> None:
-        self.gone = False
-        self.handler = asyncio.current_task()
-        self.watcher = asyncio.ensure_future(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.gone = True
-        if self.handler is not None:
-            self.handler.cancel()
-
-    def stop(self) -> None:
-        self.watcher.cancel()
-
-
-async def untilDisconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work`` unless the client goes away first; then cancel it (closing the upstream request)."""
-    watch = DisconnectWatch(request.receive)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if watch.gone and watch.handler is not None and watch.handler.uncancel() == 0:
-            raise ClientDisconnected from None
-        raise
-    finally:
-        watch.stop()
 
 
 @router.get("/models")

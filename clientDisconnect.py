@@ -1,0 +1,52 @@
+"""Client disconnects: cancel upstream work (and so the GPU's generation) the moment the caller goes away."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from starlette.requests import Request
+from starlette.types import Receive
+
+CLIENT_CLOSED_STATUS = 499
+"""Status recorded (nginx's convention) when the client closed the connection before the answer."""
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+class DisconnectWatch:
+    """Cancels the handler's task when the client disconnects (one small task instead of racing two)."""
+
+    __slots__ = ("gone", "handler", "watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        self.handler = asyncio.current_task()
+        self.watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self.handler is not None:
+            self.handler.cancel()
+
+    def stop(self) -> None:
+        self.watcher.cancel()
+
+
+async def untilDisconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client goes away first; then cancel it (closing the upstream request)."""
+    watch = DisconnectWatch(request.receive)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watch.gone and watch.handler is not None and watch.handler.uncancel() == 0:
+            raise ClientDisconnected from None
+        raise
+    finally:
+        watch.stop()
