@@ -73,7 +73,7 @@ def createApp(settings: Settings) -> FastAPI:
     if settings.metrics.enabled:
         installMetrics(app, observers)
     app.include_router(routeHealth.router)
-    app.include_router(routeWeb.router)
+    routeWeb.installWeb(app)
     app.include_router(routeApi.router, dependencies=[Depends(requireApiKey)])
     app.include_router(routeOpenAi.router, dependencies=[Depends(requireOpenAiKey)])
     app.include_router(whisperProxy.router, dependencies=[Depends(requireOpenAiKey)])
