@@ -22,7 +22,9 @@ export function addUserMessage(container, text) {
 }
 
 export class AnswerView {
-  constructor(container, title) {
+  // firstLabel names the first-piece time: "TTFT" for model answers, "first text" for transcripts.
+  constructor(container, title, firstLabel = "TTFT") {
+    this.firstLabel = firstLabel;
     this.startedAt = performance.now();
     this.firstAt = null;
     this.root = element("article", "message assistant streaming");
@@ -74,7 +76,7 @@ export class AnswerView {
   finish(usage) {
     this.root.classList.remove("streaming");
     const { ttft, total, generationMs } = this.timings();
-    const parts = [`TTFT ${ttft === null ? "–" : formatMs(ttft)}`, `total ${formatMs(total)}`];
+    const parts = [`${this.firstLabel} ${ttft === null ? "–" : formatMs(ttft)}`, `total ${formatMs(total)}`];
     if (usage) {
       const rate = generationMs >= MIN_RATE_WINDOW_MS ? usage.completionTokens / (generationMs / 1000) : null;
       parts.push(rate === null ? "tokens/s – (arrived at once)" : `${rate.toFixed(1)} tokens/s`);

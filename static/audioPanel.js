@@ -91,7 +91,7 @@ export function setupAudio(ui) {
   async function transcribe() {
     if (!fileInput.files[0] && !state.recording) return ui.showAlert("Choose an audio file or record first.");
     ui.clearAlert();
-    const answer = new AnswerView(results, `${TRANSCRIBE_MODEL} · transcript`);
+    const answer = new AnswerView(results, `${TRANSCRIBE_MODEL} · transcript`, "first text");
     results.replaceChildren(answer.root);
     const button = document.getElementById("audioSend");
     button.disabled = true;
