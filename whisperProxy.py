@@ -40,7 +40,8 @@ def uploadLimit(settings: Settings) -> int:
 
 def uploadTooLarge(settings: Settings) -> ServiceError:
     return ServiceError(413, f"The audio file is larger than the limit of "
-                        f"{settings.whisper.max_upload_bytes / 1048576:.0f} MiB; split or compress it (e.g. mp3 or ogg)",
+                        f"{settings.whisper.max_upload_bytes / 1048576:.0f} MiB; "
+                        "split or compress it (e.g. mp3 or ogg)",
                         param="file", code="file_too_large")
 
 

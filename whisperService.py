@@ -188,7 +188,8 @@ def sseEvent(payload: dict[str, Any]) -> bytes:
 
 
 async def transcriptEvents(first: TranscriptSegment | Transcript,
-                           items: AsyncIterator[TranscriptSegment | Transcript], form: FormData) -> AsyncIterator[bytes]:
+                           items: AsyncIterator[TranscriptSegment | Transcript],
+                           form: FormData) -> AsyncIterator[bytes]:
     """``transcript.text.delta`` per segment, then ``transcript.text.done`` with the whole text (or an error)."""
     item, isFirstDelta = first, True
     try:
@@ -333,7 +334,8 @@ def main() -> None:
         engine.preload()
     except ModelLoadError as exc:
         sys.exit(f"whisper service cannot start: {exc}")
-    uvicorn.run(createWhisperApp(settings, engine), host=settings.whisper.host, port=settings.whisper.port, loop="uvloop",
+    uvicorn.run(createWhisperApp(settings, engine), host=settings.whisper.host, port=settings.whisper.port,
+                loop="uvloop",
                 http="httptools", access_log=False, log_level=settings.server.log_level,
                 timeout_graceful_shutdown=int(settings.server.graceful_shutdown_seconds))
 

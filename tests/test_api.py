@@ -309,7 +309,7 @@ async def test_bigRenderDoesNotStallOtherRequests(settingsFor, stubControl) -> N
         await analyze(api, makePdf(1))  # the render worker is up
         stubControl.delete("/_stub/requests").raise_for_status()
 
-        async def quickCalls() -> float:
+        async def quickCalls(api: httpx.AsyncClient = api) -> float:
             await asyncio.sleep(0.05)
             for _ in range(5):
                 assert (await api.get("/api/models")).status_code == 200
