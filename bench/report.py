@@ -143,7 +143,8 @@ def probeTable(results: dict[str, Any]) -> list[str]:
         direct = probeAggregate(results, concurrency, "direct")
         for target in activeTargets(results):
             agg = probeAggregate(results, concurrency, target)
-            added = NA if target == "direct" else fmtNumber(difference(_val(agg, "ttfbP50Ms"), _val(direct, "ttfbP50Ms")))
+            addedMs = difference(_val(agg, "ttfbP50Ms"), _val(direct, "ttfbP50Ms"))
+            added = NA if target == "direct" else fmtNumber(addedMs)
             rows.append([str(concurrency), targetLabel(results, target)] + _probeCells(agg) + [added])
     return _table(header, rows)
 
@@ -194,7 +195,8 @@ def goalRows(results: dict[str, Any]) -> list[list[str]]:
     """Each goal of the issue with the measured value and whether it is met (n/a when not measured)."""
     concurrencies = results["meta"]["concurrencies"]
     low, high = min(concurrencies), max(concurrencies)
-    ours1, direct1 = wrkAggregate(results, "nonstream", low, "service"), wrkAggregate(results, "nonstream", low, "direct")
+    ours1 = wrkAggregate(results, "nonstream", low, "service")
+    direct1 = wrkAggregate(results, "nonstream", low, "direct")
     addedP50 = difference(_val(ours1, "p50Ms"), _val(direct1, "p50Ms"))
     rows = [_goal(f"added p50 at concurrency {low}, non-streaming", addedP50, f"<= {ADDED_P50_GOAL_MS:g} ms",
                   lambda v: v <= ADDED_P50_GOAL_MS, " ms")]
@@ -323,6 +325,7 @@ def renderReport(results: dict[str, Any]) -> str:
 
 def _headerLines(results: dict[str, Any]) -> list[str]:
     meta = results["meta"]
+    labels = [targetLabel(results, t) for t in activeTargets(results)]
     lines = ["# Performance", "",
              "Overhead of the service against calling the Ollama-compatible upstream directly (the limit) and against "
              f"LiteLLM proxy {meta.get('litellmVersion') or NA} (the anchor), measured side by side in one run. "
@@ -333,11 +336,11 @@ def _headerLines(results: dict[str, Any]) -> list[str]:
              f"- Command: `{meta['command']}` (git {meta['gitCommit']}); whole run {meta['elapsedSeconds']:.0f} s",
              f"- Pinning: {meta['pinning']}",
              f"- Upstream: {meta['upstream']}",
-             f"- Rounds: {meta['rounds']} per measurement, alternating {' / '.join(targetLabel(results, t) for t in activeTargets(results))} "
-             "within each round (A/B/A/B); tables show the mean over rounds",
+             f"- Rounds: {meta['rounds']} per measurement, alternating {' / '.join(labels)} within each round "
+             "(A/B/A/B); tables show the mean over rounds",
              f"- Load generator: wrk ({meta['wrkVersion']}) with bench/wrk/post.lua, 1 thread, keep-alive",
-             f"- Other load: load average {meta.get('loadBefore', NA)} before and {meta.get('loadAfter', NA)} after the "
-             f"run; {otherLoadSummary(results)}"]
+             f"- Other load: load average {meta.get('loadBefore', NA)} before and {meta.get('loadAfter', NA)} after "
+             f"the run; {otherLoadSummary(results)}"]
     for target in activeTargets(results):
         note = _get(results, "targets", target, "note")
         if note:

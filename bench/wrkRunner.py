@@ -69,7 +69,7 @@ def _summaryLine(text: str) -> dict[str, Any]:
 
 def wrkCommand(url: str, concurrency: int, seconds: float, core: int | None) -> list[str]:
     """The wrk command line: one thread (one core), ``concurrency`` keep-alive connections."""
-    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", f"--timeout",
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout",
                f"{WRK_TIMEOUT_SECONDS}s", "-s", str(WRK_SCRIPT), url]
     return (["taskset", "-c", str(core)] + command) if core is not None else command
 
