@@ -512,3 +512,11 @@ def test_caddyProxiesStreamsAndLogsNoKeys(docService: ServiceProcess, tmp_path: 
     logged = logPath.read_text()
     assert "/v1/chat/completions" in logged and "/api/models" in logged
     assert API_KEY not in logged and OPENAI_KEY not in logged
+
+
+def test_everyTopLevelModuleIsDescribedInTheReadmeAndTheArchitecture():
+    modules = sorted(path.name for path in REPO_ROOT.glob("*.py"))
+    for document in ("README.md", "docu/architecture.md"):
+        text = (REPO_ROOT / document).read_text(encoding="utf-8")
+        missing = [name for name in modules if f"`{name}`" not in text and f"{name}" not in text]
+        assert not missing, f"{document} does not describe {missing}"
