@@ -177,6 +177,7 @@ def test_renderReport_tablesRatiosAndGoals() -> None:
     assert "`make bench`" in text and "2 cores (AMD EPYC)" in text
     assert "| 64 | service | 1,500 | 0.90 | 1.35 | 60.0 | 0 | 0.667 | 100% | 25% | 1 |" in text
     assert "the machine was busy" in text
+    assert "## Hot-path changes measured with this harness" in text
 
 
 def test_renderReport_withoutService_marksNotAvailable() -> None:
@@ -190,7 +191,7 @@ def test_throughputTable_marksCpuOfRunsWithFewRequests() -> None:
     results = cannedResults()
     results["wrk"]["stream"]["64"]["litellm"][0]["requests"] = 40
     table = "\n".join(report.throughputTable(results, "stream"))
-    assert "| 64 | LiteLLM 1.74.4 | 250 | 3.70 | 5.55 | 300 | 0 | 4.000 * |" in table
+    assert "| 64 | LiteLLM 1.74.4 | 250 | 3.70 | 5.55 | 300 | 0 | 4.000 † |" in table
     assert "CPU per request is overstated" in table
     assert "overstated" not in "\n".join(report.throughputTable(cannedResults(), "stream"))
 
