@@ -51,6 +51,7 @@ HOLD_DELAY_MS = 100.0
 OPEN_STREAMS = 200
 PROBE_MAX_REQUESTS_PER_SECOND = 20000
 SETTLE_SECONDS = 2.0
+WARM_UP_SECONDS = 2
 EXTRA_BENCHES = (("pdf", "bench.benchPdf"), ("stt", "bench.benchStt"))
 ENV_OVERRIDES = ("BENCH_QUICK", "BENCH_SECONDS", "BENCH_ROUNDS", "BENCH_CONCURRENCY", "BENCH_PROBE_SECONDS",
                  "BENCH_SKIP_LITELLM", "BENCH_SKIP_EXTRA", "BENCH_SKIP_STUB", "BENCH_OUTPUT", "BENCH_SERVICE_CORE",
@@ -260,9 +261,11 @@ class BenchRun:
         return result
 
     def warmUp(self) -> None:
+        """Not recorded: first requests (lazy imports, upstream connections, LiteLLM's first calls) at the highest
+        concurrency, so start-up work does not land in the first measured run's tail."""
         for target in self.measured():
             for stream in (False, True):
-                self.wrkOnce(target, stream, 16, 1)
+                self.wrkOnce(target, stream, max(self.options.concurrencies), WARM_UP_SECONDS)
 
     def roundOrder(self, roundIndex: int) -> list[Target]:
         order = self.measured()
