@@ -162,7 +162,7 @@ def measure(targets: dict[str, Any], clip: Path, runs: int, text: str) -> dict[s
     for _ in range(runs):
         for name, call in targets.items():
             time.sleep(SETTLE_SECONDS)
-            seconds, texts[name] = timed(lambda: call(clip))
+            seconds, texts[name] = timed(lambda call=call: call(clip))
             times[name].append(seconds)
     return {name: {"medianSeconds": statistics.median(values), "minSeconds": min(values), "runs": len(values),
                    "wer": wordErrorRate(text, texts[name])} for name, values in times.items()}
@@ -182,7 +182,8 @@ def withRatios(results: dict[str, dict[str, Any]], duration: float) -> dict[str,
 
 
 def tableRows(clipName: str, duration: float, results: dict[str, dict[str, Any]]) -> list[str]:
-    return [f"| {clipName} ({duration:.1f} s) | {LABELS[name]} | {e['medianSeconds']:.2f} s (min {e['minSeconds']:.2f}) "
+    return [f"| {clipName} ({duration:.1f} s) | {LABELS[name]} "
+            f"| {e['medianSeconds']:.2f} s (min {e['minSeconds']:.2f}) "
             f"| {e['rtf']:.3f} | {e['overheadMs']:+.0f} ms ({e['overheadPercent']:+.1f} %) | {e['wer'] * 100:.1f} % |"
             for name, e in results.items()]
 
