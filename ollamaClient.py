@@ -85,6 +85,22 @@ def midStreamError(message: str) -> UpstreamError:
     return UpstreamError(502, f"Ollama failed while generating: {message}", code="upstream_stream_error")
 
 
+def splitLines(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """Complete non-empty NDJSON lines of ``buffer`` (as bytes, no str decoding) and the incomplete rest."""
+    if b"\n" not in buffer:
+        return [], buffer
+    *complete, rest = buffer.split(b"\n")
+    return [line for line in complete if line.strip()], rest
+
+
+def parseStreamLine(line: bytes) -> dict[str, Any]:
+    """One NDJSON line; an ``{"error": ...}`` line raises (Ollama's mid-stream failure)."""
+    chunk = orjson.loads(line)
+    if "error" in chunk:
+        raise midStreamError(str(chunk["error"]))
+    return chunk
+
+
 TRUNCATED_STREAM_MESSAGE = "Ollama's stream ended before it was complete (no final done line)"
 
 
@@ -98,13 +114,17 @@ class OllamaStream:
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """Parsed lines; raises UpstreamError on an error line or a stream without ``done:true``."""
+        pending = b""
         try:
-            async for line in self.response.aiter_lines():
-                if not line:
-                    continue
-                chunk = orjson.loads(line)
-                if "error" in chunk:
-                    raise midStreamError(str(chunk["error"]))
+            async for data in self.response.aiter_bytes():
+                lines, pending = splitLines(pending + data)
+                for line in lines:
+                    chunk = parseStreamLine(line)
+                    yield chunk
+                    if chunk.get("done"):
+                        return
+            if pending.strip():  # a last line without its newline
+                chunk = parseStreamLine(pending)
                 yield chunk
                 if chunk.get("done"):
                     return

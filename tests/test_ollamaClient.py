@@ -100,3 +100,22 @@ async def test_host_header_is_the_upstream_not_the_caller(client: OllamaClient) 
     route = respx.post(f"{OLLAMA}/api/chat").respond(json={"message": {"content": "hi"}, "done": True})
     await client.chat({"model": "m", "messages": []}, "x")
     assert route.calls.last.request.headers["host"] == "127.0.0.1:11434"
+
+
+def test_split_lines_keeps_the_incomplete_rest() -> None:
+    from ollamaClient import splitLines
+    assert splitLines(b'{"a":1}\n\n{"b"') == ([b'{"a":1}'], b'{"b"')
+    assert splitLines(b'{"a"') == ([], b'{"a"')
+
+
+@respx.mock
+async def test_stream_lines_split_across_reads_and_a_last_line_without_newline(client: OllamaClient) -> None:
+    async def pieces():
+        for piece in (b'{"message":{"content":"a"},', b'"done":false}\n{"message":', b'{"content":""},"done":true}'):
+            yield piece
+
+    respx.post(f"{OLLAMA}/api/chat").respond(200, content=pieces())
+    stream = await client.openStream("/api/chat", {"model": "m"}, "poweron-text-general")
+    chunks = [chunk async for chunk in stream.chunks()]
+    await stream.aclose()
+    assert [c["done"] for c in chunks] == [False, True] and chunks[0]["message"]["content"] == "a"
