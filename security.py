@@ -29,6 +29,9 @@ KEY_CLASS_BY_PREFIX = (("/api/", KEY_CLASS_API), ("/v1/", KEY_CLASS_OPENAI))
 HOW_TO_SEND = {KEY_CLASS_API: "an analysis key in the X-API-Key header",
                KEY_CLASS_OPENAI: "an OpenAI key as 'Authorization: Bearer <key>'"}
 CLASS_ROUTES = {KEY_CLASS_API: "/api/*", KEY_CLASS_OPENAI: "/v1/*"}
+OPTIONS_HEADERS = [(b"allow", b"GET, POST, DELETE, OPTIONS"), (b"content-length", b"0")]
+"""Answer to a plain OPTIONS on /api/* and /v1/* (no key needed; CORS preflights from allowed origins are answered
+by the CORS middleware before this)."""
 CORS_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining"]
 
 
@@ -172,7 +175,11 @@ class KeyGateMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         keyClass = _keyClassOfPath(scope["path"]) if scope["type"] == "http" else None
-        if keyClass is not None and scope["method"] != "OPTIONS":
+        if keyClass is not None and scope["method"] == "OPTIONS":
+            await send({"type": "http.response.start", "status": 204, "headers": OPTIONS_HEADERS})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if keyClass is not None:
             try:
                 authenticate(scope, scope["app"].state.keyRings, keyClass)
             except ServiceError as error:

@@ -205,6 +205,14 @@ async def test_noCorsHeadersUnlessConfigured(client) -> None:
     preflight = await client.options("/v1/models", headers={"Origin": "https://cursor.com",
                                                              "Access-Control-Request-Method": "GET"})
     assert preflight.status_code != 401
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/models", "/api/analyze", "/v1/audio/transcriptions"])
+async def test_plainOptionsIsAnsweredWithoutKeyOrBody(client, path: str) -> None:
+    response = await client.options(path)
+    assert response.status_code == 204 and response.content == b""
+    assert "POST" in response.headers["allow"]
 
 
 # --- start-up refusals ------------------------------------------------------------------------------------------------
