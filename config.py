@@ -132,13 +132,14 @@ def isCloudModelName(ollamaName: str) -> bool:
 def parseNamedKeys(raw: str, setting: str) -> dict[str, str]:
     """Parse ``name=key, name2=key2`` into ``{name: key}``."""
     keys: dict[str, str] = {}
-    for part in (p.strip() for p in raw.split(",")):
+    for number, part in enumerate((p.strip() for p in raw.split(",")), start=1):
         if not part:
             continue
         name, sep, key = part.partition("=")
         name, key = name.strip(), key.strip()
         if not sep or not name or not key:
-            raise ConfigError(f"{setting}: entry '{name or part[:12]}' must look like name=<key>")
+            which = f"'{name}'" if sep and name else f"number {number}"  # never echo what may be a key
+            raise ConfigError(f"{setting}: entry {which} must look like name=<key>")
         if name in keys:
             raise ConfigError(f"{setting}: key name '{name}' appears twice")
         keys[name] = key
@@ -174,9 +175,9 @@ reserved ranges, which are not this operator's network."""
 
 
 def isLocalUrl(url: str) -> bool:
-    """True when the URL's host is loopback, a private (RFC 1918 / ULA) address, 0.0.0.0 or localhost."""
+    """True when the URL's host is loopback, a private (RFC 1918 / ULA) address, 0.0.0.0 or exactly localhost."""
     host = urlsplit(url).hostname or ""
-    if host == "localhost" or host.endswith(".localhost"):
+    if host == "localhost":  # not *.localhost: a resolver may send such names anywhere
         return True
     try:
         address = ipaddress.ip_address(host)

@@ -69,8 +69,14 @@ def test_init_writes_a_startable_config(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_named_keys_parse_and_reject_bad_entries() -> None:
     assert parseNamedKeys("cursor=abc, kiva = def ,", "x") == {"cursor": "abc", "kiva": "def"}
-    with pytest.raises(ConfigError, match="must look like name=<key>"):
-        parseNamedKeys("justakey", "[auth] openai_keys")
+    with pytest.raises(ConfigError, match="entry number 2 must look like name=<key>") as info:
+        parseNamedKeys("cursor=abc, sk-secret-value-123", "[auth] openai_keys")
+    assert "sk-secret" not in str(info.value)
+    with pytest.raises(ConfigError, match="entry 'kiva' must look like name=<key>"):
+        parseNamedKeys("kiva=", "[auth] openai_keys")
+    with pytest.raises(ConfigError, match="entry number 1 must") as info:
+        parseNamedKeys("=sk-secret-value-123", "[auth] openai_keys")
+    assert "sk-secret" not in str(info.value)
     with pytest.raises(ConfigError, match="appears twice"):
         parseNamedKeys("a=1,a=2", "[auth] openai_keys")
 
@@ -105,3 +111,13 @@ def test_models_section_rejects_new_entry_without_type(testIni: Path) -> None:
 @pytest.mark.parametrize(("configured", "sent"), [("30m", "30m"), ("-1", "-1s"), ("600", "600s"), ("0", "0s")])
 def test_keep_alive_always_has_a_unit_for_ollama(makeSettings, configured: str, sent: str) -> None:
     assert makeSettings(ollama={"keep_alive": configured}).ollama.keep_alive == sent
+
+
+@pytest.mark.parametrize(("url", "local"), [
+    ("http://127.0.0.1:11434", True), ("http://localhost:11434", True), ("http://10.1.2.3", True),
+    ("http://[::1]:9000", True), ("http://ollama.localhost:11434", False), ("http://203.0.113.7", False),
+    ("http://ollama.example.com", False), ("http://172.32.0.1", False),
+])
+def test_only_loopback_and_private_addresses_count_as_local(url: str, local: bool) -> None:
+    from config import isLocalUrl
+    assert isLocalUrl(url) is local
