@@ -74,13 +74,16 @@ def _isModelAvailableInOllama(pulled: dict[str, PulledModel], ollamaName: str) -
 def parsePulledModels(entries: list[dict[str, Any]]) -> dict[str, PulledModel]:
     pulled: dict[str, PulledModel] = {}
     for entry in entries:
+        if not isinstance(entry, dict):
+            continue
         name = str(entry.get("name") or entry.get("model") or "")
         if not name or isCloudEntry(entry):
             continue
         capabilities = entry.get("capabilities")
         pulled[normaliseModelName(name)] = PulledModel(
             name=name, digest=str(entry.get("digest", "")),
-            capabilities=frozenset(capabilities) if isinstance(capabilities, list) else None)
+            capabilities=frozenset(c for c in capabilities if isinstance(c, str))
+            if isinstance(capabilities, list) else None)
     return pulled
 
 
@@ -105,7 +108,11 @@ class ModelRegistry:
     async def refresh(self) -> None:
         """Read /api/tags (and whisper's /health) once; never raises."""
         wasReachable = self.ollamaReachable
-        await asyncio.gather(self._refreshOllama(), self._refreshWhisper())
+        try:
+            await asyncio.gather(self._refreshOllama(), self._refreshWhisper())
+        except Exception as exc:  # a malformed answer must not stop discovery for good
+            logger.exception("model discovery failed")
+            self.ollamaReachable, self.ollamaError = False, f"model discovery failed ({type(exc).__name__})"
         self.lastRefresh = time.monotonic()
         self.refreshCount += 1
         cameBack = self.ollamaReachable and (not wasReachable)
@@ -176,7 +183,9 @@ class ModelRegistry:
         cached = self.capabilityCache.get(cacheKey)
         if cached is None:
             shown = await self.ollama.show(pulledName, PROBE_TIMEOUT_SECONDS * 5)
-            cached = frozenset(shown.get("capabilities") or ("completion",))
+            listed = shown.get("capabilities")
+            cached = frozenset(c for c in listed if isinstance(c, str)) if isinstance(listed, list) else frozenset(
+                {"completion"})
             self.capabilityCache[cacheKey] = cached
         return cached
 

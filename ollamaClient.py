@@ -211,10 +211,24 @@ class OllamaClient:
         return await self.postJson("/api/embed", payload, externalName)
 
     async def version(self, timeout: float | None = None) -> str:
-        return str((await self.getJson("/api/version", timeout)).get("version", ""))
+        answer = _expectObject(await self.getJson("/api/version", timeout), "/api/version")
+        return str(answer.get("version", ""))
 
     async def tags(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        return list((await self.getJson("/api/tags", timeout)).get("models") or [])
+        models = _expectObject(await self.getJson("/api/tags", timeout), "/api/tags").get("models") or []
+        if not isinstance(models, list):
+            raise unexpectedShape("/api/tags")
+        return [entry for entry in models if isinstance(entry, dict)]
 
     async def show(self, ollamaName: str, timeout: float | None = None) -> dict[str, Any]:
-        return await self.postJson("/api/show", {"model": ollamaName}, ollamaName, timeout)
+        return _expectObject(await self.postJson("/api/show", {"model": ollamaName}, ollamaName, timeout), "/api/show")
+
+
+def unexpectedShape(path: str) -> UpstreamError:
+    return UpstreamError(502, f"Ollama answered {path} with an unexpected shape", code="upstream_error")
+
+
+def _expectObject(answer: Any, path: str) -> dict[str, Any]:
+    if not isinstance(answer, dict):
+        raise unexpectedShape(path)
+    return answer

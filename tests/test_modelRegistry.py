@@ -138,3 +138,40 @@ async def test_listeners_hear_when_ollama_comes_back(registry: ModelRegistry) ->
     await registry.refresh()
     await registry.refresh()
     assert heard == [True, False, True, False]
+
+
+@pytest.mark.parametrize(("tagsBody", "reachable", "available"), [
+    ({"models": ["qwen2.5:7b", 3, None, {"name": "qwen2.5:7b", "capabilities": ["completion", {"x": 1}]}]}, True,
+     ["poweron-text-general"]),
+    ({"models": "qwen2.5:7b"}, False, []),
+    ([{"name": "qwen2.5:7b"}], False, []),
+])
+@respx.mock
+async def test_malformed_tags_answers_never_break_discovery(registry: ModelRegistry, tagsBody: object,
+                                                            reachable: bool, available: list[str]) -> None:
+    respx.get(f"{OLLAMA}/api/version").respond(json={"version": "0.33.0"})
+    respx.get(f"{OLLAMA}/api/tags").respond(json=tagsBody)
+    respx.post(f"{OLLAMA}/api/show").respond(json={"capabilities": "completion"})
+    await registry.refresh()
+    assert registry.ollamaReachable is reachable
+    assert [spec.externalName for spec in registry.availableModels()] == available
+    if not reachable:
+        assert registry.ollamaError == "Ollama answered /api/tags with an unexpected shape"
+
+
+@respx.mock
+async def test_an_unexpected_failure_in_discovery_is_contained(registry: ModelRegistry,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import modelRegistry
+
+    def broken(entries: object) -> dict:
+        raise KeyError("surprise")
+
+    respx.get(f"{OLLAMA}/api/version").respond(json={"version": "0.33.0"})
+    respx.get(f"{OLLAMA}/api/tags").respond(json={"models": []})
+    monkeypatch.setattr(modelRegistry, "parsePulledModels", broken)
+    await registry.refresh()  # must not raise
+    assert not registry.ollamaReachable and "KeyError" in (registry.ollamaError or "")
+    monkeypatch.undo()
+    await registry.refresh()
+    assert registry.ollamaReachable
