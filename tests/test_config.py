@@ -121,3 +121,23 @@ def test_keep_alive_always_has_a_unit_for_ollama(makeSettings, configured: str, 
 def test_only_loopback_and_private_addresses_count_as_local(url: str, local: bool) -> None:
     from config import isLocalUrl
     assert isLocalUrl(url) is local
+
+
+def _sectionsOfSettings() -> dict[str, type]:
+    from config import Settings
+    return {name: field.annotation for name, field in Settings.model_fields.items() if name != "models"}
+
+
+def test_every_setting_has_a_docstring_an_example_entry_and_a_readme_row() -> None:
+    import configparser
+
+    example = configparser.ConfigParser(interpolation=None)
+    example.read(EXAMPLE_CONFIG_PATH, encoding="utf-8")
+    readme = (EXAMPLE_CONFIG_PATH.parent / "README.md").read_text(encoding="utf-8")
+    for section, model in _sectionsOfSettings().items():
+        readmeRow = next((line for line in readme.splitlines() if line.startswith(f"| `[{section}]`")), "")
+        assert readmeRow, f"README has no row for [{section}]"
+        for key, field in model.model_fields.items():
+            assert field.description, f"[{section}] {key} has no docstring"
+            assert example.has_option(section, key), f"config.ini.example lacks [{section}] {key}"
+            assert f"`{key}`" in readmeRow, f"README's [{section}] row lacks {key}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import OPENAI_KEY, API_KEY, REPO_ROOT, freePort, waitForHttp
+from tests.conftest import API_KEY, OPENAI_KEY, REPO_ROOT, freePort, guardedEnv, waitForHttp
 from tests.ollamaStub import StubServer
 
 pytestmark = pytest.mark.e2e
@@ -109,3 +110,21 @@ def test_make_run_serves_health_on_the_configured_port(testIni: Path) -> None:
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=20)
+
+
+def test_the_stub_runs_on_its_own_as_a_module() -> None:
+    port = freePort()
+    process = subprocess.Popen([sys.executable, "-m", "tests.ollamaStub", "--port", str(port), "--models",
+                                "qwen2.5:7b,nomic-embed-text", "--no-record"], cwd=REPO_ROOT,
+                               env=guardedEnv(dict(os.environ)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        waitForHttp(f"http://127.0.0.1:{port}/api/version", timeout=20, process=process)
+        names = {entry["name"] for entry in httpx.get(f"http://127.0.0.1:{port}/api/tags").json()["models"]}
+        answer = httpx.post(f"http://127.0.0.1:{port}/api/chat", json={
+            "model": "qwen2.5:7b", "stream": False, "messages": [{"role": "user", "content": "ping"}]}).json()
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=10)[0].decode()
+    assert names == {"qwen2.5:7b", "nomic-embed-text:latest"}
+    assert answer["done"] is True and "ping" in answer["message"]["content"]
+    assert f"listening on http://127.0.0.1:{port}" in output
