@@ -101,7 +101,7 @@ def chatPayload(settings: Settings, resolved: ResolvedModel, messages: list[dict
 
 def pageGroups(images: list[PageImage], imagesPerMessage: int) -> list[list[PageImage]]:
     """All images in one message, or groups of ``imagesPerMessage`` (1 for models such as Llama 3.2 Vision)."""
-    size = imagesPerMessage if imagesPerMessage > 0 else len(images)
+    size = imagesPerMessage if imagesPerMessage > 0 else max(len(images), 1)
     return [images[start:start + size] for start in range(0, len(images), size)]
 
 

@@ -139,6 +139,11 @@ def _tooManyPages(maxPages: int) -> DocumentError:
                          "analysed per request ([documents] max_pdf_pages)", "too_many_pages")
 
 
+def _missingPage(page: int, pageCount: int) -> DocumentError:
+    return DocumentError(400, f"pages: page {page} does not exist; the document has {pageCount} "
+                         f"page{'s' if pageCount != 1 else ''}", "invalid_pages")
+
+
 def selectPages(ranges: tuple[tuple[int, int | None], ...], pageCount: int, maxPages: int) -> tuple[list[int], bool]:
     """0-based page numbers to render, and whether the default selection left pages out."""
     if not ranges:
@@ -146,9 +151,8 @@ def selectPages(ranges: tuple[tuple[int, int | None], ...], pageCount: int, maxP
     pages: set[int] = set()
     for start, end in ranges:
         last = pageCount if end is None else end
-        if last > pageCount:
-            raise DocumentError(400, f"pages: page {max(start, last)} does not exist; the document has "
-                                f"{pageCount} page{'s' if pageCount != 1 else ''}", "invalid_pages")
+        if max(start, last) > pageCount:
+            raise _missingPage(max(start, last), pageCount)
         if last - start + 1 > maxPages:
             raise _tooManyPages(maxPages)
         pages.update(range(start - 1, last))

@@ -103,6 +103,17 @@ def test_selectPagesRefusesMissingPagesAndTooMany() -> None:
     assert caught.value.code == "too_many_pages"
 
 
+@pytest.mark.parametrize(("spec", "pageCount", "message"), [
+    ("5-", 3, "page 5 does not exist; the document has 3 pages"),
+    ("1,4-", 3, "page 4 does not exist; the document has 3 pages"),
+    ("2-", 1, "page 2 does not exist; the document has 1 page"),
+])
+def test_selectPagesRefusesAnOpenRangeStartingPastTheEnd(spec: str, pageCount: int, message: str) -> None:
+    with pytest.raises(DocumentError, match=message) as caught:
+        selectPages(parsePageRanges(spec), pageCount, 5)
+    assert (caught.value.status, caught.value.code, caught.value.param) == (400, "invalid_pages", "pages")
+
+
 # ------------------------------------------------------------------ budgets
 
 
@@ -240,9 +251,17 @@ def test_truncatedImageIs422() -> None:
     assert (error.status, error.code) == (422, "damaged_image")
 
 
-def test_pagesBeyondAnImageAre400() -> None:
-    error = renderError(job(makeImage(10, 10), pages="2"))
+@pytest.mark.parametrize("pages", ["2", "2-", "1,3-", "1-2"])
+def test_pagesBeyondAnImageAre400(pages: str) -> None:
+    error = renderError(job(makeImage(10, 10), pages=pages))
     assert (error.status, error.code) == (400, "invalid_pages")
+    assert "the document has 1 page" in error.message
+
+
+def test_anOpenRangePastTheEndOfAPdfIs400() -> None:
+    error = renderError(job(makePdf(3), pages="5-"))
+    assert (error.status, error.code) == (400, "invalid_pages")
+    assert "the document has 3 pages" in error.message
 
 
 # ------------------------------------------------------------------ worker pool

@@ -205,6 +205,8 @@ async def test_previewOfAnImageIsOneScaledThumbnail(client) -> None:
 @pytest.mark.parametrize(("data", "fields", "status", "code"), [
     (makePdf(3), {"pages": "9"}, 400, "invalid_pages"),
     (makePdf(3), {"pages": "x"}, 400, "invalid_pages"),
+    (makePdf(3), {"pages": "5-"}, 400, "invalid_pages"),
+    (makeImage(40, 30, "PNG"), {"pages": "2-"}, 400, "invalid_pages"),
     (makeZipNamedPdf(), {}, 415, "unsupported_file_type"),
     (b"", {}, 400, "empty_file"),
     (makePixelBombPng(), {}, 413, "image_too_large"),
@@ -216,6 +218,11 @@ async def test_previewRefusesWhatTheAnalysisWouldRefuse(client, data: bytes, fie
                                                         code: str) -> None:
     response = await postPreview(client, data, **fields)
     assert (response.status_code, response.json()["code"]) == (status, code), response.text
+
+
+async def test_previewOfAnOpenRangePastTheEndNamesThePageCount(client) -> None:
+    response = await postPreview(client, makePdf(3), pages="5-")
+    assert response.status_code == 400 and "the document has 3 pages" in response.json()["detail"]
 
 
 async def test_previewNeedsAFileInAMultipartForm(client) -> None:
