@@ -7,6 +7,7 @@ import asyncio
 import math
 import pickle
 
+import pymupdf
 import pytest
 
 import documentRender
@@ -172,6 +173,25 @@ def test_onlyTheAskedPagesOfA2000PagePdfAreRendered() -> None:
     assert (result.pageCount, result.pages, result.truncated) == (2000, [1999, 2000], False)
     default = renderDocument(job(data))
     assert (default.pages, default.truncated) == ([1, 2, 3, 4, 5], True)
+
+
+def test_a2000PagePdfRastersOnlyTheAskedPages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counts the pages MuPDF actually rasterises (in-process, no pool): rendering every page and filtering
+    afterwards would fail here, whatever the timing."""
+    rastered: list[int] = []
+    original = pymupdf.Page.get_pixmap
+
+    def countingPixmap(page, *args, **kwargs):  # noqa: ANN001, ANN202
+        rastered.append(page.number + 1)
+        return original(page, *args, **kwargs)
+
+    monkeypatch.setattr(pymupdf.Page, "get_pixmap", countingPixmap)
+    data = makeBigPdf(2000)
+    assert renderDocument(job(data, pages="1999-")).pages == [1999, 2000]
+    assert rastered == [1999, 2000]
+    rastered.clear()
+    assert renderDocument(job(data)).pages == [1, 2, 3, 4, 5]
+    assert rastered == [1, 2, 3, 4, 5]
 
 
 def test_zeroPagePdfIsDamaged() -> None:
