@@ -7,6 +7,7 @@ section ``[section]`` is overridden by the environment variable ``PRIVATE_LLM_<S
 
 from __future__ import annotations
 
+from types import MappingProxyType
 import configparser
 import hashlib
 import ipaddress
@@ -15,6 +16,7 @@ import secrets
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -52,7 +54,7 @@ class ModelSpec:
     """How many images one message may carry (0 = any number)."""
 
 
-MODEL_MAPPING: dict[str, ModelSpec] = {
+MODEL_MAPPING: Mapping[str, ModelSpec] = MappingProxyType({
     spec.externalName: spec
     for spec in (
         ModelSpec("poweron-text-general", "qwen2.5:7b", "text",
@@ -73,10 +75,10 @@ MODEL_MAPPING: dict[str, ModelSpec] = {
         ModelSpec("poweron-transcribe", "", "stt",
                   "Speech to text with faster-whisper large-v3-turbo (whisper service)", 6.0, backend="whisper"),
     )
-}
+})
 
 
-MODEL_ALIASES: dict[str, str] = {"whisper-1": "poweron-transcribe"}
+MODEL_ALIASES: Mapping[str, str] = MappingProxyType({"whisper-1": "poweron-transcribe"})
 """Names clients send by convention (OpenAI's audio clients send whisper-1) and the external name they mean;
 aliases are accepted but never listed in /v1/models."""
 

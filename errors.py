@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,14 +11,14 @@ from starlette.responses import Response
 
 from requestContext import getMeta
 
-OPENAI_TYPES = {
+OPENAI_TYPES = MappingProxyType({
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
     413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
     429: "rate_limit_error", 503: "service_unavailable", 504: "timeout",
-}
+})
 
 
-HTTP_EXCEPTION_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+HTTP_EXCEPTION_CODES = MappingProxyType({404: "not_found", 405: "method_not_allowed", 413: "request_too_large"})
 
 
 class ServiceError(Exception):

@@ -19,7 +19,7 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 RETRY_AFTER_BUSY_SECONDS = 5
 
 
-WORKER_PRELOAD = ["__main__", "documentRender", "pymupdf", "PIL.Image"]
+WORKER_PRELOAD = ("__main__", "documentRender", "pymupdf", "PIL.Image")
 """Imported once by the fork server, so each worker (also after a restart) starts without importing them again."""
 
 
@@ -27,7 +27,7 @@ def _newExecutor(workers: int) -> ProcessPoolExecutor:
     """Workers are forked from a fork server (never from the running service, whose threads and sockets must not
     be copied). Processes start on the first render, or at once with ``warmUp``."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_PRELOAD)
+    context.set_forkserver_preload(list(WORKER_PRELOAD))
     return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=documentRender.initWorker)
 
 

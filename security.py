@@ -5,6 +5,7 @@ concurrency limits. ``installSecurity`` wires key rings, rate limiter, key gate,
 
 from __future__ import annotations
 
+from types import MappingProxyType
 import hashlib
 import hmac
 import inspect
@@ -26,13 +27,13 @@ SHA256_PREFIX = "sha256:"
 AUTH_SCOPE_KEY = "poweron.auth"
 ADMITTED_SCOPE_KEY = "poweron.admitted"
 KEY_CLASS_BY_PREFIX = (("/api/", KEY_CLASS_API), ("/v1/", KEY_CLASS_OPENAI))
-HOW_TO_SEND = {KEY_CLASS_API: "an analysis key in the X-API-Key header",
-               KEY_CLASS_OPENAI: "an OpenAI key as 'Authorization: Bearer <key>'"}
-CLASS_ROUTES = {KEY_CLASS_API: "/api/*", KEY_CLASS_OPENAI: "/v1/*"}
-OPTIONS_HEADERS = [(b"allow", b"GET, POST, DELETE, OPTIONS"), (b"content-length", b"0")]
+HOW_TO_SEND = MappingProxyType({KEY_CLASS_API: "an analysis key in the X-API-Key header",
+                                KEY_CLASS_OPENAI: "an OpenAI key as 'Authorization: Bearer <key>'"})
+CLASS_ROUTES = MappingProxyType({KEY_CLASS_API: "/api/*", KEY_CLASS_OPENAI: "/v1/*"})
+OPTIONS_HEADERS = ((b"allow", b"GET, POST, DELETE, OPTIONS"), (b"content-length", b"0"))
 """Answer to a plain OPTIONS on /api/* and /v1/* (no key needed; CORS preflights from allowed origins are answered
 by the CORS middleware before this)."""
-CORS_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining"]
+CORS_EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining")
 
 
 def keyDigest(key: str) -> bytes:
@@ -204,5 +205,5 @@ def installSecurity(app: FastAPI, settings: Settings, clock: Clock = time.monoto
     app.add_middleware(BodyLimitMiddleware, maxBytes=settings.limits.max_body_bytes)
     if settings.corsOrigins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.corsOrigins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["*"], expose_headers=CORS_EXPOSED_HEADERS, allow_credentials=False,
+                           allow_headers=["*"], expose_headers=list(CORS_EXPOSED_HEADERS), allow_credentials=False,
                            max_age=600)
