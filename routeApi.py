@@ -14,7 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 from analysisRequest import (AnalyzeFields, EmbedBody, StreamMode, TextBody, parseFields, readAnalyzeRequest,
                              readJsonBody)
-from config import ModelSpec, Settings
+from config import ModelSpec, Settings, resolveModel
 from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
 from dependencies import OllamaDep, RegistryDep, SettingsDep
 from documentAnalysis import (Answer, ModelCall, Usage, answerAll, combinedAnswer, documentCalls, doneReasonOf,
@@ -31,6 +31,8 @@ EMBED_BATCH_SIZE = 64
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 TYPE_CAPABILITIES = {"text": ["completion"], "reasoning": ["completion", "thinking"],
                      "vision": ["completion", "vision"], "embedding": ["embedding"], "stt": ["stt"]}
+FIXED_TYPES = frozenset({"embedding", "stt"})
+"""Model types whose capabilities never vary by model (other types may gain e.g. vision; Ollama tells)."""
 
 
 def _jsonResponse(body: Any) -> Response:
@@ -72,12 +74,27 @@ def _namesWith(registry: ModelRegistry, capability: str) -> str:
     return ", ".join(names) or "none available right now"
 
 
+def _capabilityError(registry: ModelRegistry, name: str, capability: str, what: str) -> ServiceError:
+    return ServiceError(400, f"The model `{name}` cannot {what}; use one of: {_namesWith(registry, capability)}",
+                        code="model_capability", param="model")
+
+
+def _typeRulesOut(spec: ModelSpec | None, capability: str) -> bool:
+    """True when the configured model can never have ``capability`` (an embedding or speech-to-text model),
+    whatever Ollama or whisper would say: known without asking either."""
+    if spec is None:
+        return False
+    return spec.backend != "ollama" or (spec.type in FIXED_TYPES and capability not in TYPE_CAPABILITIES[spec.type])
+
+
 async def _resolveWith(registry: ModelRegistry, name: str, capability: str, what: str) -> ResolvedModel:
-    """Resolve a model that must have ``capability``; 400 naming the model and the ones that would do."""
+    """Resolve a model that must have ``capability``; 400 naming the model and the ones that would do. The
+    configured type is checked first, so a model of the wrong kind is a 400 even while its backend is down."""
+    if _typeRulesOut(resolveModel(registry.settings, name), capability):
+        raise _capabilityError(registry, name, capability, what)
     resolved = await registry.resolve(name)
     if capability not in resolved.capabilities or resolved.spec.backend != "ollama":
-        raise ServiceError(400, f"The model `{name}` cannot {what}; use one of: {_namesWith(registry, capability)}",
-                           code="model_capability", param="model")
+        raise _capabilityError(registry, name, capability, what)
     return resolved
 
 

@@ -305,6 +305,19 @@ async def test_ollamaDownIs503ButBadInputIsStill4xx(makeSettings) -> None:
         assert down.status_code == 503 and down.headers.get("retry-after")
 
 
+@pytest.mark.parametrize("model", ["poweron-transcribe", "poweron-embed"])
+async def test_aModelOfTheWrongKindIs400EvenWhileItsBackendIsDown(makeSettings, model: str) -> None:
+    """Neither Ollama nor whisper answers: the configured type alone says the model cannot read documents."""
+    async for api in openApi(makeSettings()):
+        response = await analyze(api, makePdf(1), model=model)
+        assert (response.status_code, response.json()["code"]) == (400, "model_capability"), response.text
+        assert f"`{model}` cannot read images or PDFs" in response.json()["detail"]
+        text = await api.post("/api/text", json={"prompt": "Summarise", "text": "hi", "model": model})
+        assert (text.status_code, text.json()["code"]) == (400, "model_capability"), text.text
+        embed = await api.post("/api/embed", json={"texts": ["hi"], "model": "poweron-transcribe"})
+        assert (embed.status_code, embed.json()["code"]) == (400, "model_capability"), embed.text
+
+
 async def test_bigRenderDoesNotStallOtherRequests(settingsFor, stubControl) -> None:
     """While a worker renders five 30 MP pages, other requests are answered: they all finish before the rendered
     pages reach the model (the stub's clock and ours are the same monotonic clock)."""
