@@ -9,7 +9,7 @@ PDF and STT numbers come from bench/benchPdf.py and bench/benchStt.py when they 
 
 Environment: BENCH_QUICK=1 (smoke: 2 s runs, 1 round), BENCH_SECONDS, BENCH_ROUNDS, BENCH_CONCURRENCY (1,16,64),
 BENCH_PROBE_SECONDS, BENCH_SKIP_LITELLM=1, BENCH_SKIP_EXTRA=1, BENCH_SKIP_STUB=1, BENCH_OUTPUT (docu/performance.md),
-BENCH_SERVICE_CORE (0), BENCH_LOAD_CORE (1).
+BENCH_RESULTS_DIR (bench/results), BENCH_SERVICE_CORE (0), BENCH_LOAD_CORE (1).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import orjson
 
 from bench import litellmProxy, report
 from bench.procs import BenchProcess, coreBusySeconds, freePort
-from bench.streamProbe import (Endpoint, analyseGaps, holdStreams, probeLatency, probeSequential, runAsync,
-                               summariseLatency)
+from bench.streamProbe import (Endpoint, analyseGaps, holdStreams, probeConcurrentStreams, probeLatency,
+                               probeSequential, runAsync, summariseLatency)
 from bench.wrkRunner import WrkError, runWrk
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,15 +47,19 @@ PROMPT = "Say hello in one short sentence."
 START_TIMEOUT_SECONDS = 60
 LITELLM_START_TIMEOUT_SECONDS = 120
 PACING_DELAY_MS = 20.0
+PACING_CONCURRENCY = 16
+STUB_FACTOR_RULE = report.STUB_FACTOR_RULE
+"""The upstream must serve at least this many times the fastest gateway's rate, or it would be the bottleneck."""
 HOLD_DELAY_MS = 100.0
 OPEN_STREAMS = 200
 PROBE_MAX_REQUESTS_PER_SECOND = 20000
 SETTLE_SECONDS = 2.0
 WARM_UP_SECONDS = 2
+QUICK_WARM_UP_SECONDS = 1
 EXTRA_BENCHES = (("pdf", "bench.benchPdf"), ("stt", "bench.benchStt"))
 ENV_OVERRIDES = ("BENCH_QUICK", "BENCH_SECONDS", "BENCH_ROUNDS", "BENCH_CONCURRENCY", "BENCH_PROBE_SECONDS",
                  "BENCH_SKIP_LITELLM", "BENCH_SKIP_EXTRA", "BENCH_SKIP_STUB", "BENCH_OUTPUT", "BENCH_SERVICE_CORE",
-                 "BENCH_LOAD_CORE")
+                 "BENCH_LOAD_CORE", "BENCH_RESULTS_DIR")
 
 
 @dataclass
@@ -69,6 +73,7 @@ class BenchOptions:
     skipExtra: bool = False
     skipStub: bool = False
     output: Path = DEFAULT_OUTPUT
+    resultsDir: Path = RESULTS_DIR
     serviceCore: int = 0
     loadCore: int = 1
 
@@ -87,6 +92,7 @@ def optionsFromEnv(env: dict[str, str]) -> BenchOptions:
         probeSeconds=float(env.get("BENCH_PROBE_SECONDS", 1 if quick else 2)),
         skipLitellm=_flag(env, "BENCH_SKIP_LITELLM"), skipExtra=_flag(env, "BENCH_SKIP_EXTRA"),
         skipStub=quick or _flag(env, "BENCH_SKIP_STUB"), output=Path(env.get("BENCH_OUTPUT", DEFAULT_OUTPUT)),
+        resultsDir=Path(env.get("BENCH_RESULTS_DIR", RESULTS_DIR)),
         serviceCore=int(env.get("BENCH_SERVICE_CORE", 0)), loadCore=int(env.get("BENCH_LOAD_CORE", 1)))
 
 
@@ -263,9 +269,10 @@ class BenchRun:
     def warmUp(self) -> None:
         """Not recorded: first requests (lazy imports, upstream connections, LiteLLM's first calls) at the highest
         concurrency, so start-up work does not land in the first measured run's tail."""
+        seconds = QUICK_WARM_UP_SECONDS if self.options.quick else WARM_UP_SECONDS
         for target in self.measured():
             for stream in (False, True):
-                self.wrkOnce(target, stream, max(self.options.concurrencies), WARM_UP_SECONDS)
+                self.wrkOnce(target, stream, max(self.options.concurrencies), seconds)
 
     def roundOrder(self, roundIndex: int) -> list[Target]:
         order = self.measured()
@@ -293,19 +300,26 @@ class BenchRun:
                 slot = self.results["probe"].setdefault(str(concurrency), {})
                 slot.setdefault(target.name, []).append(summary)
                 print(f"  round {roundIndex + 1} ttfb      c={concurrency:<3} {target.label:16} "
-                      f"TTFB p50 {summary['ttfbP50Ms']:.2f} ms, total p50 {summary['totalP50Ms']:.2f} ms", flush=True)
+                      f"first byte p50 {summary['ttfbP50Ms']:.2f} ms, first content p50 "
+                      f"{summary['contentP50Ms']:.2f} ms, total p50 {summary['totalP50Ms']:.2f} ms", flush=True)
 
     def setPacing(self, delayMs: float) -> None:
         httpx.post(f"http://127.0.0.1:{self.upstreamPort}/_bench/config", json={"chunkDelayMs": delayMs},
                    timeout=5, trust_env=False).raise_for_status()
 
     def measurePacing(self, streams: int) -> None:
-        self.results["pacingStreams"] = streams
+        """Chunk gaps through each target with a paced upstream: ``streams`` sequential streams (concurrency 1),
+        then PACING_CONCURRENCY connections with 2 streams each (concurrency 16)."""
+        self.results["pacingStreams"], self.results["pacingConcurrency"] = streams, PACING_CONCURRENCY
         self.setPacing(PACING_DELAY_MS)
         try:
             for target in self.measured():
                 timings = runAsync(probeSequential(target.endpoint(True), streams))
                 self.results["pacing"][target.name] = analyseGaps([t.contentTimes for t in timings], PACING_DELAY_MS)
+                with self.underTest(target):
+                    loaded = runAsync(probeConcurrentStreams(target.endpoint(True), PACING_CONCURRENCY, 2))
+                gaps = analyseGaps([t.contentTimes for t in loaded], PACING_DELAY_MS)
+                self.results.setdefault("pacingConcurrent", {})[target.name] = gaps
         finally:
             self.setPacing(0)
 
@@ -341,7 +355,9 @@ class BenchRun:
             self.setPacing(0)
 
     def measureStub(self) -> None:
-        """The test stub's own speed on one core (why the bench uses bench/instantUpstream.py)."""
+        """The test stub's own speed on one core, measured first, before any upstream is chosen. The rule
+        (STUB_FACTOR_RULE): an upstream must serve >= 10x the fastest gateway's rate; the report compares the stub's
+        and bench/instantUpstream.py's rates with the gateways' and says which one meets it."""
         port = freePort()
         stub = self.launch("stub", [sys.executable, "-m", "tests.ollamaStub", "--host", "127.0.0.1", "--port",
                                     str(port), "--models", OLLAMA_MODEL, "--chunks", str(CHUNKS), "--no-record"],
@@ -351,10 +367,11 @@ class BenchRun:
             concurrency = max(self.options.concurrencies)
             speeds = {}
             for stream in (False, True):
-                result = runWrk(f"http://127.0.0.1:{port}/api/chat", self.targets["direct"].bodyFiles[stream], "",
+                bodyFile = self.bodyFile(f"stub-{'stream' if stream else 'whole'}", ollamaBody(stream))
+                result = runWrk(f"http://127.0.0.1:{port}/api/chat", bodyFile, "",
                                 concurrency, self.options.wrkSeconds, self.options.loadCore)
                 speeds["stream" if stream else "nonstream"] = result.rps
-            self.results["stub"] = {"concurrency": concurrency, **speeds}
+            self.results["stub"] = {"concurrency": concurrency, "rule": STUB_FACTOR_RULE, **speeds}
         except (RuntimeError, TimeoutError, WrkError) as exc:
             self.notes.append(f"tests/ollamaStub.py could not be measured: {str(exc).splitlines()[0]}")
         finally:
@@ -363,6 +380,8 @@ class BenchRun:
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         self.results["loadBefore"] = loadAverage()
+        if not self.options.skipStub:
+            self.measureStub()
         self.startUpstream()
         self.startService()
         self.startLitellm()
@@ -377,8 +396,6 @@ class BenchRun:
         self.holdOpenStreams()
         time.sleep(SETTLE_SECONDS)
         self.sampleRss("after")
-        if not self.options.skipStub:
-            self.measureStub()
         self.notes.append(f"service, LiteLLM and upstream measurements took {time.monotonic() - started:.0f} s")
         return self.results
 
@@ -475,6 +492,7 @@ def buildMeta(options: BenchOptions, results: dict[str, Any], elapsed: float) ->
             "elapsedSeconds": elapsed, "rounds": options.rounds, "concurrencies": options.concurrencies,
             "wrkSeconds": options.wrkSeconds, "probeSeconds": options.probeSeconds, "pacingDelayMs": PACING_DELAY_MS,
             "pacingStreams": results.get("pacingStreams", 0),
+            "pacingConcurrency": results.get("pacingConcurrency", PACING_CONCURRENCY),
             "litellmVersion": results.get("litellmVersion"), "wrkVersion": wrkVersion(),
             "loadBefore": results.get("loadBefore"), "loadAfter": loadAverage(),
             "pinning": f"servers under test (service, LiteLLM, and the upstream while it is measured directly) on core "
@@ -495,11 +513,6 @@ def wrkVersion() -> str:
 def upstreamDescription(results: dict[str, Any]) -> str:
     text = (f"bench/instantUpstream.py (raw asyncio protocol on uvloop, Ollama /api/chat NDJSON contract, {CHUNKS} "
             f"chunks per streamed reply, {CHUNKS}-word non-streaming reply)")
-    stub = results.get("stub")
-    if stub:
-        text += (f"; the test stub tests/ollamaStub.py (uvicorn ASGI) served {stub['nonstream']:,.0f} req/s "
-                 f"non-streaming and {stub['stream']:,.0f} streaming at concurrency {stub['concurrency']} on one core "
-                 "in this run, too close to the gateways' rates to be the limit")
     return text
 
 
@@ -511,9 +524,9 @@ def writeOutputs(results: dict[str, Any], options: BenchOptions) -> str:
     text = report.renderReport(results)
     options.output.parent.mkdir(parents=True, exist_ok=True)
     options.output.write_text(text, encoding="utf-8")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    options.resultsDir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (RESULTS_DIR / f"bench-{stamp}.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    (options.resultsDir / f"bench-{stamp}.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     return text
 
 

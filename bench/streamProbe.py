@@ -38,12 +38,19 @@ class Endpoint:
 
 @dataclass(slots=True)
 class StreamTiming:
-    """One streamed response: status, time to first body byte, content line arrival times, total (seconds)."""
+    """One streamed response: status, time to first body byte, content line arrival times, total (seconds).
+
+    ``ttfb`` is the first body byte: for the service the OpenAI role frame it sends before any upstream content, for
+    the upstream its first content chunk. ``firstContent`` (the first line carrying content) compares like with like."""
 
     status: int = 0
     ttfb: float = 0.0
     total: float = 0.0
     contentTimes: list[float] = field(default_factory=list)
+
+    @property
+    def firstContent(self) -> float:
+        return self.contentTimes[0] if self.contentTimes else 0.0
 
 
 class ProbeError(RuntimeError):
@@ -131,6 +138,12 @@ async def probeSequential(endpoint: Endpoint, count: int) -> list[StreamTiming]:
     return results
 
 
+async def probeConcurrentStreams(endpoint: Endpoint, concurrency: int, perConnection: int) -> list[StreamTiming]:
+    """``concurrency`` connections, each sending ``perConnection`` streams one after the other (pacing under load)."""
+    perWorker = await asyncio.gather(*(probeSequential(endpoint, perConnection) for _ in range(concurrency)))
+    return [timing for timings in perWorker for timing in timings]
+
+
 async def holdStreams(endpoint: Endpoint, count: int, sampleAfter: float, sample: Callable[[], Any],
                       capSeconds: float) -> dict[str, Any]:
     """Open ``count`` streams at once, call ``sample()`` after ``sampleAfter`` seconds (while they are open),
@@ -166,12 +179,14 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 def summariseLatency(timings: list[StreamTiming], seconds: float) -> dict[str, Any]:
-    """TTFB and total percentiles in milliseconds, streams per second and failures."""
+    """TTFB (first byte), first content line and total percentiles in milliseconds, streams per second, failures."""
     good = [t for t in timings if t.status == 200]
     ttfb = [t.ttfb * 1000.0 for t in good]
+    content = [t.firstContent * 1000.0 for t in good if t.contentTimes]
     total = [t.total * 1000.0 for t in good]
     return {"streams": len(good), "failed": len(timings) - len(good), "streamsPerSecond": len(good) / seconds,
             "ttfbP50Ms": percentile(ttfb, 50), "ttfbP99Ms": percentile(ttfb, 99),
+            "contentP50Ms": percentile(content, 50), "contentP99Ms": percentile(content, 99),
             "totalP50Ms": percentile(total, 50), "totalP99Ms": percentile(total, 99),
             "contentLines": round(sum(len(t.contentTimes) for t in good) / max(1, len(good)), 1)}
 
@@ -184,7 +199,8 @@ def analyseGaps(streams: list[list[float]], delayMs: float) -> dict[str, Any]:
     coalesced = sum(1 for gap in gaps if gap < delayMs / 4.0)
     return {"streams": len(streams), "chunksPerStream": round(sum(map(len, streams)) / max(1, len(streams)), 1),
             "gaps": len(gaps), "gapP10Ms": percentile(gaps, 10), "gapP50Ms": percentile(gaps, 50),
-            "gapP90Ms": percentile(gaps, 90), "coalesced": coalesced, "delayMs": delayMs}
+            "gapP90Ms": percentile(gaps, 90), "coalesced": coalesced,
+            "coalescedShare": coalesced / len(gaps) if gaps else 0.0, "delayMs": delayMs}
 
 
 def runAsync(coroutine: Any) -> Any:

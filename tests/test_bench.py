@@ -1,8 +1,14 @@
-"""The benchmark harness's parsing and report functions on canned data (no timing assertions, no processes)."""
+"""The benchmark harness's parsing and report functions on canned data (no timing assertions), and one smoke run of
+the real harness end to end (c=1, ~1 s runs, no LiteLLM, no extras) that checks the report's shape."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +16,9 @@ from bench import report
 from bench.instantUpstream import UpstreamState, decodeChunkedBody, parseHead
 from bench.procs import parseCoreBusyTicks, parseCpuTicks, parseVmRss
 from bench.run import BenchOptions, openAiBody, optionsFromEnv, serverCpu, serviceIni
+from bench.benchStt import summarise, tableRows, wordErrorRate, withRatios
 from bench.streamProbe import LineClock, StreamTiming, analyseGaps, percentile, summariseLatency
+from tests.conftest import REPO_ROOT
 from bench.wrkRunner import WrkError, parseWrkOutput, wrkCommand
 from config import parsePerKeyLimits
 
@@ -62,6 +70,15 @@ def test_lineClock_timesContentLinesOnly() -> None:
     clock.feed(b'{"content":"word0 "}}]}\n\ndata: [DONE]\n\n')
     assert len(timing.contentTimes) == 1
     assert timing.ttfb > 0
+    assert timing.firstContent >= timing.ttfb
+
+
+def test_firstContent_isTheFirstContentLineNotTheRoleFrame() -> None:
+    timing = StreamTiming(200, ttfb=0.001, total=0.010, contentTimes=[0.004, 0.006])
+    assert timing.firstContent == 0.004
+    summary = summariseLatency([timing], 1.0)
+    assert summary["ttfbP50Ms"] == pytest.approx(1.0) and summary["contentP50Ms"] == pytest.approx(4.0)
+    assert StreamTiming().firstContent == 0.0
 
 
 def test_analyseGaps_countsCoalescedChunks() -> None:
@@ -71,6 +88,7 @@ def test_analyseGaps_countsCoalescedChunks() -> None:
     bunched = [[0.0, 0.0001, 0.0002, 0.0103]]
     result = analyseGaps(bunched, 10.0)
     assert result["coalesced"] == 2 and result["gaps"] == 3
+    assert result["coalescedShare"] == pytest.approx(2 / 3)
 
 
 def test_summariseLatency_skipsFailures() -> None:
@@ -128,6 +146,7 @@ def cannedResults(withService: bool = True) -> dict:
 
     def probe(ttfb: float) -> list[dict]:
         return [{"streams": 100, "failed": 0, "streamsPerSecond": 50.0, "ttfbP50Ms": ttfb, "ttfbP99Ms": ttfb * 3,
+                 "contentP50Ms": ttfb * 1.5, "contentP99Ms": ttfb * 4,
                  "totalP50Ms": ttfb * 2, "totalP99Ms": ttfb * 4, "contentLines": 32.0}]
 
     byTarget = {"service": (1500.0, 0.9, 60.0), "litellm": (250.0, 3.7, 300.0), "direct": (24000.0, 0.1, 3.0)}
@@ -142,7 +161,8 @@ def cannedResults(withService: bool = True) -> dict:
         "meta": {"date": "2026-01-01 10:00 UTC", "nproc": 2, "cpuModel": "AMD EPYC", "memGiB": 24.0,
                  "kernel": "Linux 6.1", "python": "3.11.7", "command": "make bench", "gitCommit": "abc1234",
                  "elapsedSeconds": 300.0, "rounds": 1, "concurrencies": [1, 64], "wrkSeconds": 5.0,
-                 "probeSeconds": 2.0, "pacingDelayMs": 10.0, "pacingStreams": 5, "litellmVersion": "1.74.4",
+                 "probeSeconds": 2.0, "pacingDelayMs": 10.0, "pacingStreams": 5, "pacingConcurrency": 16,
+                 "litellmVersion": "1.74.4",
                  "wrkVersion": "debian/4.1.0", "pinning": "server on core 0, wrk on core 1",
                  "upstream": "bench/instantUpstream.py"},
         "targets": {"service": {"label": "service", "available": withService,
@@ -152,6 +172,9 @@ def cannedResults(withService: bool = True) -> dict:
         "wrk": wrkData,
         "probe": {str(c): {t: probe(v[1]) for t, v in byTarget.items()} for c in (1, 64)},
         "pacing": {t: gaps for t in byTarget},
+        "pacingConcurrent": {t: {**gaps, "streams": 32, "gaps": 992, "coalesced": 10 if t == "service" else 0}
+                             for t in byTarget},
+        "stub": {"concurrency": 64, "rule": 10.0, "nonstream": 1800.0, "stream": 900.0},
         "memory": {"service": {"idle": 60 * mib, "rounds": [80 * mib], "after": 81 * mib,
                                "streams": {"sample": 90 * mib, "streams": 200, "startedAtSample": 200,
                                            "completed": 200}}} if withService else {},
@@ -178,6 +201,47 @@ def test_renderReport_tablesRatiosAndGoals() -> None:
     assert "| 64 | service | 1,500 | 0.90 | 1.35 | 60.0 | 0 | 0.667 | 100% | 25% | 1 |" in text
     assert "the machine was busy" in text
     assert "## Hot-path changes measured with this harness" in text
+    assert "Measured but not applied" not in text and "split on newlines" in text
+
+
+def test_renderReport_ttfbGoalUsesTheFirstContentLineAndShowsTheFirstByte() -> None:
+    text = report.renderReport(cannedResults())
+    # first content: service 0.9 * 1.5 vs direct 0.1 * 1.5 -> 1.20 ms; first byte 0.9 - 0.1 -> 0.80 ms
+    assert "| streaming TTFB overhead at concurrency 1 (p50, first content line) | <= 2 ms | 1.20 ms | yes |" in text
+    assert "for information) | reported | 0.80 ms | — |" in text
+    assert "| 1 | service | 0.90 | 2.70 | 1.35 | 3.60 | 1.80 | 3.60 | 50 | 32.0 | 0.80 | 1.20 |" in text
+    assert "role frame" in text
+
+
+def test_renderReport_pacingAtConcurrency16WithShareCoalesced() -> None:
+    text = report.renderReport(cannedResults())
+    assert "| 16 | service | 32 | 32.0 | 9.80 | 10.1 | 10.5 | 10 of 992 | 1% |" in text
+    assert "| no coalescing of streamed chunks at concurrency 16 | gaps as upstream's | 10 of 992 gaps " \
+           "coalesced (1%), p50 10.1 ms (upstream 10.1 ms) | yes |" in text
+    results = cannedResults()
+    results["pacingConcurrent"]["service"]["coalesced"] = 400
+    assert "at concurrency 16 | gaps as upstream's | 400 of 992 gaps coalesced (40%)" in report.renderReport(results)
+    assert "concurrency 16 | gaps as upstream's | 400 of 992 gaps coalesced (40%), p50 10.1 ms (upstream 10.1 ms) " \
+           "| **no** |" in report.renderReport(results)
+
+
+def test_renderReport_memoryGrowthFromIdleAndFromRoundOne() -> None:
+    text = report.renderReport(cannedResults())
+    assert "| service | 60.0 | 90.0 | 200 / 200 | 80.0 | 81.0 | +21.0 | +1.0 |" in text
+    assert "| service RSS growth, after round 1 → after run (leak check) | ≈ 0 (<= 5 MiB) | 1.00 MiB | yes |" in text
+    assert "| service RSS growth, idle → after run (includes warm-up: imports, pools, caches) | reported | 21.0 MiB " \
+           "| — |" in text
+
+
+def test_upstreamChoice_statesTheRuleAndTheNumbers() -> None:
+    text = report.upstreamChoice(cannedResults())
+    assert ">= 10x the fastest gateway's rate" in text
+    assert "1,800 req/s non-streaming and 900 streaming" in text
+    assert "= 1.2x the fastest gateway (1,500 req/s, service" in text and "it fails the rule" in text
+    assert "instantUpstream.py served up to 24,000 req/s = 16.0x" in text
+    results = cannedResults()
+    del results["stub"]
+    assert "was not measured" in report.upstreamChoice(results)
 
 
 def test_renderReport_withoutService_marksNotAvailable() -> None:
@@ -185,6 +249,44 @@ def test_renderReport_withoutService_marksNotAvailable() -> None:
     assert "| 1 | service | n/a | n/a |" in text
     assert "not measured: first chat request answered 404" in text
     assert "| added p50 at concurrency 1, non-streaming | <= 1 ms | n/a | n/a |" in text
+
+
+def test_benchStt_werAndTableRows() -> None:
+    assert wordErrorRate("The quick brown fox", "the quick brown fox.") == 0.0
+    assert wordErrorRate("one two three four", "one three four five") == pytest.approx(0.5)
+    results = withRatios({"inProcess": {"medianSeconds": 1.0, "minSeconds": 0.9, "wer": 0.0},
+                          "mainService": {"medianSeconds": 1.1, "minSeconds": 1.0, "wer": 0.25}}, 10.0)
+    rows = tableRows("short", 10.0, results)
+    assert rows[1] == "| short (10.0 s) | main service → whisper (openai SDK) | 1.10 s (min 1.00) | 0.110 | +100 ms " \
+                      "(+10.0 %) | 25.0 % |"
+    options = {"label": "tiny.en", "device": "cpu", "computeType": "int8", "threads": 2, "runs": 3}
+    summary = summarise({"short": {"seconds": 10.0, "results": results}}, options)
+    assert rows[0] in summary["markdown"] and "median of 3 runs" in summary["markdown"]
+
+
+SMOKE_ENV = {"BENCH_QUICK": "1", "BENCH_SKIP_EXTRA": "1", "BENCH_SKIP_LITELLM": "1", "BENCH_CONCURRENCY": "1",
+             "BENCH_SECONDS": "1", "BENCH_PROBE_SECONDS": "0.5"}
+SMOKE_TIMEOUT_SECONDS = 90
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None or shutil.which("taskset") is None, reason="wrk/taskset missing")
+def test_benchSmoke_realHarnessEndToEnd(tmp_path: Path) -> None:
+    """``python -m bench.run`` with the service and the instant upstream, c=1 only (~30 s on two cores)."""
+    output = tmp_path / "performance.md"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("BENCH_", "PRIVATE_LLM_"))}, **SMOKE_ENV,
+           "BENCH_OUTPUT": str(output), "BENCH_RESULTS_DIR": str(tmp_path / "results")}
+    result = subprocess.run([sys.executable, "-m", "bench.run"], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=SMOKE_TIMEOUT_SECONDS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = output.read_text(encoding="utf-8")
+    assert "## Goals of the issue (measured in this run)" in text
+    assert "| streaming TTFB overhead at concurrency 1 (p50, first content line) |" in text
+    for mode in ("Non-streaming", "Streaming, 32 chunks"):
+        table = text.split(f"## {mode} `/v1/chat/completions`", 1)[1].split("\n## ", 1)[0]
+        for label in ("service", "upstream direct"):
+            row = next(line for line in table.splitlines() if line.startswith(f"| 1 | {label} |"))
+            assert float(row.split("|")[3].replace(",", "")) > 0, row
+    assert list((tmp_path / "results").glob("bench-*.json"))
 
 
 def test_throughputTable_marksCpuOfRunsWithFewRequests() -> None:
