@@ -7,6 +7,7 @@ complete, including the end of a stream. Content (prompts, files, answers) never
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 META_SCOPE_KEY = "poweron.meta"
+PARAMETER = re.compile(r"\{[^}/]+\}")
 REQUEST_ID_HEADER = b"x-request-id"
 logger = logging.getLogger("poweron.request")
 
@@ -65,6 +67,29 @@ def _incomingRequestId(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+def _templatePattern(template: str) -> re.Pattern[str]:
+    """``/v1/models/{modelId}`` -> a regular expression matching its concrete paths."""
+    parts = PARAMETER.split(template)
+    return re.compile("^" + "[^/]+".join(re.escape(part) for part in parts) + "$")
+
+
+def _routePatterns(app: Any) -> tuple[tuple[re.Pattern[str], str], ...]:
+    """The app's route templates as regular expressions, built once from its OpenAPI paths."""
+    patterns = getattr(app.state, "routePatterns", None)
+    if patterns is None:
+        patterns = tuple((_templatePattern(path), path) for path in app.openapi().get("paths", {}))
+        app.state.routePatterns = patterns
+    return patterns
+
+
+def _routeTemplateOf(scope: Scope) -> str | None:
+    """The template of the route a request refused before routing (401 key gate, 413 body limit) was meant for."""
+    app = scope.get("app")
+    if app is None or not hasattr(app, "openapi"):
+        return None
+    return next((template for pattern, template in _routePatterns(app) if pattern.match(scope["path"])), None)
+
+
 class RequestContextMiddleware:
     """Pure ASGI middleware: creates RequestMeta, returns X-Request-ID, notifies observers at the end."""
 
@@ -93,7 +118,7 @@ class RequestContextMiddleware:
             raise
         finally:
             meta.durationSeconds = time.perf_counter() - meta.startTime
-            meta.route = getattr(scope.get("route"), "path_format", None)
+            meta.route = getattr(scope.get("route"), "path_format", None) or _routeTemplateOf(scope)
             self._finish(meta)
             self._notify(meta)
 

@@ -73,6 +73,21 @@ async def test_everyRequestGetsOneLineWithItsRequestId(makeSettings, caplog: pyt
     assert [(r["status"], r["key"], r["rateLimited"]) for r in records] == [
         (200, "cursor", False), (429, "cursor", True), (401, None, False), (200, None, False)]
     assert records[0]["route"] == "/v1/models" and records[0]["durationMs"] > 0
+    assert records[2]["route"] == "/v1/models"  # refused by the key gate before routing, still attributed
+
+
+async def test_requestsRefusedBeforeRoutingNameTheirRoute(makeSettings, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+    app = createApp(makeSettings(limits={"max_body_bytes": 2048}))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://testserver") as client:
+        tooBig = await client.post("/v1/chat/completions", content=b"x" * 4096,
+                                   headers={"Authorization": f"Bearer {OPENAI_KEY}"})
+        noKey = await client.get("/v1/models/poweron-embed")
+        nowhere = await client.get("/v1/no-such-route", headers={"Authorization": f"Bearer {OPENAI_KEY}"})
+    records = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert (tooBig.status_code, noKey.status_code, nowhere.status_code) == (413, 401, 404)
+    assert [r["route"] for r in records] == ["/v1/chat/completions", "/v1/models/{modelId}", None]
 
 
 # --- the full cycle through the real service ----------------------------------------------------------------------
