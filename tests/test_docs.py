@@ -35,7 +35,8 @@ from tests.documentSamples import makeImage, makePdf
 from tests.ollamaStub import StubServer
 
 DOCU = REPO_ROOT / "docu"
-OPERATIONS_DOCS = ("architecture.md", "setupserver.md", "migration.md", "integration.md")
+OPERATIONS_DOCS = ("architecture.md", "setupserver.md", "migration.md", "integration.md", "analysis-api.md",
+                   "speech-to-text.md", "security.md")
 WORKFLOWS = REPO_ROOT / ".forgejo" / "workflows"
 SERVICE_UNITS = ("poweron-llm.service", "poweron-whisper.service")
 HARDENING = {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes", "ProtectHome": "yes",
@@ -43,7 +44,7 @@ HARDENING = {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": 
              "IPAddressDeny": "any", "IPAddressAllow": "localhost"}
 OLLAMA_VARIABLES = ("OLLAMA_HOST", "OLLAMA_NUM_PARALLEL", "OLLAMA_MAX_LOADED_MODELS", "OLLAMA_KEEP_ALIVE",
                     "OLLAMA_MAX_QUEUE", "OLLAMA_NO_CLOUD")
-MARKER = re.compile(r"^<!-- (tested|server|example|validated: [a-z0-9-]+) -->$")
+MARKER = re.compile(r"^<!-- (tested|server|example|validated: [a-z0-9-]+) -->$|^<!-- [a-z]+-(example) -->$")
 FENCE = re.compile(r"^\s*```(\w*)\s*$")
 BLOCK_TIMEOUT_SECONDS = 180
 STUB_MODELS = ["qwen2.5:7b", "qwen2.5vl:7b", "granite3.2-vision", "nomic-embed-text"]
@@ -81,7 +82,8 @@ def docBlocks(path: Path) -> list[DocBlock]:
         previous = next((line.strip() for line in reversed(lines[:index]) if line.strip()), "")
         marker = MARKER.match(previous)
         text = textwrap.dedent("\n".join(lines[index + 1:end])) + "\n"
-        blocks.append(DocBlock(path, index + 1, opening.group(1), marker.group(1) if marker else None, text))
+        kind = (marker.group(1) or marker.group(2)) if marker else None
+        blocks.append(DocBlock(path, index + 1, opening.group(1), kind, text))
         index = end + 1
     return blocks
 
@@ -412,6 +414,12 @@ def test_relativeLinksResolve():
 # ------------------------------------------------------------------------------------------------ tested blocks
 
 
+def neutralisationExample() -> str:
+    """The request body analysis-api.md shows for neutralising personal data (its curl block posts the file)."""
+    return next(block.text for block in docBlocks(DOCU / "analysis-api.md")
+                if block.marker == "example" and '"replacements"' in block.text and block.language == "json")
+
+
 @pytest.fixture(scope="module")
 def workDir(tmp_path_factory) -> Path:
     """The directory the tested blocks run in, with the sample files they name."""
@@ -419,7 +427,11 @@ def workDir(tmp_path_factory) -> Path:
 
     directory = tmp_path_factory.mktemp("docs")
     (directory / "invoice.png").write_bytes(makeImage(800, 600))
-    (directory / "letter.pdf").write_bytes(makePdf(2))
+    (directory / "note.png").write_bytes(makeImage(600, 400))
+    (directory / "receipt.jpg").write_bytes(makeImage(600, 800, fmt="JPEG"))
+    for name in ("letter.pdf", "invoice.pdf", "scan.pdf"):
+        (directory / name).write_bytes(makePdf(3))
+    (directory / "neutralise.json").write_text(neutralisationExample(), encoding="utf-8")
     speak(SHORT_TEXT, directory / "meeting.wav")
     return directory
 
