@@ -64,11 +64,14 @@ def _pngChunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def makePixelBombPng(width: int = 20000, height: int = 20000) -> bytes:
-    """A tiny file whose PNG header claims width x height pixels (decoding would need gigabytes)."""
+def makePixelBombPng(width: int = 20000, height: int = 20000, padding: int = 0) -> bytes:
+    """A tiny file whose PNG header claims width x height pixels (decoding would need gigabytes); ``padding``
+    bytes of text chunk make the file itself big."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     rows = zlib.compress(b"\x00" + b"\x00" * (width * 3) * 1)
-    return b"\x89PNG\r\n\x1a\n" + _pngChunk(b"IHDR", header) + _pngChunk(b"IDAT", rows) + _pngChunk(b"IEND", b"")
+    text = _pngChunk(b"tEXt", b"padding\x00" + b"x" * padding) if padding else b""
+    return (b"\x89PNG\r\n\x1a\n" + _pngChunk(b"IHDR", header) + text + _pngChunk(b"IDAT", rows)
+            + _pngChunk(b"IEND", b""))
 
 
 def makeZipNamedPdf() -> bytes:

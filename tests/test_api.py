@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import os
 import re
 import tempfile
 import time
+import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import orjson
+import pymupdf
 import pytest
 
 from app import createApp
@@ -283,19 +287,68 @@ async def test_tooLargeFileIs413(settingsFor, stubControl) -> None:
     assert upstream(stubControl) == []
 
 
-async def test_uploadsStayInMemory(api, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 5 MB upload (five times Starlette's default spool size) is never rolled over into a temporary file."""
+@pytest.fixture
+def noTempFiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any temporary file (a spooled upload rolling over to disk included) fails the request."""
 
     def noDisk(*args, **kwargs):
         raise AssertionError("an upload was about to be written to a temporary file")
 
-    monkeypatch.setattr(tempfile, "TemporaryFile", noDisk)
-    monkeypatch.setattr(tempfile, "NamedTemporaryFile", noDisk)
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp"):
+        monkeypatch.setattr(tempfile, name, noDisk)
+
+
+SPOOL_PADDING = 2_000_000
+"""Bad uploads are padded past Starlette's default 1 MB spool size, so a spooling parser would reach the disk."""
+
+
+def bigZip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("invoice.pdf", os.urandom(SPOOL_PADDING))
+    return buffer.getvalue()
+
+
+def bigEncryptedPdf() -> bytes:
+    doc = pymupdf.open()
+    doc.new_page().insert_image(pymupdf.Rect(50, 50, 300, 300), stream=makeNoisePng(820, 820))
+    return doc.tobytes(encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="x", owner_pw="x-owner")
+
+
+BAD_UPLOADS = [
+    ("empty", lambda: b"", 400, "empty_file"),
+    ("zip as pdf", bigZip, 415, "unsupported_file_type"),
+    ("truncated pdf", lambda: b"%PDF-1.7\n1 0 obj\n<< /Length 9000000 >>\nstream\n" + os.urandom(SPOOL_PADDING),
+     422, "damaged_pdf"),
+    ("encrypted pdf", bigEncryptedPdf, 422, "pdf_password_required"),
+    ("huge png", lambda: makePixelBombPng(20000, 20000, SPOOL_PADDING), 413, "image_too_large"),
+    ("over the file limit", lambda: makeNoisePng(1300, 1300), 413, "file_too_large"),
+]
+
+
+@pytest.mark.parametrize(("make", "status", "code"), [b[1:] for b in BAD_UPLOADS], ids=[b[0] for b in BAD_UPLOADS])
+async def test_badUploadsStayInMemory(settingsFor, stubControl, noTempFiles, make, status: int, code: str) -> None:
+    """Refused uploads are never written to disk either, sent as multipart or as base64 in JSON."""
+    data = make()
+    async for api in openApi(settingsFor(limits={"max_file_bytes": 4_000_000})):
+        responses = [await analyze(api, data)]
+        if data:  # JSON cannot carry an empty file (its `file` field must not be empty)
+            responses.append(await api.post("/api/analyze", json={"file": base64.b64encode(data).decode(),
+                                                                  "prompt": PROMPT}))
+    for response in responses:
+        assert (response.status_code, response.json()["code"]) == (status, code), response.text
+    assert upstream(stubControl) == []
+
+
+async def test_uploadsStayInMemory(api, noTempFiles) -> None:
+    """A 5 MB upload (five times Starlette's default spool size) is never rolled over into a temporary file."""
     data = makeNoisePng(1300, 1300)
     assert len(data) > 5_000_000
     response = await analyze(api, data)
     assert response.status_code == 200, response.text
     assert response.json()["images"][0]["width"] * response.json()["images"][0]["height"] <= QWEN_BUDGET
+    viaJson = await api.post("/api/analyze", json={"file": base64.b64encode(data).decode(), "prompt": PROMPT})
+    assert viaJson.status_code == 200, viaJson.text
 
 
 async def test_ollamaDownIs503ButBadInputIsStill4xx(makeSettings) -> None:
