@@ -44,6 +44,13 @@ NUMBER_OPTIONS = (  # (OpenAI field, Ollama option, lowest, highest)
     ("min_p", "min_p", 0.0, 1.0),
     ("repetition_penalty", "repeat_penalty", 0.0, 10.0),
 )
+MAX_TOKENS_RANGE = (1, 1_000_000)
+"""``max_tokens`` / ``max_completion_tokens``: far above any model's context, far below what breaks JSON."""
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""A signed 64-bit integer, as Ollama takes it (-1 keeps meaning "random" for llama.cpp)."""
+TOP_K_RANGE = (1, 1000)
+DIMENSIONS_RANGE = (1, 16384)
+"""The same limit as ``dimensions`` on /api/embed."""
 REASONING_EFFORTS: dict[str, bool | str] = {
     "none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high",
 }
@@ -88,11 +95,13 @@ def _number(value: Any, name: str, low: float, high: float) -> float:
     return value
 
 
-def _integer(value: Any, name: str, low: int) -> int:
+def _integer(value: Any, name: str, bounds: tuple[int, int]) -> int:
+    """An integer within ``bounds`` (inclusive); a whole float such as 5.0 counts."""
+    low, high = bounds
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise invalid(f"`{name}` must be an integer of at least {low}", name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise invalid(f"`{name}` must be an integer from {low:,} to {high:,}", name)
     return value
 
 
@@ -121,12 +130,12 @@ def buildOptions(body: dict[str, Any], numCtx: int) -> dict[str, Any]:
             options[option] = _number(value, field, low, high)
     for field in ("max_completion_tokens", "max_tokens"):
         if body.get(field) is not None:
-            options["num_predict"] = _integer(body[field], field, 1)
+            options["num_predict"] = _integer(body[field], field, MAX_TOKENS_RANGE)
             break
     if body.get("seed") is not None:
-        options["seed"] = _integer(body["seed"], "seed", -(2**63))
+        options["seed"] = _integer(body["seed"], "seed", SEED_RANGE)
     if body.get("top_k") is not None:
-        options["top_k"] = _integer(body["top_k"], "top_k", 1)
+        options["top_k"] = _integer(body["top_k"], "top_k", TOP_K_RANGE)
     if body.get("stop") is not None:
         options["stop"] = _stopList(body["stop"])
     return options
@@ -669,7 +678,7 @@ def embeddingOptions(body: dict[str, Any]) -> tuple[bool, int | None]:
         raise invalid("`encoding_format` must be float or base64", "encoding_format")
     dimensions = body.get("dimensions")
     if dimensions is not None:
-        dimensions = _integer(dimensions, "dimensions", 1)
+        dimensions = _integer(dimensions, "dimensions", DIMENSIONS_RANGE)
     return encoding == "base64", dimensions
 
 

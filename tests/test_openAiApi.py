@@ -324,6 +324,23 @@ async def test_invalid_requests_are_400_in_openai_shape(client: AsyncOpenAI, bod
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 
 
+@pytest.mark.parametrize("field", ["seed", "max_tokens", "max_completion_tokens", "top_k"])
+async def test_oversized_integers_are_400_not_500(client: AsyncOpenAI, stubControl: httpx.Client,
+                                                  field: str) -> None:
+    for value in (2**70, 2**64 - 1):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model=TEXT, messages=HELLO, extra_body={field: value})
+        assert info.value.body["param"] == field and "must be an integer from" in info.value.message
+    assert upstreamChats(stubControl) == []
+
+
+async def test_oversized_embedding_dimensions_are_400_not_500(client: AsyncOpenAI) -> None:
+    for dimensions in (2**70, 2**64 - 1, 16385):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.embeddings.create(model=EMBED, input="x", dimensions=dimensions)
+        assert info.value.body["param"] == "dimensions" and "from 1 to 16,384" in info.value.message
+
+
 async def test_body_that_is_not_json_is_400_in_openai_shape(client: AsyncOpenAI) -> None:
     response = await client._client.post("http://service/v1/chat/completions", content=b"{nope",
                                          headers={"Authorization": f"Bearer {OPENAI_KEY}"})

@@ -95,6 +95,33 @@ def test_bad_parameter_values_are_400_naming_the_parameter(field: str, value: ob
     assert error.status == 400 and error.param == field and f"`{field}`" in error.message
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("seed", 2**70), ("seed", 2**63), ("seed", -(2**63) - 1), ("max_tokens", 2**70), ("max_tokens", 1_000_001),
+    ("max_completion_tokens", 2**64), ("max_completion_tokens", 1e30), ("top_k", 2**70), ("top_k", 1001),
+    ("top_k", 0),
+])
+def test_oversized_integers_are_400_naming_the_parameter_and_its_range(field: str, value: object) -> None:
+    error = rejected({"messages": USER, field: value})
+    assert (error.status, error.param) == (400, field)
+    assert f"`{field}` must be an integer from" in error.message
+
+
+def test_integers_at_the_documented_bounds_pass_and_serialise() -> None:
+    options = plan({"messages": USER, "seed": 2**63 - 1, "max_tokens": 1_000_000, "top_k": 1000}).payload["options"]
+    assert (options["seed"], options["num_predict"], options["top_k"]) == (2**63 - 1, 1_000_000, 1000)
+    assert plan({"messages": USER, "seed": -1}).payload["options"]["seed"] == -1
+    orjson.dumps(options)
+
+
+@pytest.mark.parametrize("dimensions", [2**70, 16385, 0, -3])
+def test_embedding_dimensions_out_of_range_are_400(dimensions: int) -> None:
+    with pytest.raises(ServiceError) as info:
+        embeddingOptions({"dimensions": dimensions})
+    assert (info.value.status, info.value.param) == (400, "dimensions")
+    assert "from 1 to 16,384" in info.value.message
+    assert embeddingOptions({"dimensions": 16384}) == (False, 16384)
+
+
 def test_n_above_one_is_refused_and_unknown_fields_are_ignored() -> None:
     error = rejected({"messages": USER, "n": 2})
     assert error.status == 400 and error.param == "n"
