@@ -12,12 +12,14 @@ or output; bash syntax is checked).
 from __future__ import annotations
 
 import configparser
+import http.server
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -532,3 +534,197 @@ def test_everyTopLevelModuleIsDescribedInTheReadmeAndTheArchitecture():
         text = (REPO_ROOT / document).read_text(encoding="utf-8")
         missing = [name for name in modules if f"`{name}`" not in text and f"{name}" not in text]
         assert not missing, f"{document} does not describe {missing}"
+
+
+# ------------------------------------------------------------------------------------------------ proxies in front
+
+
+PACED_CHUNKS = 12
+PACED_DELAY_MS = 150
+STREAM_SECONDS = PACED_CHUNKS * PACED_DELAY_MS / 1000.0
+FIRST_CHUNK_MARGIN_SECONDS = 1.0
+"""The first content chunk must arrive at least this long before the stream ends (a buffering proxy sends all at the
+end, so the gap would be ~0)."""
+
+
+@pytest.fixture(scope="module")
+def pacedService(tmp_path_factory) -> Iterator[ServiceProcess]:
+    """The service with the stub pacing PACED_CHUNKS chunks PACED_DELAY_MS apart (no whisper)."""
+    directory = tmp_path_factory.mktemp("paced")
+    with StubServer(models=STUB_MODELS, chunks=PACED_CHUNKS, chunkDelayMs=PACED_DELAY_MS) as stub:
+        iniPath = directory / "config.ini"
+        iniPath.write_text(TEST_INI, encoding="utf-8")
+        service = ServiceProcess(iniPath, {"PRIVATE_LLM_OLLAMA__BASE_URL": stub.baseUrl})
+        try:
+            service.start()
+            waitForHttp(service.baseUrl + "/health/liveliness")
+            yield service
+        finally:
+            service.stop()
+
+
+def caddySite(servicePort: int, port: int, logPath: Path) -> str:
+    """docu/Caddyfile adapted as docu/setupserver.md describes: plain HTTP on 127.0.0.1:<port>, admin API off, the
+    access log in the test directory, the service on its test port. Everything else as documented."""
+    site = (DOCU / "Caddyfile").read_text()
+    site = site.replace("llm.example.org {", f"{{\n\tadmin off\n}}\n\nhttp://127.0.0.1:{port} {{")
+    site = site.replace("/var/log/caddy/poweron-access.log", str(logPath))
+    return site.replace(f"reverse_proxy 127.0.0.1:{ServerSettings().port}", f"reverse_proxy 127.0.0.1:{servicePort}")
+
+
+def nginxSite(servicePort: int, port: int) -> str:
+    """docu/nginx.conf adapted: the port-80 redirect server dropped, the TLS listen lines and certificate lines
+    replaced by a plain ``listen 127.0.0.1:<port>``, the service on its test port. Everything else as documented."""
+    site = (DOCU / "nginx.conf").read_text()
+    site = re.sub(r"server \{\s+listen 80;.*?return 301 [^}]*\}\n", "", site, flags=re.S)
+    site = re.sub(r"\s+listen (\[::\]:)?443 ssl http2;", "", site, count=1)
+    site = re.sub(r"\s+listen \[::\]:443 ssl http2;", f"\n    listen 127.0.0.1:{port};", site, count=1)
+    site = re.sub(r"\n\s+ssl_[a-z_]+ [^;]+;", "", site)
+    return site.replace(f"server 127.0.0.1:{ServerSettings().port};", f"server 127.0.0.1:{servicePort};")
+
+
+def startCaddy(servicePort: int, directory: Path) -> tuple[subprocess.Popen, str]:
+    port = freePort()
+    (directory / "Caddyfile").write_text(caddySite(servicePort, port, directory / "access.log"))
+    caddy = subprocess.Popen(["caddy", "run", "--config", str(directory / "Caddyfile"), "--adapter", "caddyfile"],
+                             cwd=directory, env={**os.environ, "HOME": str(directory), "XDG_DATA_HOME": str(directory)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return caddy, f"http://127.0.0.1:{port}"
+
+
+def startNginx(servicePort: int, directory: Path) -> tuple[subprocess.Popen, str]:
+    port = freePort()
+    (directory / "site.conf").write_text(nginxSite(servicePort, port))
+    temp = " ".join(f"{kind}_temp_path {directory / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                         "scgi"))
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    (directory / "nginx.conf").write_text(
+        f"{user}daemon off;\npid {directory / 'nginx.pid'};\nerror_log {directory / 'error.log'};\nevents {{}}\n"
+        f"http {{\n access_log off;\n {temp}\n include {directory / 'site.conf'};\n}}\n")
+    nginx = subprocess.Popen(["nginx", "-p", str(directory), "-c", str(directory / "nginx.conf")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return nginx, f"http://127.0.0.1:{port}"
+
+
+PROXIES = {"caddy": startCaddy, "nginx": startNginx}
+
+
+def firstChunkAndEnd(proxy: str) -> tuple[float, float, int]:
+    """Seconds until the first content chunk and until the end of one streamed chat, and the content chunks seen."""
+    chat = {"model": "poweron-text-general", "stream": True, "messages": [{"role": "user", "content": "Hallo"}]}
+    started, first, chunks = time.monotonic(), 0.0, 0
+    with httpx.Client(timeout=60) as client, client.stream(
+            "POST", proxy + "/v1/chat/completions", json=chat,
+            headers={"Authorization": f"Bearer {OPENAI_KEY}"}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if '"content":"' in line.replace(" ", "") and '"content":""' not in line.replace(" ", ""):
+                chunks += 1
+                first = first or time.monotonic() - started
+    return first, time.monotonic() - started, chunks
+
+
+OVERSIZED_PIECE = b"x" * (1024 * 1024)
+OVERSIZED_HEAD = b'--b\r\nContent-Disposition: form-data; name="file"; filename="scan.pdf"\r\n\r\n'
+
+
+def postOversized(proxy: str, chunked: bool) -> httpx.Response:
+    """One byte over [limits] max_body_bytes: chunked (no length, as a streaming upload) or with Content-Length."""
+    total = LimitsSettings().max_body_bytes + 1 - len(OVERSIZED_HEAD)
+    pieces = [OVERSIZED_HEAD] + [OVERSIZED_PIECE] * (total // len(OVERSIZED_PIECE))
+    pieces.append(b"x" * (total % len(OVERSIZED_PIECE)))
+    content = iter(pieces) if chunked else b"".join(pieces)
+    return httpx.post(proxy + "/api/analyze", content=content, timeout=60,
+                      headers={"X-API-Key": API_KEY, "Content-Type": "multipart/form-data; boundary=b"})
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("proxyName", sorted(PROXIES))
+def test_documentedProxyStreamsUnbufferedAndRefusesOversizedUploads(proxyName: str, pacedService: ServiceProcess,
+                                                                    tmp_path: Path):
+    """The documented proxy config in front of the service (adapted as caddySite/nginxSite say): with a paced stub
+    the first chunk arrives well before the stream ends, and an upload over max_body_bytes is refused by the proxy
+    (no X-Request-ID: the service never answered)."""
+    if shutil.which(proxyName) is None:
+        pytest.skip(f"{proxyName} is not installed here")
+    process, proxy = PROXIES[proxyName](pacedService.port, tmp_path)
+    try:
+        waitForHttp(proxy + "/health/liveliness", process=process)
+        first, total, chunks = firstChunkAndEnd(proxy)
+        assert chunks == PACED_CHUNKS
+        assert total >= STREAM_SECONDS * 0.9
+        assert first <= total - FIRST_CHUNK_MARGIN_SECONDS, f"first chunk at {first:.2f} s of {total:.2f} s"
+        assert postOversized(proxy, chunked=False).status_code == 413  # the service behind refuses it, too
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("proxyName", sorted(PROXIES))
+def test_documentedProxyRefusesOversizedUploadsOnItsOwn(proxyName: str, tmp_path: Path):
+    """In front of a sink that accepts any size (so the service's own limit cannot answer first), the documented
+    proxy cuts an upload at max_body_bytes: a chunked one gets 413, one with a Content-Length over the limit 413
+    (nginx, before forwarding) or 502 (Caddy, which cuts the forwarded body at the limit)."""
+    if shutil.which(proxyName) is None:
+        pytest.skip(f"{proxyName} is not installed here")
+    with BodySink() as sink:
+        process, proxy = PROXIES[proxyName](sink.port, tmp_path)
+        try:
+            waitForHttp(proxy + "/health/liveliness", process=process)
+            assert postOversized(proxy, chunked=True).status_code == 413
+            assert postOversized(proxy, chunked=False).status_code in (413, 502)
+        finally:
+            process.terminate()
+            process.wait(10)
+        assert max(sink.received, default=0) <= LimitsSettings().max_body_bytes
+
+
+class BodySink:
+    """An HTTP/1.1 server on 127.0.0.1 that reads any body (chunked or not) and answers 200; notes the sizes."""
+
+    def __init__(self) -> None:
+        sink = self
+        self.received: list[int] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self.answer()
+
+            def do_POST(self) -> None:
+                sink.received.append(readBody(self.rfile, self.headers))
+                self.answer()
+
+            def answer(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+    def __enter__(self) -> BodySink:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def readBody(stream: Any, headers: Any) -> int:
+    """Bytes of a request body until its end or until the connection is cut."""
+    if headers.get("Transfer-Encoding", "").lower() != "chunked":
+        return len(stream.read(int(headers.get("Content-Length", 0))))
+    size, received = 1, 0
+    while size:
+        sizeLine = stream.readline()
+        size = int(sizeLine.split(b";")[0] or b"0", 16)
+        received += len(stream.read(size + 2 if size else 0)) - (2 if size else 0)
+    return received
