@@ -28,6 +28,7 @@ from config import Settings
 from errors import ServiceError, openAiErrorBody
 from modelRegistry import ResolvedModel
 from requestLimits import checkImagePixels, rejectRemoteImageUrl
+from structuredOutput import checkSchema
 
 logger = logging.getLogger("poweron.openai")
 
@@ -141,6 +142,17 @@ def buildOptions(body: dict[str, Any], numCtx: int) -> dict[str, Any]:
     return options
 
 
+def _checkedSchema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema, checked as /api checks it (a valid JSON Schema, only local references); 400 otherwise."""
+    try:
+        checkSchema(schema)
+    except ServiceError as exc:
+        problem = exc.message.removeprefix("schema: ")
+        raise invalid(f"`response_format.json_schema.schema`: {problem}", "response_format",
+                      code="invalid_schema") from None
+    return schema
+
+
 def ollamaFormat(responseFormat: Any) -> str | dict[str, Any] | None:
     """``response_format`` as Ollama's ``format``: ``"json"``, a JSON schema, or None for plain text."""
     if responseFormat is None:
@@ -158,7 +170,7 @@ def ollamaFormat(responseFormat: Any) -> str | dict[str, Any] | None:
         if not isinstance(schema, dict):
             raise invalid("`response_format.json_schema.schema` must be a JSON schema object",
                           "response_format.json_schema.schema")
-        return schema
+        return _checkedSchema(schema)
     raise invalid("`response_format.type` must be text, json_object or json_schema", "response_format.type")
 
 

@@ -205,6 +205,15 @@ async def test_response_format_json_schema(client: AsyncOpenAI, stubControl: htt
     assert upstreamChats(stubControl)[-1]["body"]["format"] == schema
 
 
+async def test_response_format_with_a_remote_ref_is_400_and_never_reaches_ollama(client: AsyncOpenAI,
+                                                                                  stubControl) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model=TEXT, messages=HELLO, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "https://example.com/s.json"}}})
+    assert info.value.body["param"] == "response_format" and "only local references" in info.value.message
+    assert upstreamChats(stubControl) == []
+
+
 async def test_thinking_model_returns_reasoning_content(client: AsyncOpenAI, stubControl: httpx.Client) -> None:
     completion = await client.chat.completions.create(model=REASONING, messages=HELLO)
     message = completion.choices[0].message

@@ -129,6 +129,19 @@ def test_n_above_one_is_refused_and_unknown_fields_are_ignored() -> None:
     assert set(payload) == {"model", "messages", "keep_alive", "options"}
 
 
+@pytest.mark.parametrize(("schema", "text"), [
+    ({"type": "strng"}, "not a valid JSON Schema"),
+    ({"type": "object", "properties": {"a": {"minLength": "five"}}}, "not a valid JSON Schema at properties/a"),
+    ({"$ref": "https://example.com/invoice.json"}, "only local references"),
+    ({"type": "object", "properties": {"a": {"$ref": "file:///etc/passwd"}}}, "only local references"),
+])
+def test_invalid_json_schema_in_response_format_is_400(schema: dict, text: str) -> None:
+    error = rejected({"messages": USER, "response_format": {"type": "json_schema",
+                                                            "json_schema": {"name": "x", "schema": schema}}})
+    assert (error.status, error.param, error.code) == (400, "response_format", "invalid_schema")
+    assert text in error.message and error.message.startswith("`response_format.json_schema.schema`: ")
+
+
 def test_response_format_maps_to_ollama_format() -> None:
     schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
     asSchema = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
