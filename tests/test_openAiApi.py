@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import struct
 from collections.abc import AsyncIterator
 
@@ -212,6 +213,21 @@ async def test_response_format_with_a_remote_ref_is_400_and_never_reaches_ollama
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "https://example.com/s.json"}}})
     assert info.value.body["param"] == "response_format" and "only local references" in info.value.message
     assert upstreamChats(stubControl) == []
+
+
+async def test_unknown_fields_are_ignored_and_logged_by_name_only(client: AsyncOpenAI, stubControl,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="poweron.openai")
+    completion = await client.chat.completions.create(
+        model=TEXT, messages=HELLO, user="secret-user-0815",
+        extra_body={"logit_bias_x": {"secret-token-4711": 5}, "vendor_flag": "secret-value-42"})
+    assert completion.choices[0].message.content
+    sent = upstreamChats(stubControl)[-1]["body"]
+    assert not {"user", "logit_bias_x", "vendor_flag"} & set(sent)
+    logged = [record.getMessage() for record in caplog.records if record.name == "poweron.openai"]
+    ignored = [message for message in logged if "accepted and ignored" in message]
+    assert len(ignored) == 1 and all(name in ignored[0] for name in ("logit_bias_x", "user", "vendor_flag"))
+    assert not any("secret" in message for message in caplog.messages), caplog.messages
 
 
 async def test_thinking_model_returns_reasoning_content(client: AsyncOpenAI, stubControl: httpx.Client) -> None:
