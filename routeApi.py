@@ -249,6 +249,7 @@ async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep
     parsePageRanges(fields.pages)
     mode = _streamMode(fields.stream, request)
     schema = _checkSchemaAndStream(fields.schema_, mode)
+    # the model (and Ollama) before rendering: a dead upstream is a 503 at once, never after a render
     resolved = await _resolveWith(registry, fields.model, "vision", "read images or PDFs (no vision capability)")
     meta.externalModel = resolved.externalName
     document, renderSeconds = await _render(request, settings, resolved, data, fields)

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, OPENAI_KEY, REPO_ROOT, freePort, guardedEnv, waitForHttp
+from tests.documentSamples import makeImage, makePdf
 from tests.ollamaStub import StubServer
 
 pytestmark = pytest.mark.e2e
@@ -79,6 +80,10 @@ MODEL_BACKED_CALLS = [
     ("POST", "/v1/embeddings", BEARER, {"json": {"model": "poweron-embed", "input": "hi"}}),
     ("POST", "/api/text", {"X-API-Key": API_KEY}, {"json": {"prompt": "Summarise", "text": "hi"}}),
     ("POST", "/api/embed", {"X-API-Key": API_KEY}, {"json": {"texts": ["hi"]}}),
+    ("POST", "/api/analyze", {"X-API-Key": API_KEY}, {"files": {"file": ("tiny.png", makeImage(8, 8), "image/png")},
+                                                      "data": {"prompt": "What is this?"}}),
+    ("POST", "/api/analyze", {"X-API-Key": API_KEY}, {"files": {"file": ("one.pdf", makePdf(1), "application/pdf")},
+                                                      "data": {"prompt": "What is this?", "pages": "1-"}}),
 ]
 
 
