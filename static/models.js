@@ -5,6 +5,19 @@ import { element } from "./answerView.js";
 
 const SELECTED_MODEL_KEY = "poweron.model";
 const TYPE_ORDER = ["text", "reasoning", "vision", "embedding", "stt"];
+// With only the OpenAI key the list comes from /v1/models (names only): the type is inferred from the name.
+const NAME_TYPES = [[/transcri|whisper|stt/, "stt"], [/embed/, "embedding"], [/vision|multimodal|vl\b/, "vision"],
+  [/reason|think/, "reasoning"], [/text|chat|general/, "text"]];
+const TYPE_CAPABILITIES = { text: ["completion"], reasoning: ["completion", "thinking"],
+  vision: ["completion", "vision"], embedding: ["embedding"], stt: [] };
+const INFERRED_NOTE = "Only the OpenAI key is entered: these are the available models, typed from their names. "
+  + "Enter the analysis key too to see every configured model, its purpose and the planned ones not pulled yet.";
+
+function inferredModel(name) {
+  const match = NAME_TYPES.find(([pattern]) => pattern.test(name.toLowerCase()));
+  const type = match ? match[1] : "unknown";
+  return { name, type, purpose: "", available: true, capabilities: TYPE_CAPABILITIES[type] || [], inferred: true };
+}
 
 async function fetchModels() {
   if (storedKey("api")) {
@@ -13,8 +26,7 @@ async function fetchModels() {
   }
   if (storedKey("openai")) {
     const body = await (await callApi("/v1/models", "openai")).json();
-    return body.data.map((model) => ({ name: model.id, type: "unknown", purpose: "", available: true,
-      capabilities: [] }));
+    return body.data.map((model) => inferredModel(model.id));
   }
   throw new ApiError("Enter a key first (Keys, on the left): the model list needs the analysis key.");
 }
@@ -32,6 +44,7 @@ function modelRow(model, health, onPick) {
   input.addEventListener("change", () => onPick(model));
   const name = element("span", "modelName", model.name);
   const badge = element("span", `badge badge-${model.type}`, model.type);
+  if (model.inferred) badge.title = "type inferred from the model name";
   const head = element("span", "modelHead");
   head.append(input, name, badge);
   row.append(head);
@@ -67,6 +80,7 @@ export class ModelPicker {
     }
     const pick = (model) => this.select(model);
     this.container.replaceChildren(...sortModels(this.models).map((model) => modelRow(model, health, pick)));
+    if (this.models.some((model) => model.inferred)) this.container.append(element("p", "hint modelsNote", INFERRED_NOTE));
     this.restoreSelection();
   }
 

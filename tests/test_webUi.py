@@ -369,8 +369,40 @@ def test_pdfShowsThumbnailsOfTheAnalysedPagesThenTheAnswer(serviceFactory, stub,
     assert thumbnails.first.get_attribute("src").startswith("blob:")
     expect(summary).to_contain_text("The image will be analysed by poweron-vision-general")
     shoot(page, "13-image-thumbnail")
+    page.fill("#documentPrompt", "What is the total on the receipt?")
+    page.click("#documentSend")
+    imageAnswer = lastAnswer(page, "#documentResult")
+    waitUntilDone(imageAnswer)
+    expect(imageAnswer.locator(".answerText")).to_contain_text(STUB_REPLY_START)
+    expect(imageAnswer.locator(".answerText")).to_contain_text("What is the total on the receipt?")
+    lastChat = stubChats(stub)[-1]
+    assert len(lastChat["images"]) == 1
+    assert lastChat["body"]["model"] == MODEL_MAPPING["poweron-vision-general"].ollamaName
+    expect(alertOf(page)).to_be_hidden()
     previews = [headers for _, path, headers in browser.guard.requests if path == "/api/preview"]
     assert len(previews) == 2 and all(headers.get("x-api-key") == API_KEY for headers in previews)
+
+
+def test_onlyTheOpenAiKeyShowsTheAvailableModelsWithTypesFromTheirNames(serviceFactory, stub, openBrowser) -> None:
+    service = startService(serviceFactory, stub)
+    page = openBrowser().page
+    page.goto(service.baseUrl + "/")
+    enterKeys(page, apiKey="")
+    available = httpx.get(service.baseUrl + "/v1/models", headers={"Authorization": f"Bearer {OPENAI_KEY}"},
+                          timeout=5).json()["data"]
+    rows = page.locator("#models .model")
+    expect(rows).to_have_count(len(available))
+    expect(page.locator("#models .model.unavailable")).to_have_count(0)
+    for model in available:
+        badge = page.locator(f'#models .model:has(input[value="{model["id"]}"]) .badge')
+        expect(badge).to_have_text(MODEL_MAPPING[model["id"]].type)
+    expect(page.locator("#models .badge-unknown")).to_have_count(0)
+    expect(page.locator("#models .modelsNote")).to_contain_text("Enter the analysis key too")
+    shoot(page, "14a-openai-key-only-models")
+    pickModel(page, "poweron-text-reasoning")
+    sendChat(page, "Hello")
+    waitUntilDone(lastAnswer(page))
+    expect(lastAnswer(page).locator(".answerText")).to_contain_text(STUB_REPLY_START)
 
 
 def test_wrongKeysAreNamedInAClearMessage(serviceFactory, stub, openBrowser) -> None:
