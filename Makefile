@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 CONFIG_FILE ?= $(or $(PRIVATE_LLM_CONFIG),config.ini)
+DEBIAN_TEST_PACKAGES := chromium espeak-ng poppler-utils wrk sox nginx-light caddy systemd
 
-.PHONY: run test bench clean
+.PHONY: run test test-deps bench clean
 
 $(RUNTIME_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +24,10 @@ $(CONFIG_FILE): | $(RUNTIME_STAMP)
 run: $(RUNTIME_STAMP) $(CONFIG_FILE)
 	$(PY) runAll.py
 
-test: $(DEV_STAMP)
+test-deps:
+	@bash .ci/installDebianPackages $(DEBIAN_TEST_PACKAGES)
+
+test: $(DEV_STAMP) test-deps
 	$(PY) -m pytest
 
 bench: $(DEV_STAMP)

@@ -38,7 +38,7 @@ MAX_WORD_ERROR_RATE = 0.30
 
 
 def speak(text: str, target: Path, wordsPerMinute: int = 150) -> Path:
-    """Synthesise ``text`` into a WAV file with espeak-ng (a Debian package; .ci/run installs it)."""
+    """Synthesise ``text`` into a WAV file with espeak-ng (a Debian package; make test installs it)."""
     espeak = shutil.which("espeak-ng")
     assert espeak, "espeak-ng is not installed: apt-get install espeak-ng (the speech-to-text tests need it)"
     subprocess.run([espeak, "-v", "en-us", "-s", str(wordsPerMinute), "-w", str(target), text], check=True,
