@@ -16,8 +16,8 @@ from openai import AsyncOpenAI
 from app import createApp
 from requestContext import RequestMeta
 from tests.conftest import OPENAI_KEY
-from tests.whisperSupport import (FAKE_PDF, MAX_WORD_ERROR_RATE, SHORT_TEXT, WhisperProcess, parseCues, speak,
-                                  wordErrorRate)
+from tests.whisperSupport import (FAKE_PDF, MAX_WORD_ERROR_RATE, SHORT_TEXT, WhisperProcess, parseCues, parseSse,
+                                  speak, wordErrorRate)
 
 DEAD_WHISPER_URL = "http://127.0.0.1:9"
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
@@ -176,8 +176,9 @@ class ScriptedTransport(httpx.AsyncBaseTransport):
 
 
 @contextlib.asynccontextmanager
-async def scriptedService(makeSettings, handler: Handler) -> AsyncIterator[Service]:
-    async with openService(makeSettings(whisper={"base_url": DEAD_WHISPER_URL, "enabled": True})) as service:
+async def scriptedService(makeSettings, handler: Handler, **overrides) -> AsyncIterator[Service]:
+    settings = makeSettings(whisper={"base_url": DEAD_WHISPER_URL, "enabled": True}, **overrides)
+    async with openService(settings) as service:
         async with httpx.AsyncClient(transport=ScriptedTransport(handler)) as scripted:
             registry = service.app.state.registry
             service.app.state.http = registry.http = scripted
@@ -244,3 +245,51 @@ async def test_brokenStreamEndsWithAnErrorEvent(makeSettings) -> None:
             async for event in stream:
                 assert event.delta == "Hello"
         assert "speech-to-text service" in broken.value.message
+
+
+async def test_emptyBucketGives429WithRetryAfter(makeSettings) -> None:
+    settings = makeSettings(whisper={"base_url": DEAD_WHISPER_URL, "enabled": True},
+                            ratelimit={"per_key": "cursor=1/1/5"})
+    async with openService(settings) as service:
+        with pytest.raises(openai.APIStatusError) as first:
+            await service.sdk.audio.transcriptions.create(file=("a.wav", b"RIFF"), model="whisper-1")
+        assert first.value.status_code == 503  # took the only token; whisper is down
+        with pytest.raises(openai.RateLimitError) as limited:
+            await service.sdk.audio.transcriptions.create(file=("a.wav", b"RIFF"), model="whisper-1")
+    error = limited.value.response.json()["error"]
+    assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+    assert "Rate limit reached for key 'cursor'" in error["message"]
+    assert int(limited.value.response.headers["retry-after"]) > 0
+    assert service.metas[-1].rateLimited is True
+
+
+async def test_audioStreamHoldsTheConcurrencySlotUntilItEnds(makeSettings) -> None:
+    streaming, finish = asyncio.Event(), asyncio.Event()
+
+    class HeldStream(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b'data: {"type":"transcript.text.delta","delta":"Hello"}\n\n'
+            streaming.set()
+            await finish.wait()
+            yield b'data: {"type":"transcript.text.done","text":"Hello"}\n\n'
+
+    async def whisperSide(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        return httpx.Response(200, stream=HeldStream(), headers={"content-type": "text/event-stream"})
+
+    async def transcribe(service: Service) -> httpx.Response:
+        return await service.http.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")},
+                                       data={"model": "whisper-1", "stream": "true"},
+                                       headers={"authorization": f"Bearer {OPENAI_KEY}"})
+
+    async with scriptedService(makeSettings, whisperSide, ratelimit={"per_key": "cursor=600/100/1"}) as scripted:
+        held = asyncio.create_task(transcribe(scripted))
+        await asyncio.wait_for(streaming.wait(), 10)
+        during = await asyncio.wait_for(transcribe(scripted), 10)  # without the slot it would wait for finish
+        finish.set()
+        first = await held
+        after = await transcribe(scripted)
+    assert during.status_code == 429 and during.json()["error"]["code"] == "concurrency_limit_exceeded"
+    assert int(during.headers["retry-after"]) > 0
+    assert first.status_code == 200 and parseSse(first.text)[-1]["type"] == "transcript.text.done"
+    assert after.status_code == 200
