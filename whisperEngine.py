@@ -29,6 +29,8 @@ CHUNK_SECONDS = 30
 BUSY_RETRY_AFTER_SECONDS = 5
 TEMPERATURE_LADDER = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 BEAM_SIZE = 5
+SILENCE_RMS = 10 ** (-50 / 20)
+"""Segments whose audio is quieter than -50 dBFS are dropped: whisper's "You" on silence when the VAD is off."""
 
 
 class ModelLoadError(Exception):
@@ -308,6 +310,8 @@ class WhisperEngine:
             for raw in generator:
                 if job.cancelled.is_set():
                     break
+                if isSilentSpan(samples, raw.start, raw.end):
+                    continue
                 previousEnd = segments[-1].end if segments else 0.0
                 segment = segmentFromWhisper(raw, len(segments), previousEnd)
                 segments.append(segment)
@@ -367,6 +371,12 @@ class WhisperEngine:
             if self.active == 0:
                 for loaded in self.models.values():
                     loaded.unload()
+
+
+def isSilentSpan(samples: np.ndarray, start: float, end: float) -> bool:
+    """True when the samples from ``start`` to ``end`` seconds are (nearly) digital silence."""
+    span = samples[int(start * SAMPLE_RATE):max(int(end * SAMPLE_RATE), int(start * SAMPLE_RATE) + 1)]
+    return span.size == 0 or float(np.sqrt(np.mean(np.square(span)))) < SILENCE_RMS
 
 
 def _retrieveOutcome(future: asyncio.Future[Any]) -> None:

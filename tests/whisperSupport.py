@@ -73,6 +73,20 @@ def wavBytes(samples: list[float], rate: int = 16_000) -> bytes:
     return buffer.getvalue()
 
 
+def padWithSilence(wav: bytes, seconds: float) -> bytes:
+    """The WAV file (any rate, mono 16-bit) followed by silence up to ``seconds`` in total."""
+    with wave.open(io.BytesIO(wav), "rb") as source:
+        rate, frames = source.getframerate(), source.readframes(source.getnframes())
+    padding = max(0, int(rate * seconds) - len(frames) // 2)
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as target:
+        target.setnchannels(1)
+        target.setsampwidth(2)
+        target.setframerate(rate)
+        target.writeframes(frames + b"\0\0" * padding)
+    return buffer.getvalue()
+
+
 def silenceWav(seconds: float = 3.0) -> bytes:
     return wavBytes([0.0] * int(16_000 * seconds))
 
