@@ -119,6 +119,43 @@ async def test_transcribeIsListedWhileWhisperAnswers(service: Service) -> None:
 
 
 @pytest.mark.stt
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # openai-python flags audio.translations
+async def test_sdkTranslatesThroughTheMainService(service: Service, shortSpeech: bytes) -> None:
+    result = await service.sdk.audio.translations.create(file=("speech.wav", shortSpeech), model="whisper-1",
+                                                         response_format="verbose_json")
+    assert result.language == "en" and 5 < result.duration < 9
+    assert wordErrorRate(SHORT_TEXT, result.text) < MAX_WORD_ERROR_RATE, result.text
+    meta = service.metas[-1]
+    assert meta.path == "/v1/audio/translations" and meta.status == 200
+    assert meta.externalModel == "poweron-transcribe" and meta.upstreamSeconds is not None
+
+
+async def isListed(service: Service) -> bool:
+    return "poweron-transcribe" in [model.id async for model in service.sdk.models.list()]
+
+
+async def waitForListing(service: Service, listed: bool, timeout: float = 20) -> None:
+    async with asyncio.timeout(timeout):
+        while await isListed(service) != listed:
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.stt
+async def test_transcribeLeavesTheListWhileWhisperIsDownAndComesBack(service: Service,
+                                                                       whisper: WhisperProcess) -> None:
+    await waitForListing(service, True)
+    whisper.stop()
+    try:
+        await waitForListing(service, False)
+        with pytest.raises(openai.APIStatusError) as down:
+            await service.sdk.audio.transcriptions.create(file=("a.wav", b"RIFF"), model="whisper-1")
+        assert down.value.status_code == 503
+    finally:
+        whisper.start()
+    await waitForListing(service, True)
+
+
+@pytest.mark.stt
 async def test_chunkedUploadOverTheLimitIsStoppedByTheProxy(service: Service) -> None:
     boundary = "b0undary"
 
