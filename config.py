@@ -287,7 +287,9 @@ class WhisperSettings(Section):
     base_url: str = "http://127.0.0.1:9000"
     """URL of the whisper service as the main service calls it."""
     host: str = "127.0.0.1"
-    """Address the whisper service binds to."""
+    """Address the whisper service binds to (loopback only unless allow_private_bind)."""
+    allow_private_bind: bool = False
+    """Allow a private (RFC 1918, fc00::/7) bind address for the keyless whisper service; off = loopback only."""
     port: int = Field(9000, ge=1, le=65535)
     """Port the whisper service listens on."""
     model: str = "large-v3-turbo"

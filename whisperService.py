@@ -306,15 +306,24 @@ def createWhisperApp(settings: Settings, engine: WhisperEngine | None = None) ->
     return app
 
 
-def isLoopbackOrPrivate(host: str) -> bool:
-    """True for localhost, loopback and private addresses; false for 0.0.0.0/:: (every interface) and names."""
+def bindHostProblem(host: str, allowPrivate: bool) -> str | None:
+    """Why the keyless service must not bind to ``host``, or None: loopback only, private addresses only with
+    [whisper] allow_private_bind; never 0.0.0.0/:: (every interface) or names other than localhost."""
     if host == "localhost":
-        return True
+        return None
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return False
-    return (address.is_loopback or address.is_private) and not address.is_unspecified
+        address = None
+    if address is not None and address.is_loopback:
+        return None
+    if address is not None and address.is_private and not address.is_unspecified:
+        if allowPrivate:
+            return None
+        return (f"[whisper] host = {host} is a private address; the whisper service has no keys, so it binds to "
+                "loopback only unless [whisper] allow_private_bind = true")
+    return (f"[whisper] host = {host} is not a loopback or private address; the whisper service has no keys and "
+            "must only be reachable from this server")
 
 
 def main() -> None:
@@ -322,9 +331,8 @@ def main() -> None:
         settings = loadSettings()
     except ConfigError as exc:
         sys.exit(f"configuration error: {exc}")
-    if not isLoopbackOrPrivate(settings.whisper.host):
-        sys.exit(f"configuration error: [whisper] host = {settings.whisper.host} is not a loopback or private "
-                 "address; the whisper service has no keys and must only be reachable from this server")
+    if problem := bindHostProblem(settings.whisper.host, settings.whisper.allow_private_bind):
+        sys.exit(f"configuration error: {problem}")
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
     if not settings.whisper.allow_download:
         os.environ["HF_HUB_OFFLINE"] = "1"

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from whisperService import bindHostProblem
 from tests.whisperSupport import (FAKE_PDF, LONG_TEXT, MAX_WORD_ERROR_RATE, SHORT_TEXT, WhisperProcess, parseCues,
                                   parseSse, silenceWav, speak, wordErrorRate)
 
@@ -248,10 +249,22 @@ def test_missingModelStopsTheServiceWithAClearMessage(workDir: Path) -> None:
     assert "cannot load the whisper model 'large-v3-turbo'" in log and "allow_download" in log
 
 
-def test_refusesToListenBeyondThisServer(workDir: Path) -> None:
-    service = WhisperProcess(workDir, host="0.0.0.0")
+@pytest.mark.parametrize("host, fragment", [("0.0.0.0", "not a loopback or private address"),
+                                             ("192.168.1.10", "loopback only unless [whisper] allow_private_bind")])
+def test_refusesToListenBeyondThisServer(workDir: Path, host: str, fragment: str) -> None:
+    service = WhisperProcess(workDir, host=host)
     try:
         assert service.launch().wait(60) != 0
     finally:
         service.stop()
-    assert "not a loopback or private address" in service.logText()
+    assert fragment in service.logText()
+
+
+@pytest.mark.parametrize("host, allowPrivate, allowed", [
+    ("127.0.0.1", False, True), ("localhost", False, True), ("::1", False, True),
+    ("10.0.0.5", False, False), ("192.168.1.10", False, False), ("fd00::1", False, False),
+    ("10.0.0.5", True, True), ("192.168.1.10", True, True),
+    ("0.0.0.0", True, False), ("::", True, False), ("8.8.8.8", True, False), ("whisper.example.org", True, False),
+])
+def test_bindHostIsLoopbackUnlessPrivateIsAllowed(host: str, allowPrivate: bool, allowed: bool) -> None:
+    assert (bindHostProblem(host, allowPrivate) is None) == allowed
