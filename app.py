@@ -52,6 +52,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         renderPool.startWarmUp()
     await registry.refresh()
     refresher = asyncio.create_task(registry.run(), name="model-discovery")
+    if getattr(app.state, "freezeAfterStartup", False):
+        freezeStartupObjects()  # the clients, pools and registry made above are long-lived too
     try:
         yield
     finally:
@@ -105,6 +107,7 @@ def main() -> None:
         sys.exit(f"configuration error: {exc}")
     configureLogging(settings.server.log_level)
     service = createApp(settings)
+    service.state.freezeAfterStartup = True
     freezeStartupObjects()
     uvicorn.run(service, host=settings.server.host, port=settings.server.port, loop="uvloop",
                 http="httptools", access_log=False, server_header=False, log_level=settings.server.log_level,

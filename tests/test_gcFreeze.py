@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,9 +22,23 @@ def test_freezeStartupObjects_movesLiveObjectsToThePermanentGeneration() -> None
 
 def test_main_freezesAfterBuildingTheAppAndBeforeServing(testIni: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(app, "createApp", lambda settings: calls.append("createApp") or object())
+    built = SimpleNamespace(state=SimpleNamespace())
+    monkeypatch.setattr(app, "createApp", lambda settings: calls.append("createApp") or built)
     monkeypatch.setattr(app, "freezeStartupObjects", lambda: calls.append("freeze"))
     monkeypatch.setattr(app, "configureLogging", lambda level: None)
     monkeypatch.setattr(app.uvicorn, "run", lambda *args, **kwargs: calls.append("run"))
     app.main()
     assert calls == ["createApp", "freeze", "run"]
+    assert built.state.freezeAfterStartup is True
+
+
+async def test_lifespanFreezesItsObjectsOnlyWhenServing(makeSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(app, "freezeStartupObjects", lambda: calls.append("freeze"))
+    served = app.createApp(makeSettings())
+    served.state.freezeAfterStartup = True
+    async with served.router.lifespan_context(served):
+        assert calls == ["freeze"]
+    inTests = app.createApp(makeSettings())
+    async with inTests.router.lifespan_context(inTests):
+        assert calls == ["freeze"]
