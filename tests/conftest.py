@@ -108,6 +108,18 @@ def waitForHttp(url: str, timeout: float = 20.0, process: subprocess.Popen | Non
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def stopProcess(process: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not ended within ``timeout`` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class ServiceProcess:
     """The real service (``python app.py``) as a subprocess on 127.0.0.1 with a given environment."""
 
@@ -128,13 +140,7 @@ class ServiceProcess:
         return self
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stopProcess(self.process, timeout)
         self.logFile.close()
         return self.process.returncode if self.process else None
 

