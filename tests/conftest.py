@@ -154,6 +154,23 @@ class ServiceProcess:
         self.stop()
 
 
+@pytest.fixture(scope="module")
+def stub() -> Iterator[Any]:
+    """An Ollama stub with the default models, one per test module (modules may define their own)."""
+    from tests.ollamaStub import StubServer
+
+    with StubServer() as server:
+        yield server
+
+
+@pytest.fixture
+def stubControl(stub: Any) -> Iterator[httpx.Client]:
+    """A client for the stub's control API; the stub is reset first."""
+    with httpx.Client(base_url=stub.baseUrl, timeout=5.0) as control:
+        control.post("/_stub/reset").raise_for_status()
+        yield control
+
+
 @pytest.fixture
 def serviceFactory(testIni: Path) -> Iterator[Any]:
     """Start real service processes with extra environment; all are stopped at the end of the test."""

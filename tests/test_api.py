@@ -37,19 +37,6 @@ PROMPT = "What is the invoice total?"
 DOC_PATH = Path(__file__).resolve().parent.parent / "docu" / "analysis-api.md"
 
 
-@pytest.fixture(scope="module")
-def stub() -> StubServer:
-    with StubServer() as server:
-        yield server
-
-
-@pytest.fixture
-def stubControl(stub: StubServer) -> httpx.Client:
-    with httpx.Client(base_url=stub.baseUrl, timeout=5.0) as control:
-        control.post("/_stub/reset").raise_for_status()
-        yield control
-
-
 def upstream(stubControl: httpx.Client, path: str = "/api/chat") -> list[dict]:
     return stubControl.get("/_stub/requests", params={"path": path}).json()["requests"]
 

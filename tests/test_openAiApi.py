@@ -27,19 +27,6 @@ WEATHER_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
 
 
-@pytest.fixture(scope="module")
-def stub() -> StubServer:
-    with StubServer() as server:
-        yield server
-
-
-@pytest.fixture
-def stubControl(stub: StubServer) -> httpx.Client:
-    with httpx.Client(base_url=stub.baseUrl, timeout=5.0) as control:
-        control.post("/_stub/reset").raise_for_status()
-        yield control
-
-
 def upstreamChats(stubControl: httpx.Client) -> list[dict]:
     return stubControl.get("/_stub/requests", params={"path": "/api/chat"}).json()["requests"]
 
