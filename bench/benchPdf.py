@@ -35,7 +35,7 @@ from documentRender import RenderJob, renderDocument, zoomForBudget
 from renderWorkers import RenderPool
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-WRK_SCRIPT = Path(__file__).resolve().parent / "wrk" / "analyze.lua"
+WRK_SCRIPT = Path(__file__).resolve().parent / "wrk" / "post.lua"
 A4 = (595, 842)
 PAGES = 5
 BUDGET = DocumentSettings().default_pixel_budget

@@ -25,6 +25,7 @@ import httpx
 import orjson
 
 from bench.procs import BenchProcess, freePort
+from bench.wordErrors import wordErrorRate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_SECONDS = 180
@@ -137,19 +138,6 @@ def viaWhisper(baseUrl: str, clip: Path) -> str:
 def viaMainService(sdk: Any, clip: Path) -> str:
     with open(clip, "rb") as audio:
         return sdk.audio.transcriptions.create(file=audio, model="poweron-transcribe").text
-
-
-def wordErrorRate(reference: str, hypothesis: str) -> float:
-    import re
-
-    ref, hyp = (re.sub(r"[^a-z0-9' ]+", " ", t.lower()).split() for t in (reference, hypothesis))
-    previous = list(range(len(hyp) + 1))
-    for i, refWord in enumerate(ref, start=1):
-        current = [i]
-        for j, hypWord in enumerate(hyp, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (refWord != hypWord)))
-        previous = current
-    return previous[-1] / max(1, len(ref))
 
 
 def measure(targets: dict[str, Any], clip: Path, runs: int, text: str) -> dict[str, dict[str, Any]]:

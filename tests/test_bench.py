@@ -16,7 +16,8 @@ from bench import report
 from bench.instantUpstream import UpstreamState, decodeChunkedBody, parseHead
 from bench.procs import parseCoreBusyTicks, parseCpuTicks, parseVmRss
 from bench.run import BenchOptions, openAiBody, optionsFromEnv, serverCpu, serviceIni
-from bench.benchStt import summarise, tableRows, wordErrorRate, withRatios
+from bench.benchStt import summarise, tableRows, withRatios
+from bench.wordErrors import wordErrorRate
 from bench.streamProbe import LineClock, StreamTiming, analyseGaps, percentile, summariseLatency
 from tests.conftest import REPO_ROOT
 from bench.wrkRunner import WrkError, parseWrkOutput, wrkCommand

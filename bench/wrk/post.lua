@@ -1,13 +1,19 @@
--- wrk script for the benchmark harness: POSTs one JSON body (file in BENCH_BODY_FILE) with an optional Bearer key
--- (BENCH_BEARER), and prints a machine-readable summary line (BENCHJSON {...}) that bench/run.py parses.
+-- wrk script for the benchmark harness: POSTs one prebuilt body (file in BENCH_BODY_FILE) with its Content-Type
+-- (BENCH_CONTENT_TYPE, default application/json), an optional Bearer key (BENCH_BEARER) and an optional analysis
+-- key (BENCH_API_KEY as X-API-Key), and prints a machine-readable summary line (BENCHJSON {...}) that
+-- bench/wrkRunner.parseWrkOutput reads.
 local bodyFile = assert(io.open(os.getenv("BENCH_BODY_FILE"), "rb"), "BENCH_BODY_FILE is not readable")
 wrk.method = "POST"
 wrk.body = bodyFile:read("*a")
 bodyFile:close()
-wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE") or "application/json"
 local bearer = os.getenv("BENCH_BEARER")
 if bearer and bearer ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. bearer
+end
+local apiKey = os.getenv("BENCH_API_KEY")
+if apiKey and apiKey ~= "" then
+  wrk.headers["X-API-Key"] = apiKey
 end
 
 done = function(summary, latency, requests)
