@@ -17,6 +17,28 @@ Control API (not part of Ollama, exempt from the Host check):
 
 Magic markers in the last user message (or the generate prompt): [[midstream-error]], [[truncate]], [[busy]],
 [[slow]], [[length]].
+
+Fault modes (POST /_stub/config, switchable while a service uses the stub; {"fault": null} clears, /_stub/reset too):
+  fault          null | "busy" | "hang" | "slowFirstToken" | "midstreamError" | "truncate" | "malformedLine"
+  faultPaths     Ollama paths the fault applies to (default /api/chat, /api/generate, /api/embed, /api/embeddings)
+  faultCount     how many matching requests get the fault; -1 = until cleared (default; setting `fault` without
+                 `faultCount` resets it to -1)
+  faultDelayMs   the first-byte delay of "slowFirstToken" (default 2000)
+  busy            503 {"error": "server busy, please try again.  maximum pending requests exceeded"}
+  hang            reads the request and never answers, until the client goes away
+  slowFirstToken  waits faultDelayMs before the first byte of the answer, then answers normally
+  midstreamError  stream: 2 content lines, then an {"error": ...} line and the end (status 200);
+                  stream:false and embed: 500 {"error": ...}
+  truncate        stream: 2 content lines, then the connection is closed (no done line, no final chunk);
+                  stream:false and embed: status, headers with the full Content-Length, half the body, closed
+  malformedLine   stream: 1 good line, a line that is not JSON, then the rest; stream:false and embed: 200 with a
+                  body that is not JSON
+busy, hang and slowFirstToken hit every request on a fault path; the other three hit replies that pass validation
+(a 400/404 is answered as usual and does not use up faultCount). Events: "fault" {fault, path} when a fault is
+applied, "faultClientGone" {fault, path, afterMs} when the client of a hung or delayed request goes away.
+"down" and "restart mid-load": StubServer.stop() cuts every open connection like a killed daemon (in-flight
+requests fail, the port refuses connections) and restart(downtime) comes back on the same port; a stub run as a
+process is killed and started again with the same --port.
 """
 
 from __future__ import annotations
@@ -28,6 +50,7 @@ import collections
 import hashlib
 import io
 import ipaddress
+import logging
 import math
 import random
 import re
@@ -60,6 +83,11 @@ BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceede
 MIDSTREAM_ERROR = "an error was encountered while running the model: unexpected EOF"
 ONE_IMAGE_MESSAGE = "this model only supports one image while more than one image requested"
 INJECTED_MESSAGE = "stub injected failure"
+MALFORMED_LINE = b'{"model": "stub", "message": {"role": "assistant", "content": oops this line is not JSON\n'
+FAULTS = ("busy", "hang", "slowFirstToken", "midstreamError", "truncate", "malformedLine")
+REQUEST_FAULTS = ("busy", "hang", "slowFirstToken")  # applied before the request is looked at
+REPLY_FAULTS = ("midstreamError", "truncate", "malformedLine")  # applied to a reply that passed validation
+CUT_LOG_MESSAGE = "ASGI callable returned without completing response."
 REPLY_TEMPLATE = "This is a deterministic reply from the Ollama stub to: {prompt}"
 THINKING_TEMPLATE = "The user asks about {prompt!r}. I should answer briefly and precisely."
 TOOL_REPLY_PREFIX = "The tool returned: "
@@ -216,12 +244,14 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "chunks": 8, "chunkDelayMs": 0, "replyText": None, "failNextStatus": 0, "failNextMessage": None,
     "failNextCount": 0, "failNextPaths": list(MODEL_PATHS), "badJsonCount": 0, "maxParallel": 0, "maxQueue": 512,
     "slowLoadMs": 0, "splitWrites": False, "record": True,
+    "fault": None, "faultPaths": list(MODEL_PATHS), "faultCount": -1, "faultDelayMs": 2000,
 }
 NUMBER = (int, float)
 CONFIG_TYPES: dict[str, Any] = {
     "chunks": int, "chunkDelayMs": NUMBER, "replyText": (str, type(None)), "failNextStatus": int,
     "failNextMessage": (str, type(None)), "failNextCount": int, "failNextPaths": list, "badJsonCount": int,
     "maxParallel": int, "maxQueue": int, "slowLoadMs": NUMBER, "splitWrites": bool, "record": bool,
+    "fault": (str, type(None)), "faultPaths": list, "faultCount": int, "faultDelayMs": NUMBER,
 }
 
 
@@ -242,6 +272,8 @@ class StubConfig:
             setattr(self, key, value)
         if "failNextStatus" in values and "failNextCount" not in values:
             self.failNextCount = 1 if values["failNextStatus"] else 0
+        if "fault" in values and "faultCount" not in values:
+            self.faultCount = -1
 
     def asDict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self.__slots__}
@@ -256,6 +288,10 @@ def _checkConfigValue(key: str, value: Any) -> None:
         raise ValueError(f"config key {key!r} has the wrong type: {type(value).__name__}")
     if key == "chunks" and value < 1:
         raise ValueError("chunks must be >= 1")
+    if key == "fault" and value is not None and value not in FAULTS:
+        raise ValueError(f"unknown fault {value!r}; known: {', '.join(FAULTS)}")
+    if key == "faultDelayMs" and value < 0:
+        raise ValueError("faultDelayMs must be >= 0")
 
 
 class StubState:
@@ -298,6 +334,16 @@ class StubState:
 
     def addEvent(self, kind: str, **fields: Any) -> None:
         self.events.append({"type": kind, **fields, "at": time.monotonic()})
+
+    def takeFault(self, path: str, kinds: tuple[str, ...]) -> str | None:
+        """The configured fault when it is one of `kinds` and applies to `path` (uses up one of faultCount)."""
+        config = self.config
+        if config.fault not in kinds or path not in config.faultPaths or config.faultCount == 0:
+            return None
+        if config.faultCount > 0:
+            config.faultCount -= 1
+        self.addEvent("fault", fault=config.fault, path=path)
+        return config.fault
 
     def touchModel(self, model: StubModel, keepAlive: Any) -> bool:
         """Mark the model loaded until its keep-alive expires; True when it was cold."""
@@ -389,11 +435,12 @@ def _timestamp() -> str:
 class Exchange:
     """One HTTP request/response: the ASGI triple, the raw body, its parsed JSON and the recording entry."""
 
-    __slots__ = ("scope", "receive", "send", "state", "raw", "entry", "_json", "_jsonError")
+    __slots__ = ("scope", "receive", "send", "state", "raw", "entry", "fault", "_json", "_jsonError")
 
     def __init__(self, scope: dict, receive: Any, send: Any, state: StubState, raw: bytes) -> None:
         self.scope, self.receive, self.send, self.state, self.raw = scope, receive, send, state, raw
         self.entry: dict | None = None
+        self.fault: str | None = None
         self._json: Any = None
         self._jsonError: Exception | None = None
         if raw:
@@ -678,7 +725,7 @@ class ReplyPlan:
     """What one chat/generate reply will emit: pieces (kind, value), how it ends, pacing and metrics inputs."""
 
     __slots__ = ("isChat", "modelName", "path", "createdAt", "pieces", "doneReason", "ending", "delay",
-                 "loadDelay", "loadNs", "promptCount", "stream", "splitWrites")
+                 "loadDelay", "loadNs", "promptCount", "stream", "splitWrites", "malformed")
 
     def __init__(self, ex: Exchange, body: dict, isChat: bool) -> None:
         self.isChat, self.modelName, self.path = isChat, body["model"], ex.path
@@ -689,6 +736,7 @@ class ReplyPlan:
         self.loadDelay, self.loadNs, self.promptCount = 0.0, WARM_LOAD_NS, 0
         self.stream = body.get("stream") is not False
         self.splitWrites = ex.state.config.splitWrites
+        self.malformed = False
 
 
 def _planReply(ex: Exchange, body: dict, reply: dict[str, Any]) -> ReplyPlan:
@@ -706,6 +754,7 @@ def _planReply(ex: Exchange, body: dict, reply: dict[str, Any]) -> ReplyPlan:
         text = _contentText(state, body, reply, prompt40)
         plan.pieces.extend(("content", piece) for piece in _splitText(text, state.config.chunks))
     _applyMarker(plan, _findMarker(reply["prompt"]))
+    _applyFault(plan, ex.fault)
     _applyNumPredict(plan, body.get("options"))
     return plan
 
@@ -722,14 +771,27 @@ def _contentText(state: StubState, body: dict, reply: dict[str, Any], prompt40: 
 
 def _applyMarker(plan: ReplyPlan, marker: str | None) -> None:
     if marker in ("[[midstream-error]]", "[[truncate]]"):
-        thinking = [piece for piece in plan.pieces if piece[0] == "thinking"]
-        others = [piece for piece in plan.pieces if piece[0] != "thinking"]
-        plan.pieces = thinking + others[:MARKER_CHUNKS]
+        _keepFirstChunks(plan)
         plan.ending = "error" if marker == "[[midstream-error]]" else "truncate"
     elif marker == "[[slow]]":
         plan.delay = SLOW_MARKER_DELAY_S
     elif marker == "[[length]]":
         plan.doneReason = "length"
+
+
+def _keepFirstChunks(plan: ReplyPlan) -> None:
+    thinking = [piece for piece in plan.pieces if piece[0] == "thinking"]
+    others = [piece for piece in plan.pieces if piece[0] != "thinking"]
+    plan.pieces = thinking + others[:MARKER_CHUNKS]
+
+
+def _applyFault(plan: ReplyPlan, fault: str | None) -> None:
+    """midstreamError and a streamed truncate shorten the reply; stream:false truncate is cut when sent."""
+    if fault == "midstreamError" or (fault == "truncate" and plan.stream):
+        _keepFirstChunks(plan)
+        plan.ending = "error" if fault == "midstreamError" else "cut"
+    elif fault == "malformedLine":
+        plan.malformed = True
 
 
 def _applyNumPredict(plan: ReplyPlan, options: Any) -> None:
@@ -846,16 +908,25 @@ async def _emit(ex: Exchange, plan: ReplyPlan) -> None:
 
 async def _emitStream(ex: Exchange, plan: ReplyPlan, guard: StreamGuard | None) -> None:
     lines = [orjson.dumps(_chunkObject(plan, kind, value), option=NEWLINE) for kind, value in plan.pieces]
+    if plan.malformed:
+        lines.insert(1, MALFORMED_LINE)
     await _startStream(ex)
     if guard is None and not plan.splitWrites:
-        await ex.send({"type": BODY, "body": b"".join(lines) + _tailLine(plan)})
+        await _finishStream(ex, plan, b"".join(lines))
         return
     for sent, line in enumerate(lines):
         if guard is not None and not await guard.pause(plan.delay):
             _noteDisconnect(ex, plan, sent)
             return
         await ex.send({"type": BODY, "body": line, "more_body": True})
-    await ex.send({"type": BODY, "body": _tailLine(plan)})
+    await _finishStream(ex, plan, b"")
+
+
+async def _finishStream(ex: Exchange, plan: ReplyPlan, body: bytes) -> None:
+    if plan.ending != "cut":
+        await ex.send({"type": BODY, "body": body + _tailLine(plan)})
+    elif body:  # "cut": returning without the final chunk makes uvicorn close the connection
+        await ex.send({"type": BODY, "body": body, "more_body": True})
 
 
 async def _emitWhole(ex: Exchange, plan: ReplyPlan, guard: StreamGuard | None) -> None:
@@ -866,8 +937,38 @@ async def _emitWhole(ex: Exchange, plan: ReplyPlan, guard: StreamGuard | None) -
                 return
     if plan.ending == "error":
         await _sendError(ex, 500, MIDSTREAM_ERROR)
+    elif ex.fault in REPLY_FAULTS:
+        await _sendFaultyWhole(ex, ex.fault, _mergedObject(plan))
     else:
         await _sendJson(ex, 200, _mergedObject(plan))
+
+
+async def _sendFaultyWhole(ex: Exchange, fault: str, payload: Any) -> None:
+    """A whole (non-streamed) reply spoiled by a reply fault."""
+    if fault == "midstreamError":
+        await _sendError(ex, 500, MIDSTREAM_ERROR)
+    elif fault == "malformedLine":
+        await _sendBytes(ex, 200, MALFORMED_LINE, JSON_TYPE)
+    else:
+        await _sendCut(ex, orjson.dumps(payload))
+
+
+async def _sendCut(ex: Exchange, body: bytes) -> None:
+    """Status and the full Content-Length, then half the body; returning early makes uvicorn close the connection."""
+    if ex.entry is not None:
+        ex.entry["status"] = 200
+    headers = [(b"content-length", b"%d" % len(body)), (b"content-type", JSON_TYPE)]
+    await ex.send({"type": "http.response.start", "status": 200, "headers": headers})
+    await ex.send({"type": BODY, "body": body[:len(body) // 2], "more_body": True})
+
+
+def _takeReplyFault(ex: Exchange) -> str | None:
+    fault = ex.state.takeFault(ex.path, REPLY_FAULTS) if ex.state.config.fault else None
+    if fault is not None:
+        ex.fault = fault
+        if ex.entry is not None:
+            ex.entry["fault"] = fault
+    return fault
 
 
 # ------------------------------------------------------------------------------------- model endpoints
@@ -933,6 +1034,7 @@ async def _runReply(ex: Exchange, body: dict, model: StubModel, reply: dict[str,
         await _rejectBusy(ex, body["model"])
         return
     try:
+        _takeReplyFault(ex)
         plan = _planReply(ex, body, reply)
         _applyLoad(ex.state, plan, model, body.get("keep_alive"))
         await _emit(ex, plan)
@@ -1028,9 +1130,17 @@ async def handleEmbed(ex: Exchange) -> None:
         cold = ex.state.touchModel(model, body.get("keep_alive"))
         vectors = [_embedVector(model, text, body.get("dimensions")) for text in inputs]
         loadNs = COLD_LOAD_NS if cold else WARM_LOAD_NS
-        await _sendJson(ex, 200, {"model": body["model"], "embeddings": vectors,
-                                  "total_duration": loadNs + OVERHEAD_NS * (1 + len(inputs)),
-                                  "load_duration": loadNs, "prompt_eval_count": _wordCount(*inputs)})
+        await _sendEmbedReply(ex, {"model": body["model"], "embeddings": vectors,
+                                   "total_duration": loadNs + OVERHEAD_NS * (1 + len(inputs)),
+                                   "load_duration": loadNs, "prompt_eval_count": _wordCount(*inputs)})
+
+
+async def _sendEmbedReply(ex: Exchange, payload: dict[str, Any]) -> None:
+    fault = _takeReplyFault(ex)
+    if fault is None:
+        await _sendJson(ex, 200, payload)
+    else:
+        await _sendFaultyWhole(ex, fault, payload)
 
 
 async def handleEmbeddings(ex: Exchange) -> None:
@@ -1042,7 +1152,7 @@ async def handleEmbeddings(ex: Exchange) -> None:
     prompt = body.get("prompt") or ""
     ex.state.touchModel(model, body.get("keep_alive"))
     vector = [value * 3.0 for value in _embedVector(model, prompt, None)] if prompt else []
-    await _sendJson(ex, 200, {"embedding": vector})
+    await _sendEmbedReply(ex, {"embedding": vector})
 
 
 async def handleShow(ex: Exchange) -> None:
@@ -1321,8 +1431,34 @@ class StubApp:
             await _sendBytes(ex, 403, b"", None)
         elif self.state.config.failNextCount > 0 and path in self.state.config.failNextPaths:
             await self._injectFailure(ex)
+        elif self.state.config.fault in REQUEST_FAULTS:
+            await self._requestFault(ex)
         else:
             await self._dispatch(ex, ROUTES.get(path))
+
+    async def _requestFault(self, ex: Exchange) -> None:
+        fault = self.state.takeFault(ex.path, REQUEST_FAULTS)
+        if fault is not None and ex.entry is not None:
+            ex.entry["fault"] = fault
+        if fault == "busy":
+            await _sendError(ex, 503, BUSY_MESSAGE)
+        elif fault == "hang":
+            await _hangUntilClientGone(ex)
+        elif fault == "slowFirstToken":
+            await self._delayFirstByte(ex)
+        else:
+            await self._dispatch(ex, ROUTES.get(ex.path))
+
+    async def _delayFirstByte(self, ex: Exchange) -> None:
+        started, guard = time.monotonic(), StreamGuard(ex.receive)
+        try:
+            alive = await guard.pause(self.state.config.faultDelayMs / 1000.0)
+        finally:
+            guard.close()
+        if alive:
+            await self._dispatch(ex, ROUTES.get(ex.path))
+        else:
+            _noteClientGone(ex, "slowFirstToken", started)
 
     @staticmethod
     async def _dispatch(ex: Exchange, route: dict | None) -> None:
@@ -1349,7 +1485,48 @@ class StubApp:
             await _sendError(ex, status, message)
 
 
+async def _hangUntilClientGone(ex: Exchange) -> None:
+    """The "hang" fault: the request was read; nothing is answered until the client closes the connection."""
+    started = time.monotonic()
+    while (await ex.receive())["type"] != "http.disconnect":
+        pass
+    _noteClientGone(ex, "hang", started)
+
+
+def _noteClientGone(ex: Exchange, fault: str, started: float) -> None:
+    ex.state.addEvent("faultClientGone", fault=fault, path=ex.path, afterMs=round((time.monotonic() - started) * 1000))
+    if ex.entry is not None:
+        ex.entry["disconnected"] = True
+
+
 # --------------------------------------------------------------------------------------------- serving
+
+
+class _QuietCut(logging.Filter):
+    """Drops uvicorn's error line for a reply the stub cuts on purpose (the "truncate" fault)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != CUT_LOG_MESSAGE
+
+
+logging.getLogger("uvicorn.error").addFilter(_QuietCut())
+
+
+class StubUvicorn(uvicorn.Server):
+    """uvicorn.Server that can cut every open connection at once, like a killed daemon."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def abortConnections(self) -> None:
+        """Runs on the server's loop: abort the transport of every open connection (in flight or idle)."""
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
 
 
 def _checkLoopback(host: str) -> str:
@@ -1412,7 +1589,7 @@ class StubServer:
             return self
         sock = bindSocket(self.host, self.port)
         self.port = sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicornConfig(self.app))
+        self._server = StubUvicorn(uvicornConfig(self.app))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         name=f"ollama-stub-{self.port}", daemon=True)
         self._thread.start()
@@ -1427,8 +1604,14 @@ class StubServer:
             time.sleep(0.005)
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop like a killed daemon: open connections (in-flight requests and idle keep-alive) are cut at once."""
         if self._server is None:
             return
+        if self._server.loop is not None and not self._server.loop.is_closed():
+            try:
+                self._server.loop.call_soon_threadsafe(self._server.abortConnections)
+            except RuntimeError:  # the loop closed in between
+                pass
         self._server.should_exit = True
         self._thread.join(timeout / 2)
         if self._thread.is_alive():

@@ -385,3 +385,152 @@ def test_restartComesBackOnTheSamePort():
         assert httpx.get(server.baseUrl + "/api/version").json() == {"version": "0.33.0"}
         server.restart()
         assert httpx.post(server.baseUrl + "/api/chat", json=chat(stream=False)).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ fault modes
+
+
+EMBED = {"model": "nomic-embed-text", "input": ["one", "two"]}
+
+
+def setFault(http: httpx.Client, fault: str | None, **extra) -> dict:
+    response = http.post("/_stub/config", json={"fault": fault, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_faultConfigIsValidatedAndClearable(client):
+    assert client.post("/_stub/config", json={"fault": "explode"}).status_code == 400
+    assert client.post("/_stub/config", json={"faultDelayMs": -1}).status_code == 400
+    assert client.post("/_stub/config", json={"faultCount": "2"}).status_code == 400
+    config = setFault(client, "busy", faultCount=2)
+    assert (config["fault"], config["faultCount"], config["faultDelayMs"]) == ("busy", 2, 2000)
+    assert setFault(client, "hang")["faultCount"] == -1  # a new fault without a count lasts until cleared
+    assert setFault(client, None)["fault"] is None
+    assert client.post("/api/chat", json=chat(stream=False)).status_code == 200
+
+
+@pytest.mark.parametrize("path, body", [("/api/chat", chat()), ("/api/chat", chat(stream=False)),
+                                        ("/api/generate", {"model": "qwen2.5:7b", "prompt": "hi"}),
+                                        ("/api/embed", EMBED), ("/api/embeddings", {"model": "nomic-embed-text",
+                                                                                   "prompt": "hi"})])
+def test_busyFaultAnswers503OnEveryModelPath(client, path, body):
+    setFault(client, "busy")
+    response = client.post(path, json=body)
+    assert (response.status_code, response.json()) == (503, {"error": BUSY_MESSAGE})
+    event = waitForEvent(client, "fault")
+    assert (event["fault"], event["path"]) == ("busy", path)
+    assert client.get("/api/tags").status_code == 200  # only model paths are affected
+
+
+def test_faultCountAndFaultPathsLimitTheFault(client):
+    setFault(client, "busy", faultCount=2, faultPaths=["/api/chat"])
+    assert client.post("/api/embed", json=EMBED).status_code == 200
+    statuses = [client.post("/api/chat", json=chat(stream=False)).status_code for _ in range(3)]
+    assert statuses == [503, 503, 200]
+    assert client.get("/_stub/config").json()["faultCount"] == 0
+    assert client.get("/_stub/events", params={"type": "fault"}).json()["count"] == 2
+
+
+def test_hangFaultNeverAnswersAndRecordsTheClientLeaving(client, stub):
+    setFault(client, "hang")
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stub.url("/api/chat"), json=chat(), timeout=httpx.Timeout(5.0, read=0.5))
+    assert time.monotonic() - started >= 0.5
+    gone = waitForEvent(client, "faultClientGone")
+    assert (gone["fault"], gone["path"]) == ("hang", "/api/chat") and gone["afterMs"] >= 400
+    assert client.get("/_stub/requests", params={"path": "/api/chat"}).json()["requests"][-1]["disconnected"]
+
+
+def test_slowFirstTokenDelaysTheFirstByteThenAnswersNormally(client, stub):
+    setFault(client, "slowFirstToken", faultDelayMs=600)
+    started = time.monotonic()
+    with httpx.stream("POST", stub.url("/api/chat"), json=chat(), timeout=10) as response:
+        lineIterator = response.iter_lines()
+        first = next(lineIterator)
+        firstAt = time.monotonic() - started
+        lines = [first, *lineIterator]
+    assert firstAt >= 0.6
+    objects = [orjson.loads(line) for line in lines if line]
+    assert objects[-1]["done"] is True and objects[-1]["done_reason"] == "stop"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stub.url("/api/embed"), json=EMBED, timeout=httpx.Timeout(5.0, read=0.2))
+    assert waitForEvent(client, "faultClientGone")["fault"] == "slowFirstToken"
+
+
+def test_midstreamErrorFault(client):
+    setFault(client, "midstreamError")
+    streamed = client.post("/api/chat", json=chat())
+    objects = ndjson(streamed)
+    assert streamed.status_code == 200 and len(objects) == 3
+    assert all(obj["done"] is False for obj in objects[:2]) and objects[2] == {"error": MIDSTREAM_ERROR}
+    whole = client.post("/api/chat", json=chat(stream=False))
+    assert (whole.status_code, whole.json()) == (500, {"error": MIDSTREAM_ERROR})
+    embedded = client.post("/api/embed", json=EMBED)
+    assert (embedded.status_code, embedded.json()) == (500, {"error": MIDSTREAM_ERROR})
+
+
+def test_truncateFaultCutsTheConnection(client, stub):
+    setFault(client, "truncate")
+    received: list[bytes] = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("POST", stub.url("/api/chat"), json=chat(), timeout=5) as response:
+            assert response.status_code == 200
+            received.extend(response.iter_lines())
+    assert len(received) == 2 and all(orjson.loads(line)["done"] is False for line in received)
+    for path, body in (("/api/chat", chat(stream=False)), ("/api/embed", EMBED)):
+        with pytest.raises(httpx.RemoteProtocolError, match="expected"):
+            httpx.post(stub.url(path), json=body, timeout=5)
+    setFault(client, None)
+    assert client.post("/api/chat", json=chat(stream=False)).json()["done"] is True
+
+
+def test_malformedLineFault(client):
+    setFault(client, "malformedLine")
+    lines = [line for line in client.post("/api/chat", json=chat()).text.splitlines() if line]
+    assert orjson.loads(lines[0])["done"] is False
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(lines[1])
+    assert orjson.loads(lines[-1])["done"] is True
+    for path, body in (("/api/chat", chat(stream=False)), ("/api/embed", EMBED)):
+        response = client.post(path, json=body)
+        assert response.status_code == 200
+        with pytest.raises(orjson.JSONDecodeError):
+            orjson.loads(response.content)
+
+
+def test_replyFaultsSkipRequestsThatFailValidation(client):
+    setFault(client, "midstreamError", faultCount=1)
+    assert client.post("/api/chat", json=chat(model="missing:1b")).status_code == 404
+    assert client.post("/api/chat", json=chat(stream=False)).status_code == 500
+    assert client.post("/api/chat", json=chat(stream=False)).status_code == 200
+
+
+def test_faultCanBeSwitchedWhileAStreamRuns(client, stub):
+    client.post("/_stub/config", json={"chunkDelayMs": 50, "chunks": 6})
+    with httpx.stream("POST", stub.url("/api/chat"), json=chat(), timeout=5) as response:
+        lines = response.iter_lines()
+        next(lines)
+        setFault(client, "busy")
+        rest = [orjson.loads(line) for line in lines if line]
+    assert rest[-1]["done"] is True  # the running stream is not affected
+    assert client.post("/api/chat", json=chat()).status_code == 503
+
+
+def test_stopCutsInFlightRequestsLikeAKilledDaemon():
+    with StubServer(models=["qwen2.5:7b"]) as server:
+        httpx.post(server.url("/_stub/config"), json={"fault": "hang"})
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(httpx.post, server.url("/api/chat"), json=chat(), timeout=10) for _ in range(2)]
+            waitForRequests(httpx.Client(base_url=server.baseUrl), "/api/chat", 2)
+            started = time.monotonic()
+            server.restart()
+            for future in futures:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    future.result()
+            assert time.monotonic() - started < 3.0
+        events = httpx.get(server.url("/_stub/events"), params={"type": "faultClientGone"}).json()["events"]
+        assert len(events) == 2
+        httpx.post(server.url("/_stub/config"), json={"fault": None})
+        assert httpx.post(server.url("/api/chat"), json=chat(stream=False)).status_code == 200
