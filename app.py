@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import uvicorn
 from fastapi import Depends, FastAPI
 
+import apiSchemas
 import routeApi
 import routeHealth
 import routeOpenAi
@@ -70,6 +71,7 @@ def createApp(settings: Settings) -> FastAPI:
     app = FastAPI(title="PowerOn private LLM service", version="1.0.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None, **fastApiTelemetryOff())
     app.state.settings = settings
+    apiSchemas.installOpenApi(app)
     observers: list[RequestObserver] = []
     app.state.requestObservers = observers
     installErrorHandlers(app)

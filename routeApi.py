@@ -12,6 +12,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
+import apiSchemas
 from analysisRequest import (AnalyzeFields, EmbedBody, StreamMode, TextBody, parseFields, readAnalyzeRequest,
                              readJsonBody)
 from config import ModelSpec, Settings, resolveModel
@@ -62,7 +63,7 @@ def _modelEntry(registry: ModelRegistry, spec: ModelSpec) -> dict[str, Any]:
     return entry
 
 
-@router.get("/models")
+@router.get("/models", **apiSchemas.apiModelsDoc())
 async def listModels(registry: RegistryDep, settings: SettingsDep) -> Response:
     """Every configured model: type, purpose, whether it is available now, and its capabilities."""
     return _jsonResponse({"models": [_modelEntry(registry, spec) for spec in settings.modelMapping.values()]})
@@ -240,7 +241,7 @@ async def _render(request: Request, settings: Settings, resolved: ResolvedModel,
     return document, time.perf_counter() - startedAt
 
 
-@router.post("/analyze")
+@router.post("/analyze", **apiSchemas.analyzeDoc())
 async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
     """Analyse an image or PDF with a vision model (multipart upload, or JSON with the file in base64)."""
     startedAt, meta = time.perf_counter(), _metaOf(request)
@@ -260,7 +261,7 @@ async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep
     return await _respond(request, ollama, resolved, calls, schema, mode, {"type": "start", **facts}, bodyOf, usage)
 
 
-@router.post("/text")
+@router.post("/text", **apiSchemas.textDoc())
 async def text(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
     """Run an instruction on a text with a text model, e.g. replace personal data by placeholders."""
     startedAt, meta = time.perf_counter(), _metaOf(request)
@@ -310,7 +311,7 @@ async def _embedBatches(ollama: OllamaClient, resolved: ResolvedModel, fields: E
     return vectors, promptTokens
 
 
-@router.post("/embed")
+@router.post("/embed", **apiSchemas.embedDoc())
 async def embed(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
     """Texts to embedding vectors (poweron-embed by default), sent to Ollama in batches."""
     meta = _metaOf(request)

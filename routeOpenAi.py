@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+import apiSchemas
 from dependencies import OllamaDep, RegistryDep, SettingsDep
 from errors import ServiceError
 from modelRegistry import ResolvedModel
@@ -61,13 +62,13 @@ async def readJsonObject(request: Request) -> dict[str, Any]:
     return body
 
 
-@router.get("/models")
+@router.get("/models", **apiSchemas.openAiModelsDoc())
 async def listModels(registry: RegistryDep) -> dict:
     """The external names that are available right now."""
     return {"object": "list", "data": [_modelObject(spec.externalName) for spec in registry.availableModels()]}
 
 
-@router.get("/models/{modelId}")
+@router.get("/models/{modelId}", **apiSchemas.openAiModelDoc())
 async def getModel(modelId: str, registry: RegistryDep) -> dict:
     """One available model, or 404."""
     if not any(spec.externalName == modelId for spec in registry.availableModels()):
@@ -75,7 +76,7 @@ async def getModel(modelId: str, registry: RegistryDep) -> dict:
     return _modelObject(modelId)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", **apiSchemas.chatCompletionsDoc())
 async def chatCompletions(request: Request, settings: SettingsDep, registry: RegistryDep,
                           ollama: OllamaDep) -> Response:
     """OpenAI Chat Completions (streaming or not) on Ollama's native /api/chat."""
@@ -187,7 +188,7 @@ def checkEmbeddingModel(resolved: ResolvedModel) -> None:
         raise invalid(f"The model `{resolved.externalName}` is not an embedding model; use poweron-embed", "model")
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", **apiSchemas.embeddingsDoc())
 async def embeddings(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
     """OpenAI Embeddings (float or base64, optional dimensions) on Ollama's /api/embed."""
     body = await readJsonObject(request)

@@ -20,6 +20,7 @@ from pydantic import Field
 from starlette.formparsers import MultiPartException
 from starlette.responses import Response
 
+import apiSchemas
 from analysisRequest import InMemoryMultiPartParser, RequestFields, parseFields
 from config import ModelSpec, Settings, resolveModel
 from dependencies import RegistryDep, SettingsDep
@@ -131,7 +132,7 @@ def _previewBody(document: RenderedDocument, spec: ModelSpec) -> dict[str, Any]:
                             "dataUrl": "data:image/jpeg;base64," + image.base64Jpeg} for image in document.images]}
 
 
-@apiRouter.post("/preview")
+@apiRouter.post("/preview", **apiSchemas.previewDoc())
 async def preview(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Which pages /api/analyze would analyse, with small JPEG thumbnails of them as data URLs."""
     fields, data = await _readPreviewForm(request, settings)

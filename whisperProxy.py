@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+import apiSchemas
 from config import Settings
 from dependencies import RegistryDep
 from errors import ServiceError, openAiErrorBody
@@ -152,13 +153,13 @@ async def forwardAudio(request: Request, registry: RegistryDep, endpoint: str) -
     return await relayResponse(response, baseUrl, getMeta(request), started)
 
 
-@router.post("/transcriptions")
+@router.post("/transcriptions", **apiSchemas.audioDoc("transcribe"))
 async def createTranscription(request: Request, registry: RegistryDep) -> Response:
     """Transcribe audio with poweron-transcribe (whisper-1 accepted) on the local whisper service."""
     return await forwardAudio(request, registry, "transcriptions")
 
 
-@router.post("/translations")
+@router.post("/translations", **apiSchemas.audioDoc("translate"))
 async def createTranslation(request: Request, registry: RegistryDep) -> Response:
     """Translate audio into English text with poweron-transcribe on the local whisper service."""
     return await forwardAudio(request, registry, "translations")
