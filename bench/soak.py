@@ -685,10 +685,14 @@ def buildReport(run: SoakRun, loadSeconds: float, final: dict[str, Any], options
     unexpected: list[dict[str, Any]] = []
     held: list[dict[str, Any]] = []
     latencies: dict[str, list[float]] = {kind.name: [] for kind in goodKinds()}
+    perCondition: dict[str, Counter[str]] = {}
     for record in run.records:
         conditions, fine = judge(record, run.timeline)
         statuses[record.outcome] += 1
         perKind[record.kind][record.outcome] += 1
+        if KIND_BY_NAME[record.kind].good:
+            bucket = next(iter(conditions)) if len(conditions) == 1 else "transition"
+            perCondition.setdefault(bucket, Counter())[record.outcome] += 1
         example = {"kind": record.kind, "outcome": record.outcome, "expected": sorted(fine),
                    "conditions": sorted(conditions), "sentAtSeconds": round(record.sentAt, 2),
                    "latencyMs": round((record.endedAt - record.sentAt) * 1000, 1), "body": record.body}
@@ -707,6 +711,7 @@ def buildReport(run: SoakRun, loadSeconds: float, final: dict[str, Any], options
         "requests": len(run.records), "good": sum(1 for r in run.records if KIND_BY_NAME[r.kind].good),
         "perKind": {name: {"count": sum(c.values()), "statuses": dict(c.most_common())} for name, c in perKind.items()},
         "statuses": dict(statuses.most_common()),
+        "goodByCondition": {name: dict(c.most_common()) for name, c in perCondition.items()},
         "unexpected": {"count": len(unexpected), "examples": unexpected[:EXAMPLE_LIMIT]},
         "held": {"count": len(held), "examples": held[:EXAMPLE_LIMIT]},
         "latencyNoFault": {"all": latencySummary(allGood),
@@ -734,6 +739,10 @@ def summaryLines(report: dict[str, Any]) -> list[str]:
              "Faults: " + (", ".join(f"{name} x{count}" for name, count in report["faults"].items()) or "none")
              + f"; stub killed {report['stubKills']}x",
              "Statuses: " + ", ".join(f"{outcome}: {count}" for outcome, count in report["statuses"].items())]
+    lines.append("Good requests by condition when sent:")
+    for name, counts in report["goodByCondition"].items():
+        lines.append(f"  {name:<17} " + ", ".join(f"{outcome}: {count}" for outcome, count in counts.items()))
+    lines.append("Per kind:")
     for name, entry in report["perKind"].items():
         counts = ", ".join(f"{outcome}: {count}" for outcome, count in entry["statuses"].items())
         lines.append(f"  {name:<17} {entry['count']:>6}  {counts}")
