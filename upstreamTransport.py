@@ -24,6 +24,10 @@ FAST_METHODS = frozenset({"GET", "POST", "PUT", "DELETE"})
 HIGH_WATER_BYTES = 1 << 20
 """Buffered response bytes above which the socket stops reading until the consumer catches up."""
 INCOMPLETE_MESSAGE = "Server disconnected without sending a complete response"
+STALE_RETRY_WINDOW_SECONDS = 0.5
+"""A pooled connection that the server closes this soon after the request was sent, before any byte of an answer,
+was stale (closed while idle): the request is sent once more. A later close means the server had the request and
+went away while working on it (a crash or restart): that fails (502) instead of replaying the request."""
 ConnectionKey = tuple[str, int]
 
 
@@ -197,16 +201,18 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     async def _exchange(self, key: ConnectionKey, data: bytes, timeouts: dict[str, Any]) -> UpstreamConnection:
         """Send the request and wait for the response head; once more on a fresh connection when a pooled one
-        turned out to be closed by the server before it answered anything."""
+        turned out to be stale (closed by the server at once, before it answered anything)."""
         while True:
             connection = await self._acquire(key, timeouts)
+            sentAt = connection.loop.time()
             try:
                 connection.send(data)
                 await connection.readHead(timeouts.get("read"))
                 return connection
             except httpx.RemoteProtocolError:
                 self.discard(connection)
-                if not (connection.reused and not connection.receivedAny):
+                stale = connection.reused and not connection.receivedAny
+                if not stale or connection.loop.time() - sentAt > STALE_RETRY_WINDOW_SECONDS:
                     raise
             except BaseException:
                 self.discard(connection)

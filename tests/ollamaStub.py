@@ -1522,7 +1522,9 @@ class StubUvicorn(uvicorn.Server):
         await super().startup(sockets)
 
     def abortConnections(self) -> None:
-        """Runs on the server's loop: abort the transport of every open connection (in flight or idle)."""
+        """Runs on the server's loop: stop accepting, then abort every open connection (in flight or idle)."""
+        for server in self.servers:
+            server.close()
         for connection in list(self.server_state.connections):
             transport = getattr(connection, "transport", None)
             if transport is not None:
