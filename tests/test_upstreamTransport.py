@@ -168,3 +168,40 @@ async def test_streamed_request_bodies_use_the_standard_transport(ollama: Ollama
 
     response = await ollama.http.post(ollama.url("/api/show"), content=body())
     assert response.status_code == 200 and "capabilities" in response.json()
+
+
+async def _secondRequestClosedAfter(delay: float) -> tuple[httpx.Response | Exception, int]:
+    """A server that answers the first request of each connection and closes it `delay` s after the second one
+    arrived; returns what the client got for its second call and how many requests the server saw."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}")
+        await writer.drain()
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        await asyncio.sleep(delay)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with httpx.AsyncClient(transport=UpstreamTransport(4, httpx.AsyncHTTPTransport()), timeout=5) as client:
+        await client.get(f"http://127.0.0.1:{port}/api/version")
+        try:
+            second: httpx.Response | Exception = await client.get(f"http://127.0.0.1:{port}/api/version")
+        except httpx.HTTPError as exc:
+            second = exc
+    server.close()
+    return second, len(seen)
+
+
+async def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one() -> None:
+    second, requests = await _secondRequestClosedAfter(0.0)
+    assert isinstance(second, httpx.Response) and second.status_code == 200
+    assert requests == 3  # the first, the one on the stale connection, the retry
+
+
+async def test_a_connection_cut_while_the_server_works_is_not_replayed() -> None:
+    second, requests = await _secondRequestClosedAfter(0.8)
+    assert isinstance(second, httpx.RemoteProtocolError)
+    assert requests == 2
