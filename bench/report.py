@@ -433,6 +433,20 @@ is in the streaming table above.
 """
 
 
+KEPT_SECTIONS = ("## Soak",)
+"""Sections of docu/performance.md written from other tools' runs (bench/soak.py) that a new report keeps."""
+
+
+def keptSections(previous: str) -> str:
+    """The KEPT_SECTIONS of the previous report (each up to the next ``## `` heading), to append to a new one."""
+    lines, kept = previous.splitlines(), []
+    for index, line in enumerate(lines):
+        if line.strip() in KEPT_SECTIONS:
+            end = next((j for j in range(index + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+            kept.append("\n".join(lines[index:end]).rstrip())
+    return "".join(f"\n{section}\n" for section in kept)
+
+
 def fastestGatewayRate(results: dict[str, Any]) -> tuple[float, str] | None:
     """The highest mean req/s any gateway (service, LiteLLM) reached in any wrk run, with where."""
     best = None

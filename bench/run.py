@@ -521,7 +521,8 @@ def finishTargets(bench: BenchRun) -> dict[str, Any]:
 
 
 def writeOutputs(results: dict[str, Any], options: BenchOptions) -> str:
-    text = report.renderReport(results)
+    previous = options.output.read_text(encoding="utf-8") if options.output.exists() else ""
+    text = report.renderReport(results) + report.keptSections(previous)
     options.output.parent.mkdir(parents=True, exist_ok=True)
     options.output.write_text(text, encoding="utf-8")
     options.resultsDir.mkdir(parents=True, exist_ok=True)

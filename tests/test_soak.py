@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from bench.procs import MIB
+from bench.report import keptSections
 from bench.soak import (DOWN, ERROR_FRAME, KILLED, KIND_BY_NAME, NONE, Record, Timeline, bodyProblem, judge,
                         rssSummary, sseOutcome)
 from tests.conftest import REPO_ROOT, guardedEnv
@@ -96,3 +97,12 @@ def test_soakSmoke_reportIsClean(tmp_path: Path) -> None:
     assert sum(report["faults"].values()) >= 2 and report["stubKills"] >= 1, report["faults"]
     assert report["finalCheck"] == {"normalRequest": "200", "inFlight": 0, "serviceAlive": True, "ok": True}
     assert result.returncode == 0 and "Result: OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_benchReportKeepsTheSoakSection() -> None:
+    """`make bench` rewrites docu/performance.md; the hand-written Soak section (up to the next ## heading) stays."""
+    previous = ("# Performance\n\n## Memory\n\nold\n\n## Soak\n\nSoak text\n\n### 2-minute run\n\n- numbers\n\n"
+                "## Notes\n")
+    kept = keptSections(previous)
+    assert kept == "\n## Soak\n\nSoak text\n\n### 2-minute run\n\n- numbers\n"
+    assert keptSections("# Performance\n\n## Memory\n") == ""
