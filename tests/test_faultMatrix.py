@@ -67,6 +67,12 @@ class Harness:
     def events(self, kind: str) -> list[dict]:
         return self.control.get("/_stub/events", params={"type": kind}).json()["events"]
 
+    def inFlight(self) -> float:
+        """poweron_requests_in_flight, the scrape itself included."""
+        text = self.http.get("/metrics", headers=API_HEADERS).text
+        return float(next(line.split()[-1] for line in text.splitlines()
+                          if line.startswith("poweron_requests_in_flight ")))
+
     def waitReady(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while self.http.get("/health/readiness").status_code != 200:
@@ -217,7 +223,9 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
                 yield Harness(stub, service, http, control, sdk)
         finally:
             service.stop()
-        assertNoNetworkViolation(service.logText())
+        log = service.logText()
+        assertNoNetworkViolation(log)
+        assert "Traceback" not in log, "the service logged an unexpected exception"
 
 
 @pytest.fixture
@@ -231,6 +239,10 @@ def h(harness: Harness) -> Iterator[Harness]:
     if not harness.stub.running:
         harness.stub.start()
     harness.setFault(None)
+    deadline = time.monotonic() + MARGIN
+    while harness.inFlight() > 1:  # no request is held after its answer
+        assert time.monotonic() < deadline, "requests are still in flight after the test"
+        time.sleep(0.05)
 
 
 def assertServesNormally(h: Harness, route: str) -> None:
@@ -376,4 +388,24 @@ def test_brokenAnswer(h: Harness, fault: str, route: str) -> None:
     assert outcome.elapsed < MARGIN
     if route == "v1ChatStream":
         assertWireErrorThenDone(h, code)
+    assertServesNormally(h, route)
+
+
+STALL_ROUTES = ("v1ChatStream", "apiTextStream", "apiText", "apiAnalyze")
+"""Routes that read Ollama's stream: a stall after the response head is a read timeout in the middle of it."""
+
+
+@pytest.mark.parametrize("route", STALL_ROUTES, ids=[f"stall-{route}" for route in STALL_ROUTES])
+def test_streamStallsAfterItsHead(h: Harness, route: str) -> None:
+    h.control.post("/_stub/config", json={"chunks": 2, "chunkDelayMs": SLOW_ABOVE_MS}).raise_for_status()
+    outcome = call(h, route)
+    streamed = ROUTES[route][2]
+    assertFailure(outcome, 200 if streamed else 504, "upstream_timeout", "did not answer in time",
+                  streamError=streamed)
+    assert READ_TIMEOUT * 0.9 <= outcome.elapsed < READ_TIMEOUT + MARGIN, outcome
+    deadline = time.monotonic() + MARGIN
+    while not h.events("disconnect"):  # the service closed the stalled upstream request
+        assert time.monotonic() < deadline, "the service kept the stalled upstream request open"
+        time.sleep(0.05)
+    h.control.post("/_stub/config", json={"chunkDelayMs": 0}).raise_for_status()
     assertServesNormally(h, route)
