@@ -45,7 +45,6 @@ STATUS_MEANINGS = {
 }
 RETRY_AFTER_HEADER = {"Retry-After": {"description": "Seconds to wait before retrying",
                                       "schema": {"type": "integer", "minimum": 0}}}
-MODEL_EXAMPLES = ["poweron-text-general", "poweron-vision-general", "poweron-embed"]
 TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
 """A 1x1 PNG, base64 (the example document of /api/analyze)."""
 
@@ -324,8 +323,7 @@ API_EVENT_NAMES = ("start", "page", "delta", "thinking", "done", "error")
 ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 NonEmpty = Annotated[str, Field(min_length=1)]
-ModelName = Annotated[str, Field(min_length=1, pattern=r"\S", description="A name from GET /v1/models",
-                                 examples=MODEL_EXAMPLES)]
+ModelName = Annotated[str, Field(min_length=1, pattern=r"\S", description="A name from GET /v1/models")]
 MaxTokens = Annotated[int, Field(ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])]
 
 
@@ -440,7 +438,7 @@ class StreamOptions(OpenWireModel):
 class ChatParameters(OpenWireModel):
     """What a chat request may carry besides its messages; unknown fields are accepted and ignored."""
 
-    model: ModelName
+    model: Annotated[ModelName, Field(examples=["poweron-text-general"])]
     stream: bool | None = None
     stream_options: StreamOptions | None = Field(None, description="include_usage: a usage chunk before [DONE]")
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
@@ -579,7 +577,7 @@ class ChatCompletionChunk(WireModel):
 class EmbeddingRequest(OpenWireModel):
     """OpenAI Embeddings on poweron-embed."""
 
-    model: ModelName
+    model: Annotated[ModelName, Field(examples=["poweron-embed"])]
     input: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)] = Field(
         description="Text or texts; token arrays are not supported")
     encoding_format: Literal["float", "base64"] | None = None
@@ -667,6 +665,8 @@ class TranscriptDone(WireModel):
     text: str
 
 
+FORM_MODELS: tuple[type[BaseModel], ...] = (AnalyzeForm, PreviewForm, TranscriptionForm)
+"""Bodies sent as multipart/form-data."""
 DOCUMENTED_MODELS: tuple[type[BaseModel], ...] = (
     OpenAiError, ApiError, Health, Ready, NotReady, ApiModelList, AnalyzeForm, AnalyzeJsonBody, PreviewForm,
     Preview, Analysis, TextBody, TextAnswer, EmbedBody, Embeddings, *ANALYZE_EVENTS, *TEXT_EVENTS, ModelObject,
@@ -695,13 +695,12 @@ def sseContent(dataModels: Iterable[type[BaseModel]], eventNames: Iterable[str] 
         data = {"anyOf": [{"const": doneMarker}, data]}
     names = list(eventNames)
     event = {"enum": names} if names else {"type": "string"}
-    return {"schema": {"type": "string"},
-            "itemSchema": {"type": "object", "required": ["data"], "properties": {"event": event, "data": data}}}
+    return {"itemSchema": {"type": "object", "required": ["data"], "properties": {"event": event, "data": data}}}
 
 
 def ndjsonContent(lineModels: Iterable[type[BaseModel]]) -> dict[str, Any]:
     """application/x-ndjson: each line is JSON of one of ``lineModels``."""
-    return {"schema": {"type": "string"}, "itemSchema": anyOf(lineModels)}
+    return {"itemSchema": anyOf(lineModels)}
 
 
 def operationDoc(ok: dict[str, Any], errors: Iterable[int], envelope: type[BaseModel],
@@ -834,11 +833,24 @@ def audioDoc(task: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the document
 
 
+def _withoutNull(field: dict[str, Any]) -> dict[str, Any]:
+    """A form field's schema without its null branch: a form cannot carry null, a field is left out instead."""
+    branches = [branch for branch in field.get("anyOf", ()) if branch.get("type") != "null"]
+    if not branches:
+        return field
+    rest = {key: value for key, value in field.items() if key not in ("anyOf", "default")}
+    return {**rest, **branches[0]} if len(branches) == 1 else {**rest, "anyOf": branches}
+
+
 def wireSchemas() -> dict[str, Any]:
     """The JSON Schemas of every documented model (and the models they use), keyed by name."""
     _, schemas = models_json_schema([(model, "validation") for model in DOCUMENTED_MODELS],
                                     ref_template=REF_PREFIX + "{model}")
-    return schemas.get("$defs", {})
+    definitions = schemas.get("$defs", {})
+    for model in FORM_MODELS:
+        form = definitions[model.__name__]
+        form["properties"] = {name: _withoutNull(field) for name, field in form["properties"].items()}
+    return definitions
 
 
 def _keyClassOf(path: str) -> str | None:

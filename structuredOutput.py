@@ -62,6 +62,10 @@ def checkSchema(schema: dict[str, Any]) -> None:
     if remote:
         raise _schemaError(f"reference '{remote[0][:80]}' points outside the schema; only local references "
                            "(#/$defs/...) are allowed, nothing is fetched")
+    dialect = schema.get("$schema")
+    if dialect is not None and not isinstance(dialect, str):
+        raise _schemaError("$schema must be a string naming a draft, e.g. "
+                           "\"https://json-schema.org/draft/2020-12/schema\"")
     try:
         validator_for(schema, default=Draft202012Validator).check_schema(schema)
     except SchemaError as exc:

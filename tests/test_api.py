@@ -223,6 +223,8 @@ BAD_INPUTS = [
      "not a valid JSON Schema"),
     ("schema with remote ref", dict(data=makePdf(1), schema={"$ref": "https://example.com/invoice.json"}), 400,
      "invalid_schema", "only local references"),
+    ("schema with a $schema that is not a string", dict(data=makePdf(1), schema={"$schema": []}), 400,
+     "invalid_schema", "$schema must be a string"),  # found by the fuzzer: was a 500
     ("schema and stream", dict(data=makePdf(1), schema=INVOICE_SCHEMA, stream="true"), 400, "invalid_request",
      "stream cannot be combined"),
     ("bad pages", dict(data=makePdf(3), pages="1-x"), 400, "invalid_pages", "1-x"),

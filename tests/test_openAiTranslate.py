@@ -134,6 +134,9 @@ def test_n_above_one_is_refused_and_unknown_fields_are_ignored() -> None:
     ({"type": "object", "properties": {"a": {"minLength": "five"}}}, "not a valid JSON Schema at properties/a"),
     ({"$ref": "https://example.com/invoice.json"}, "only local references"),
     ({"type": "object", "properties": {"a": {"$ref": "file:///etc/passwd"}}}, "only local references"),
+    ({"$schema": []}, "$schema must be a string"),  # found by the fuzzer: was a 500 (unhashable type)
+    ({"$schema": 5}, "$schema must be a string"),
+    ({"type": "object", "properties": {"a": {"$schema": 5}}}, "not a valid JSON Schema at properties/a"),
 ])
 def test_invalid_json_schema_in_response_format_is_400(schema: dict, text: str) -> None:
     error = rejected({"messages": USER, "response_format": {"type": "json_schema",
