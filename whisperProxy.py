@@ -7,21 +7,26 @@ the key (router dependency), that poweron-transcribe is available (whisper's hea
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
+from starlette.types import Message
 
 import apiSchemas
+from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
 from config import Settings
 from dependencies import RegistryDep
 from errors import ServiceError, openAiErrorBody
-from ollamaClient import mapStatusError, mapTransportError
+from ollamaClient import UpstreamError, mapStatusError, mapTransportError
 from requestContext import RequestMeta, getMeta
+from routeOpenAi import UpstreamSseResponse
 
 router = APIRouter(prefix="/v1/audio", tags=["audio"])
 
@@ -33,6 +38,10 @@ MODEL_HEADER = "x-poweron-model"
 PASSED_HEADERS = ("content-type", "retry-after", "cache-control")
 PASSED_ERROR_STATUSES = frozenset({400, 404, 413, 415, 501, 503})
 """Whisper's own errors (already OpenAI envelopes) that go to the client unchanged."""
+STREAM_END_TYPE = "transcript.text.done"
+NOT_JSON_ANSWER = f"{SERVICE_NAME} sent an answer that is not JSON"
+NOT_JSON_EVENT = f"{SERVICE_NAME} sent an event that is not JSON"
+TRUNCATED_STREAM_MESSAGE = f"{SERVICE_NAME}'s stream ended before it was complete (no {STREAM_END_TYPE} event)"
 
 
 def uploadLimit(settings: Settings) -> int:
@@ -56,8 +65,9 @@ def checkUpload(request: Request, settings: Settings) -> None:
         raise uploadTooLarge(settings)
 
 
-async def limitedBody(request: Request, settings: Settings) -> AsyncIterator[bytes]:
-    """The request body as it arrives, stopped with 413 past the limit (chunked or lying clients too)."""
+async def limitedBody(request: Request, settings: Settings, uploaded: asyncio.Event) -> AsyncIterator[bytes]:
+    """The request body as it arrives, stopped with 413 past the limit (chunked or lying clients too); sets
+    ``uploaded`` once the whole body has been read."""
     received, limit = 0, uploadLimit(settings)
     async for chunk in request.stream():
         received += len(chunk)
@@ -65,6 +75,20 @@ async def limitedBody(request: Request, settings: Settings) -> AsyncIterator[byt
             raise uploadTooLarge(settings)
         if chunk:
             yield chunk
+    uploaded.set()
+
+
+class AfterUpload:
+    """The request's receive channel for a disconnect watch that begins once the upload has been read: until then
+    the body stream reads the channel (and notices a client that leaves during the upload itself)."""
+
+    def __init__(self, request: Request, uploaded: asyncio.Event) -> None:
+        self.request = request
+        self.uploaded = uploaded
+
+    async def receive(self) -> Message:
+        await self.uploaded.wait()
+        return await self.request.receive()
 
 
 def forwardedHeaders(request: Request, meta: RequestMeta | None) -> dict[str, str]:
@@ -78,38 +102,91 @@ def forwardedHeaders(request: Request, meta: RequestMeta | None) -> dict[str, st
 
 
 async def sendToWhisper(request: Request, settings: Settings, baseUrl: str, endpoint: str) -> httpx.Response:
-    """POST the streamed body to whisper; transport failures map to 503/504/502."""
+    """POST the streamed body to whisper and wait for its answer; transport failures map to 503/504/502. A client
+    that leaves (during the upload or while whisper works) closes the upstream request at once: ClientDisconnected.
+    """
     http: httpx.AsyncClient = request.app.state.http
     timeout = httpx.Timeout(connect=settings.ollama.connect_timeout, read=settings.whisper.request_timeout,
                             write=60.0, pool=settings.ollama.connect_timeout + 5)
-    upstream = http.build_request("POST", f"{baseUrl}/v1/audio/{endpoint}", content=limitedBody(request, settings),
+    uploaded = asyncio.Event()
+    upstream = http.build_request("POST", f"{baseUrl}/v1/audio/{endpoint}",
+                                  content=limitedBody(request, settings, uploaded),
                                   headers=forwardedHeaders(request, getMeta(request)), timeout=timeout)
     try:
-        return await http.send(upstream, stream=True)
+        return await untilDisconnect(AfterUpload(request, uploaded), http.send(upstream, stream=True))
     except httpx.HTTPError as exc:
         raise mapTransportError(exc, baseUrl, service=SERVICE_NAME) from None
     except ClientDisconnect:
-        raise ServiceError(400, "The client closed the connection during the upload",
-                           code="client_disconnected") from None
+        raise ClientDisconnected from None
+    finally:
+        uploaded.set()  # after a failed upload the watch reads the channel until the response is complete
 
 
-def isOpenAiEnvelope(body: bytes) -> bool:
+def parsedJson(body: bytes) -> tuple[bool, Any]:
+    """(True, value) for a JSON body, (False, None) otherwise."""
     try:
-        parsed = orjson.loads(body)
+        return True, orjson.loads(body)
     except orjson.JSONDecodeError:
-        return False
-    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
+        return False, None
+
+
+def envelopeMessage(body: bytes) -> str | None:
+    """The message of an OpenAI error envelope (whisper's error shape), or None for any other body."""
+    isJson, parsed = parsedJson(body)
+    if isJson and isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        message = parsed["error"].get("message")
+        return message if isinstance(message, str) else ""
+    return None
+
+
+def splitEvents(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """The complete SSE events in ``buffer`` (each with its blank line) and the incomplete rest."""
+    *complete, rest = buffer.replace(b"\r\n", b"\n").split(b"\n\n")
+    return [event + b"\n\n" for event in complete if event.strip()], rest
+
+
+def eventPayload(event: bytes) -> Any:
+    """The JSON of an event's data lines (None for an event without data); UpstreamError when it is not JSON."""
+    data = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+    if not data:
+        return None
+    isJson, parsed = parsedJson(data)
+    if not isJson:
+        raise UpstreamError(502, NOT_JSON_EVENT, code="upstream_error")
+    return parsed
+
+
+def endsTheStream(payload: Any) -> bool:
+    return isinstance(payload, dict) and (payload.get("type") == STREAM_END_TYPE or "error" in payload)
+
+
+def errorEvent(error: ServiceError, meta: RequestMeta | None) -> bytes:
+    if meta is not None:
+        meta.errorCode = error.code or error.errorType
+    return b"data: " + orjson.dumps(openAiErrorBody(error)) + b"\n\n"
 
 
 async def relayEvents(response: httpx.Response, baseUrl: str, meta: RequestMeta | None,
                       started: float) -> AsyncIterator[bytes]:
-    """Whisper's SSE bytes as they come; a broken upstream ends the stream with an error event."""
+    """Whisper's SSE events as they come, each checked (JSON) and passed whole. A stream that breaks, stalls past
+    request_timeout, sends an event that is not JSON or ends without ``transcript.text.done`` (or whisper's own
+    error event) ends with an error event."""
+    pending = b""
     try:
         async for chunk in response.aiter_raw():
-            yield chunk
+            events, pending = splitEvents(pending + chunk)
+            for event in events:
+                payload = eventPayload(event)
+                yield event
+                if endsTheStream(payload):
+                    if "error" in payload and meta is not None:
+                        meta.errorCode = "upstream_stream_error"
+                    return
+        yield errorEvent(UpstreamError(502, TRUNCATED_STREAM_MESSAGE, code="upstream_stream_error"), meta)
     except httpx.HTTPError as exc:
-        error = mapTransportError(exc, baseUrl, service=SERVICE_NAME)
-        yield b"data: " + orjson.dumps(openAiErrorBody(error)) + b"\n\n"
+        yield errorEvent(mapTransportError(exc, baseUrl, service=SERVICE_NAME), meta)
+    except ServiceError as exc:
+        yield errorEvent(exc, meta)
     finally:
         await response.aclose()
         if meta is not None:
@@ -125,7 +202,7 @@ async def relayResponse(response: httpx.Response, baseUrl: str, meta: RequestMet
     if response.status_code == 200 and response.headers.get("content-type", "").startswith("text/event-stream"):
         if meta is not None:
             meta.streamed = True
-        return StreamingResponse(relayEvents(response, baseUrl, meta, started), headers=headers)
+        return UpstreamSseResponse(relayEvents(response, baseUrl, meta, started), headers=headers)
     try:
         body = await response.aread()
     except httpx.HTTPError as exc:
@@ -134,9 +211,15 @@ async def relayResponse(response: httpx.Response, baseUrl: str, meta: RequestMet
         await response.aclose()
         if meta is not None:
             meta.upstreamSeconds = time.perf_counter() - started
-    if response.status_code == 200 or (response.status_code in PASSED_ERROR_STATUSES and isOpenAiEnvelope(body)):
+    if response.status_code == 200:
+        if headers.get("content-type", "").startswith("application/json") and not parsedJson(body)[0]:
+            raise UpstreamError(502, NOT_JSON_ANSWER, code="upstream_error")
+        return Response(body, status_code=200, headers=headers)
+    message = envelopeMessage(body)
+    if response.status_code in PASSED_ERROR_STATUSES and message is not None:
         return Response(body, status_code=response.status_code, headers=headers)
-    raise mapStatusError(response.status_code, body, STT_MODEL, service=SERVICE_NAME)
+    upstreamBody = orjson.dumps({"error": message}) if message else body  # mapStatusError reads Ollama's shape
+    raise mapStatusError(response.status_code, upstreamBody, STT_MODEL, service=SERVICE_NAME)
 
 
 async def forwardAudio(request: Request, registry: RegistryDep, endpoint: str) -> Response:
@@ -149,8 +232,14 @@ async def forwardAudio(request: Request, registry: RegistryDep, endpoint: str) -
     await registry.resolve(STT_MODEL)
     baseUrl = settings.whisper.base_url.rstrip("/")
     started = time.perf_counter()
-    response = await sendToWhisper(request, settings, baseUrl, endpoint)
-    return await relayResponse(response, baseUrl, getMeta(request), started)
+    meta = getMeta(request)
+    try:
+        response = await sendToWhisper(request, settings, baseUrl, endpoint)
+    except ClientDisconnected:
+        if meta is not None:
+            meta.errorCode = "client_disconnected"
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+    return await relayResponse(response, baseUrl, meta, started)
 
 
 @router.post("/transcriptions", **apiSchemas.audioDoc("transcribe"))
