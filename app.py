@@ -22,6 +22,7 @@ import routeOpenAi
 import routeWeb
 import whisperProxy
 from config import ConfigError, Settings, loadSettings
+from clientDisconnect import installDisconnectHandler
 from errors import installErrorHandlers
 from metrics import installMetrics
 from modelRegistry import ModelRegistry
@@ -75,6 +76,7 @@ def createApp(settings: Settings) -> FastAPI:
     observers: list[RequestObserver] = []
     app.state.requestObservers = observers
     installErrorHandlers(app)
+    installDisconnectHandler(app)
     if settings.metrics.enabled:
         installMetrics(app, observers)
     app.include_router(routeHealth.router)

@@ -6,8 +6,12 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from starlette.requests import Request
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 from starlette.types import Receive
+
+from requestContext import getMeta
 
 CLIENT_CLOSED_STATUS = 499
 """Status recorded (nginx's convention) when the client closed the connection before the answer."""
@@ -56,3 +60,17 @@ async def untilDisconnect(request: Request, work: Awaitable[T]) -> T:
         raise
     finally:
         watch.stop()
+
+
+async def clientGoneResponse(request: Request, exc: Exception) -> Response:
+    """Exception handler for Starlette's ClientDisconnect (the client left while its body was being read, e.g.
+    mid-upload): status 499 for the access log and metrics, no traceback; the response goes nowhere."""
+    meta = getMeta(request)
+    if meta is not None:
+        meta.errorCode = "client_disconnected"
+    return Response(status_code=CLIENT_CLOSED_STATUS)
+
+
+def installDisconnectHandler(app: Starlette) -> None:
+    """Register clientGoneResponse (without it a client leaving mid-upload is a 500 with a logged traceback)."""
+    app.add_exception_handler(ClientDisconnect, clientGoneResponse)

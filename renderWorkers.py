@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import weakref
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import documentRender
@@ -17,6 +18,8 @@ from errors import ServiceError
 logger = logging.getLogger("poweron.render")
 SHUTDOWN_GRACE_SECONDS = 5.0
 RETRY_AFTER_BUSY_SECONDS = 5
+MAX_RENDER_ATTEMPTS = 4
+"""Renders of one request: the first, one retry after a crash, and redos after pools stopped for other requests."""
 
 
 WORKER_PRELOAD = ("__main__", "documentRender", "pymupdf", "PIL.Image")
@@ -29,6 +32,10 @@ def _newExecutor(workers: int) -> ProcessPoolExecutor:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(WORKER_PRELOAD))
     return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=documentRender.initWorker)
+
+
+class WorkersStopped(Exception):
+    """The pool a render ran on was stopped by the service for another request; the render is done again."""
 
 
 def _killWorkers(executor: ProcessPoolExecutor) -> None:
@@ -47,6 +54,10 @@ class RenderPool:
         self.timeoutSeconds = timeoutSeconds
         self.executor = _newExecutor(workers)
         self.restarts = 0
+        self.abandoned = 0
+        """Running renders stopped because their request went away."""
+        self.stoppedOnPurpose: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()
+        """Pools killed by the service itself (time limit, abandoned render): their other renders are redone."""
         self.warmUpTask: asyncio.Task | None = None
         self.slots = asyncio.Semaphore(workers)
         """One render per worker at a time, so the time limit counts rendering only, never waiting in line."""
@@ -55,16 +66,21 @@ class RenderPool:
 
     async def render(self, job: RenderJob) -> RenderedDocument:
         """Render in a worker (its DocumentError, a 4xx ServiceError, is raised here). A crashed pool is replaced
-        and the render retried once (the crash may have been another request's)."""
-        try:
-            return await self._renderOnce(job)
-        except BrokenProcessPool:
-            logger.warning("render worker died; retrying on a fresh pool")
-        try:
-            return await self._renderOnce(job)
-        except BrokenProcessPool:
-            raise ServiceError(422, "The document crashed the renderer; it is damaged or too complex",
-                               code="render_failed") from None
+        and the render retried once (the crash may have been another request's); a pool stopped on purpose (another
+        request's render timed out or was abandoned) does not count as a crash."""
+        crashes = 0
+        for _ in range(MAX_RENDER_ATTEMPTS):
+            try:
+                return await self._renderOnce(job)
+            except WorkersStopped:
+                logger.info("render workers were restarted for another request; rendering again")
+            except BrokenProcessPool:
+                crashes += 1
+                if crashes > 1:
+                    break
+                logger.warning("render worker died; retrying on a fresh pool")
+        raise ServiceError(422, "The document crashed the renderer; it is damaged or too complex",
+                           code="render_failed")
 
     async def _renderOnce(self, job: RenderJob) -> RenderedDocument:
         try:
@@ -81,15 +97,30 @@ class RenderPool:
     async def _renderInWorker(self, job: RenderJob) -> RenderedDocument:
         executor = self.executor
         try:
-            future = asyncio.get_running_loop().run_in_executor(executor, documentRender.renderDocument, job)
-            return await asyncio.wait_for(future, self.timeoutSeconds)
+            submitted = executor.submit(documentRender.renderDocument, job)
+            return await asyncio.wait_for(asyncio.wrap_future(submitted), self.timeoutSeconds)
         except asyncio.TimeoutError:
             self._replace(executor, "render took longer than the time limit")
             raise ServiceError(422, f"Rendering the document took longer than {self.timeoutSeconds:g} s and was "
                                "stopped; it is too complex (try fewer pages)", code="render_timeout") from None
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling() == 0:  # not this request: its pool was shut down under it
+                raise WorkersStopped from None
+            self._abandon(executor, submitted)
+            raise
         except BrokenProcessPool:
+            if executor in self.stoppedOnPurpose:
+                raise WorkersStopped from None
             self._replace(executor, "render worker died")
             raise
+
+    def _abandon(self, executor: ProcessPoolExecutor, submitted: Future) -> None:
+        """The request went away (its client disconnected): a render still waiting is dropped, a running one is
+        stopped by replacing the workers, so no CPU goes on an answer nobody reads and the slot is really free."""
+        if submitted.cancel() or submitted.done():
+            return
+        self.abandoned += 1
+        self._replace(executor, "the request of a running render went away")
 
     def _replace(self, executor: ProcessPoolExecutor, reason: str) -> None:
         """Kill the given executor's workers and start a fresh pool (once, however many requests noticed)."""
@@ -98,6 +129,7 @@ class RenderPool:
         logger.warning("restarting the render workers: %s", reason)
         self.restarts += 1
         self.executor = _newExecutor(self.workers)
+        self.stoppedOnPurpose.add(executor)
         _killWorkers(executor)
 
     async def warmUp(self) -> None:

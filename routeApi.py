@@ -3,6 +3,7 @@ with vision models, text tasks (e.g. neutralising personal data) and embeddings.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -147,6 +148,9 @@ async def _streamResponse(mode: str, events: AsyncIterator[dict[str, Any]], star
         except ServiceError as error:
             meta.errorCode = error.code or error.errorType
             yield _frame(mode, _errorEvent(error))
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+            meta.errorCode = "client_disconnected"
+            raise
         finally:
             await events.aclose()
             _recordUsage(meta, usage)
@@ -253,7 +257,11 @@ async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep
     # the model (and Ollama) before rendering: a dead upstream is a 503 at once, never after a render
     resolved = await _resolveWith(registry, fields.model, "vision", "read images or PDFs (no vision capability)")
     meta.externalModel = resolved.externalName
-    document, renderSeconds = await _render(request, settings, resolved, data, fields)
+    try:  # a client gone while its document renders stops the render (the worker is replaced)
+        document, renderSeconds = await untilDisconnect(request, _render(request, settings, resolved, data, fields))
+    except ClientDisconnected:
+        meta.errorCode = "client_disconnected"
+        return Response(status_code=CLIENT_CLOSED_STATUS)
     calls = documentCalls(settings, resolved, document, fields, schema)
     facts = _documentFacts(resolved, document, calls, renderSeconds)
     usage = Usage()

@@ -200,8 +200,11 @@ async def embeddings(request: Request, settings: SettingsDep, registry: Registry
     asBase64, dimensions = embeddingOptions(body)
     started = time.perf_counter()
     try:
-        answer = await ollama.embed(resolved.ollamaName, inputs, resolved.externalName, dimensions,
-                                    settings.ollama.keep_alive)
+        answer = await untilDisconnect(request, ollama.embed(resolved.ollamaName, inputs, resolved.externalName,
+                                                             dimensions, settings.ollama.keep_alive))
+    except ClientDisconnected:
+        meta.errorCode = "client_disconnected"
+        return Response(status_code=CLIENT_CLOSED_STATUS)
     finally:
         meta.upstreamSeconds = time.perf_counter() - started
     meta.promptTokens = int(answer.get("prompt_eval_count") or 0)
