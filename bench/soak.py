@@ -404,6 +404,16 @@ def serviceIni(port: int, stubPort: int, keys: Keys, readTimeout: float) -> str:
             f"[whisper]\nenabled = false\n\n[warmup]\nmodels =\n\n[metrics]\nenabled = true\n")
 
 
+class UnpinnedProcess(BenchProcess):
+    """A BenchProcess started without taskset."""
+
+    def start(self) -> UnpinnedProcess:
+        with open(self.logPath, "ab") as log:
+            self.process = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+
 class Processes:
     """The stub and the service of one run, with their logs in a work directory."""
 
@@ -451,16 +461,6 @@ class Processes:
         self.stub.stop()
 
 
-class UnpinnedProcess(BenchProcess):
-    """A BenchProcess started without taskset."""
-
-    def start(self) -> UnpinnedProcess:
-        with open(self.logPath, "ab") as log:
-            self.process = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-
 # ------------------------------------------------------------------------------------------ the run
 
 
@@ -495,6 +495,7 @@ class SoakRun:
         self.rssSamples: list[dict[str, Any]] = []
         self.startedAt = 0.0
         self.faultsApplied: Counter[str] = Counter()
+        self.stopping = asyncio.Event()
 
     def now(self) -> float:
         return time.monotonic() - self.startedAt
@@ -512,7 +513,8 @@ class SoakRun:
         try:
             await asyncio.gather(*workers)
         finally:
-            await self.endSchedule(schedule, stubClient)
+            self.stopping.set()
+            await schedule
             sampler.cancel()
         loadSeconds = self.now()
         self.sampleRss()
@@ -539,25 +541,33 @@ class SoakRun:
     # ------------------------------------------------------------------------------ faults
 
     async def schedule(self, stubClient: httpx.AsyncClient, deadline: float) -> None:
-        """Quiet phase, fault phase, quiet phase, ... until the deadline (faults in a seeded order)."""
+        """Quiet phase, fault phase, quiet phase, ... until the deadline (faults in a seeded order); a fault under
+        way when the run stops is ended properly (stub up again, no fault set)."""
         phase = self.options.phaseLength()
         for fault in faultOrder(random.Random(self.options.seed)):
-            await asyncio.sleep(min(phase, max(0.0, deadline - time.monotonic())))
-            if time.monotonic() + phase / 2 >= deadline:
+            await self.pause(min(phase, max(0.0, deadline - time.monotonic())))
+            if self.stopping.is_set() or time.monotonic() + phase / 2 >= deadline:
                 return
             await self.applyFault(stubClient, fault, phase)
 
+    async def pause(self, seconds: float) -> None:
+        """Sleep, but no longer once the run stops."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
     async def applyFault(self, stubClient: httpx.AsyncClient, fault: str, phase: float) -> None:
+        """One fault phase: a stub fault for ``phase`` seconds, the stub down for ``phase`` seconds, or a restart."""
         self.faultsApplied[fault] += 1
         if fault in STUB_FAULTS:
             await self.setStubFault(stubClient, fault)
-            await asyncio.sleep(phase)
+            await self.pause(phase)
             await self.setStubFault(stubClient, None)
         else:
             await self.killStub()
-            await asyncio.sleep(phase if fault == DOWN else 0.0)
+            await self.pause(phase if fault == DOWN else 0.0)
             await self.startStub()
-            await asyncio.sleep(0.0 if fault == DOWN else phase)
 
     async def setStubFault(self, stubClient: httpx.AsyncClient, fault: str | None) -> None:
         config = {"fault": fault, "faultDelayMs": SLOW_FIRST_TOKEN_MS} if fault else {"fault": None}
@@ -574,18 +584,6 @@ class SoakRun:
     async def startStub(self) -> None:
         await asyncio.to_thread(self.processes.startStub)
         self.timeline.switch(self.now(), NONE)
-
-    async def endSchedule(self, schedule: asyncio.Task, stubClient: httpx.AsyncClient) -> None:
-        """Stop the scheduler and leave the stub up without a fault."""
-        schedule.cancel()
-        try:
-            await schedule
-        except asyncio.CancelledError:
-            pass
-        if not self.processes.stub.alive():
-            await self.startStub()
-        elif self.timeline.conditions[-1] != NONE:
-            await self.setStubFault(stubClient, None)
 
     # --------------------------------------------------------------------------------- RSS
 
@@ -690,7 +688,7 @@ def buildReport(run: SoakRun, loadSeconds: float, final: dict[str, Any], options
         conditions, fine = judge(record, run.timeline)
         statuses[record.outcome] += 1
         perKind[record.kind][record.outcome] += 1
-        if KIND_BY_NAME[record.kind].good:
+        if KIND_BY_NAME[record.kind].good and "*" not in KIND_BY_NAME[record.kind].table:  # calls Ollama
             bucket = next(iter(conditions)) if len(conditions) == 1 else "transition"
             perCondition.setdefault(bucket, Counter())[record.outcome] += 1
         example = {"kind": record.kind, "outcome": record.outcome, "expected": sorted(fine),
@@ -739,7 +737,7 @@ def summaryLines(report: dict[str, Any]) -> list[str]:
              "Faults: " + (", ".join(f"{name} x{count}" for name, count in report["faults"].items()) or "none")
              + f"; stub killed {report['stubKills']}x",
              "Statuses: " + ", ".join(f"{outcome}: {count}" for outcome, count in report["statuses"].items())]
-    lines.append("Good requests by condition when sent:")
+    lines.append("Good requests that call Ollama, by the condition when sent:")
     for name, counts in report["goodByCondition"].items():
         lines.append(f"  {name:<17} " + ", ".join(f"{outcome}: {count}" for outcome, count in counts.items()))
     lines.append("Per kind:")
