@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from analysisRequest import AnalyzeFields, AnalyzeJsonBody, EmbedBody, TextBody
+from config import ModelType
 from openAiTranslate import DIMENSIONS_RANGE, MAX_EMBEDDING_INPUTS, MAX_TOKENS_RANGE, SEED_RANGE, TOP_K_RANGE
 from security import KEY_CLASS_API, KEY_CLASS_BY_PREFIX, KEY_CLASS_OPENAI
 
@@ -150,7 +151,7 @@ class VisionFacts(WireModel):
 
 class ApiModel(WireModel):
     name: str
-    type: Literal["text", "vision", "reasoning", "embedding", "stt"]
+    type: ModelType
     purpose: str
     available: bool
     capabilities: list[str]
