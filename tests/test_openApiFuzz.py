@@ -5,7 +5,10 @@ the speech-to-text service pointed at a port where nothing listens; the valid ke
 injected by schemathesis from the document's security schemes. Every operation is fuzzed with schema-valid and
 schema-violating requests; each response must be no server error (the only 5xx allowed is the documented 503 of
 the audio routes while speech-to-text is unreachable), have a documented status and content type, and match its
-schema. Bounded (examples per operation, fixed seed, no example database) so the file runs in about a minute.
+schema. Bounded (examples per operation, fixed seed, no example database, 30 s per request): about 30 s here.
+
+The schema is loaded at import (``schemathesis.pytest.from_fixture`` does not work with pytest 9.2: it sets
+``node._nodeid``); the document does not depend on the settings, so it comes from an app with the test INI.
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ def fuzzedApp(stub: Any) -> Iterator[FastAPI]:
     """The service with the stub as Ollama and an unreachable speech-to-text service; its lifespan is run by
     schemathesis' ASGI transport on the first call and ended here."""
     app = createApp(serviceSettings(ollama={"base_url": stub.baseUrl, "read_timeout": 10},
-                                 whisper={"base_url": DEAD_OLLAMA_URL, "enabled": True},
-                                 ratelimit=GENEROUS_LIMITS, documents={"render_timeout_seconds": 10}))
+                                    whisper={"base_url": DEAD_OLLAMA_URL, "enabled": True},
+                                    ratelimit=GENEROUS_LIMITS, documents={"render_timeout_seconds": 10}))
     yield app
     asgi.shutdown_lifespans()
 
