@@ -271,8 +271,9 @@ def badKinds() -> tuple[Kind, ...]:
              _always("404")),
         Kind("oversized", 1, False, lambda p: ("POST", "/v1/chat/completions", {
             "content": p.oversized, "headers": {**p.bearer(), "Content-Type": "application/json"}}), _always("413")),
+        # no Ollama call: 503 once the registry has seen Ollama go (it checks every discovery_ttl), 422 before
         Kind("corruptPdf", 2, False, lambda p: ("POST", "/api/analyze", p.analyze(p.corruptPdf, "broken.pdf")),
-             {"*": frozenset({"422"}), DOWN: frozenset({"503"}), KILLED: frozenset({"422", "503"})}),
+             {"*": frozenset({"422"}), DOWN: frozenset({"422", "503"}), KILLED: frozenset({"422", "503"})}),
         Kind("wrongContentType", 2, False, lambda p: ("POST", "/api/analyze", {
             "content": b"prompt=hello", "headers": {**p.apiKey(), "Content-Type": "text/plain"}}), _always("415")),
         Kind("throttled", 2, False, lambda p: ("GET", "/v1/models", {"headers": p.bearer(p.keys.limited)}),

@@ -80,12 +80,13 @@ def test_rssSummary_growthOverTheSecondHalf() -> None:
 
 @pytest.mark.e2e
 def test_soakSmoke_reportIsClean(tmp_path: Path) -> None:
-    """15 s of load with two faults (seed 1: midstreamError, then the stub killed and kept down)."""
+    """15 s of load with two 4-second faults (seed 1: midstreamError, then the stub killed and kept down)."""
     out = tmp_path / "soak.json"
     # oversized is skipped: under load the service sometimes resets the connection instead of answering 413
-    # (reported in issue 10's soak notes); the full soak keeps it.
-    command = [sys.executable, "-m", "bench.soak", "--minutes", "0.25", "--phase-seconds", "3", "--seed", "1",
-               "--concurrency", "8", "--rate", "30", "--no-pin", "--skip", "oversized", "--out", str(out)]
+    # (the open finding in the Soak section of docu/performance.md); the full soak keeps it.
+    command = [sys.executable, "-m", "bench.soak", "--minutes", "0.25", "--phase-seconds", "4", "--grace", "1.5",
+               "--seed", "1", "--concurrency", "8", "--rate", "30", "--no-pin", "--skip", "oversized",
+               "--out", str(out)]
     result = subprocess.run(command, cwd=REPO_ROOT, env=guardedEnv(dict(os.environ)), capture_output=True, text=True,
                             timeout=SMOKE_TIMEOUT_SECONDS)
     assert out.exists(), result.stdout[-3000:] + result.stderr[-3000:]
@@ -95,6 +96,8 @@ def test_soakSmoke_reportIsClean(tmp_path: Path) -> None:
     assert report["held"]["count"] == 0, report["held"]["examples"]
     assert len(report["rss"]["samples"]) >= 2 and report["rss"]["startBytes"] > 0 and report["rss"]["endBytes"] > 0
     assert sum(report["faults"].values()) >= 2 and report["stubKills"] >= 1, report["faults"]
+    judgedInFaults = set(report["goodByCondition"]) & {"midstreamError", "down"}
+    assert judgedInFaults, report["goodByCondition"]  # some requests were judged by a fault's own statuses
     assert report["finalCheck"] == {"normalRequest": "200", "inFlight": 0, "serviceAlive": True, "ok": True}
     assert result.returncode == 0 and "Result: OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
 
