@@ -15,6 +15,10 @@ from errors import ServiceError, errorResponse
 
 CONTENT_LENGTH = b"content-length"
 CONNECTION_CLOSE = (b"connection", b"close")
+LINGER_FACTOR = 2
+"""A declared body up to this many times the limit is refused with the connection kept open: the server discards the
+rest of the upload as it arrives, so a client still sending reads the 413 instead of a connection reset (closing a
+socket with unread bytes resets it; nginx's lingering close solves the same). Larger bodies get Connection: close."""
 
 
 def describeBytes(size: int) -> str:
@@ -63,7 +67,8 @@ class BodyLimitMiddleware:
                                                              code="invalid_content_length"))
             return
         if declared is not None and declared > self.maxBytes:
-            await _refuse(scope, receive, send, _tooLarge(self.maxBytes))
+            linger = declared <= LINGER_FACTOR * self.maxBytes
+            await _refuse(scope, receive, send, _tooLarge(self.maxBytes, close=not linger))
             return
         await self._countingBody(scope, receive, send)
 
@@ -96,9 +101,9 @@ class BodyLimitMiddleware:
             await _refuse(scope, receive, send, _tooLarge(self.maxBytes))
 
 
-def _tooLarge(maxBytes: int) -> ServiceError:
+def _tooLarge(maxBytes: int, close: bool = True) -> ServiceError:
     return ServiceError(413, bodyTooLargeMessage(maxBytes), code="request_too_large",
-                        headers={"Connection": "close"})
+                        headers={"Connection": "close"} if close else None)
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, error: ServiceError) -> None:

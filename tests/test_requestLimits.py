@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import socket
 import struct
+import time
 import zlib
 
 import httpx
@@ -144,6 +145,39 @@ def test_realServerRefusesAHugeDeclaredBodyBeforeItIsSent(limitedApp) -> None:
             sock.sendall(request)
             status, _, body = _readResponse(sock)
     assert status == 413 and "4 KiB" in orjson.loads(body)["error"]["message"]
+
+
+def test_realServerDiscardsASlightlyTooLargeBodySoTheClientReadsThe413(limitedApp) -> None:
+    """The body arrives after the 413 was sent: the server must neither reset the connection (closing a socket with
+    unread bytes sends RST and the client loses the 413) nor treat the body as a new request; the connection stays
+    usable."""
+    body = b" " * (LIMIT + LIMIT // 2)
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + OPENAI_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+    health = b"GET /health/liveliness HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with liveServer(limitedApp) as baseUrl:
+        with socket.create_connection(("127.0.0.1", int(baseUrl.rsplit(":", 1)[1])), timeout=10) as sock:
+            sock.sendall(head)
+            time.sleep(0.3)  # the 413 is sent now; an old server has closed the socket already
+            sock.sendall(body)
+            time.sleep(0.3)  # a reset would have arrived by now and dropped the unread 413
+            status, headers, answer = _readResponse(sock)
+            sock.sendall(health)
+            nextStatus, _, _ = _readResponse(sock)
+    assert status == 413 and "4 KiB" in orjson.loads(answer)["error"]["message"]
+    assert headers.get("connection") != "close"
+    assert nextStatus == 200
+
+
+def test_realServerClosesAfterRefusingAFarTooLargeDeclaredBody(limitedApp) -> None:
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + OPENAI_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % (LIMIT * 3))
+    with liveServer(limitedApp) as baseUrl:
+        with socket.create_connection(("127.0.0.1", int(baseUrl.rsplit(":", 1)[1])), timeout=10) as sock:
+            sock.sendall(head)
+            status, headers, _ = _readResponse(sock)
+            closed = sock.recv(1) == b""
+    assert status == 413 and headers.get("connection") == "close" and closed
 
 
 # --- helpers the route handlers call --------------------------------------------------------------------------------
