@@ -6,10 +6,11 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
+import anyio
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
-from starlette.types import Receive
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from requestContext import getMeta
 
@@ -74,3 +75,17 @@ async def clientGoneResponse(request: Request, exc: Exception) -> Response:
 def installDisconnectHandler(app: Starlette) -> None:
     """Register clientGoneResponse (without it a client leaving mid-upload is a 500 with a logged traceback)."""
     app.add_exception_handler(ClientDisconnect, clientGoneResponse)
+
+
+class UpstreamSseResponse(StreamingResponse):
+    """SSE relay that always closes its frame generator (and with it the upstream request) when it ends,
+    including when the client disconnects and Starlette cancels the send loop."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]

@@ -15,8 +15,7 @@ from typing import Any
 import anyio
 import orjson
 from fastapi import APIRouter, Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 import apiSchemas
 from dependencies import OllamaDep, RegistryDep, SettingsDep
@@ -26,7 +25,7 @@ from ollamaClient import OllamaClient, OllamaStream
 from openAiTranslate import (DONE_FRAME, ChatPlan, ChatStreamTranslator, buildChatPlan, chatCompletion,
                              embeddingInputs, embeddingOptions, embeddingResponse, errorFrame, invalid,
                              requireModelName, usageOf)
-from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
+from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, UpstreamSseResponse, untilDisconnect
 from requestContext import RequestMeta, getMeta
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -117,20 +116,6 @@ async def _streamChat(request: Request, ollama: OllamaClient, plan: ChatPlan, re
     stream = await untilDisconnect(request, ollama.openStream("/api/chat", plan.payload, resolved.externalName))
     frames = _sseFrames(stream, ChatStreamTranslator(resolved.externalName), meta, plan.includeUsage)
     return UpstreamSseResponse(frames, headers=SSE_HEADERS)
-
-
-class UpstreamSseResponse(StreamingResponse):
-    """SSE relay that always closes its frame generator (and with it the upstream request) when it ends,
-    including when the client disconnects and Starlette cancels the send loop."""
-
-    media_type = "text/event-stream"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def _sseFrames(stream: OllamaStream, translator: ChatStreamTranslator, meta: RequestMeta,

@@ -20,13 +20,12 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 import apiSchemas
-from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
+from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, UpstreamSseResponse, untilDisconnect
 from config import Settings
 from dependencies import RegistryDep
 from errors import ServiceError, openAiErrorBody
 from ollamaClient import UpstreamError, mapStatusError, mapTransportError
 from requestContext import RequestMeta, getMeta
-from routeOpenAi import UpstreamSseResponse
 
 router = APIRouter(prefix="/v1/audio", tags=["audio"])
 

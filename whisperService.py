@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.types import Message
 
+from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
 from config import ConfigError, Settings, loadSettings, resolveModel
 from errors import ServiceError, installErrorHandlers, openAiErrorBody
 from requestContext import RequestContextMiddleware, RequestMeta
@@ -235,10 +236,12 @@ async def handleAudio(request: Request, task: str) -> Response:
     try:
         audio = parseAudioForm(form, task, settings, engine.supportedLanguages())
         if not audio.stream:
-            return renderResponse(await engine.transcribe(audio.job), audio)
+            return renderResponse(await untilDisconnect(request, engine.transcribe(audio.job)), audio)
         response = await streamResponse(engine, audio, form)
         formOwnedByStream = True
         return response
+    except ClientDisconnected:  # the job was cancelled between segments; the answer goes nowhere
+        return Response(status_code=CLIENT_CLOSED_STATUS)
     finally:
         if not formOwnedByStream:
             await form.close()

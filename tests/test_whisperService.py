@@ -4,7 +4,9 @@ formats, streaming, bad input, size limits, the bounded queue and the idle unloa
 from __future__ import annotations
 
 import asyncio
+import io
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,8 +213,10 @@ def test_uploadOverTheLimitIs413WhetherDeclaredOrChunked(client: httpx.Client) -
 
 @pytest.fixture(scope="module")
 def tightWhisper(workDir: Path) -> Iterator[WhisperProcess]:
-    """One running transcription, no queue, unload after one idle second."""
-    service = WhisperProcess(workDir, max_concurrent="1", max_queue="0", idle_unload_seconds="1").start()
+    """One running transcription, no queue, unload after one idle second, one 30-s window per batch (so a cancelled
+    job stops after its current window)."""
+    service = WhisperProcess(workDir, max_concurrent="1", max_queue="0", idle_unload_seconds="1",
+                             batch_size="1").start()
     yield service
     service.stop()
 
@@ -226,6 +230,35 @@ async def test_fullQueueGives503WithRetryAfter(tightWhisper: WhisperProcess, spe
     assert statuses[0] == 200 and statuses[-1] == 503, statuses
     busy = next(r for r in responses if r.status_code == 503)
     assert int(busy.headers["retry-after"]) > 0 and "busy" in busy.json()["error"]["message"]
+
+
+def _repeatedWav(clip: bytes, times: int) -> bytes:
+    with wave.open(io.BytesIO(clip)) as source:
+        params, frames = source.getparams(), source.readframes(source.getnframes())
+    out = io.BytesIO()
+    with wave.open(out, "wb") as target:
+        target.setparams(params)
+        target.writeframes(frames * times)
+    return out.getvalue()
+
+
+async def test_clientLeavingStopsItsTranscription(tightWhisper: WhisperProcess, speech: dict[str, bytes]) -> None:
+    """A non-streamed job whose client went away is cancelled between segments: its slot is free within seconds,
+    not after the whole (about four-minute) recording."""
+    audio = _repeatedWav(speech["long"], 8)
+    async with httpx.AsyncClient(base_url=tightWhisper.baseUrl, timeout=120) as http:
+        job = asyncio.create_task(http.post(PATH, files={"file": ("l.wav", audio)}, data={"model": "whisper-1"}))
+        deadline = time.monotonic() + 30
+        while tightWhisper.health()["running"] == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert tightWhisper.health()["running"] == 1
+        await asyncio.sleep(0.5)
+        job.cancel()
+    leftAt = time.monotonic()
+    while tightWhisper.health()["running"] and time.monotonic() - leftAt < 30:
+        await asyncio.sleep(0.1)
+    freedAfter = time.monotonic() - leftAt
+    assert freedAfter < 3.0, f"the abandoned transcription kept its slot for {freedAfter:.1f} s"
 
 
 def test_idleModelIsUnloadedAndLoadedAgainOnDemand(tightWhisper: WhisperProcess, speech: dict[str, bytes]) -> None:
