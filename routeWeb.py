@@ -22,11 +22,13 @@ from starlette.responses import Response
 
 import apiSchemas
 from analysisRequest import InMemoryMultiPartParser, RequestFields, parseFields
+from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
 from config import ModelSpec, Settings, resolveModel
 from dependencies import RegistryDep, SettingsDep
 from documentRender import RenderedDocument, RenderJob, detectFileType, parsePageRanges
 from errors import ServiceError
 from modelRegistry import ModelRegistry
+from requestContext import getMeta
 from security import requireApiKey
 
 WEB_ROOT = Path(__file__).resolve().parent
@@ -140,5 +142,9 @@ async def preview(request: Request, settings: SettingsDep, registry: RegistryDep
     job = RenderJob(data, parsePageRanges(fields.pages), settings.documents.max_pdf_pages, THUMBNAIL_PIXELS,
                     settings.limits.max_image_pixels, fields.password)
     spec = _visionSpec(settings, registry, fields.model or DEFAULT_PREVIEW_MODEL)
-    document = await request.app.state.renderPool.render(job)
+    try:  # a client gone while its thumbnails render stops the render (the worker is replaced)
+        document = await untilDisconnect(request, request.app.state.renderPool.render(job))
+    except ClientDisconnected:
+        getMeta(request).errorCode = "client_disconnected"
+        return Response(status_code=CLIENT_CLOSED_STATUS)
     return Response(orjson.dumps(_previewBody(document, spec)), media_type="application/json")

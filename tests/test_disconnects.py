@@ -252,6 +252,10 @@ def test_midUploadJsonBody_freesEverythingAndNeverCallsOllama(service: ServicePr
 # ------------------------------------------------------------------------------------------- while rendering
 
 
+PREVIEW_SLOW_PDF_PATHS = 20_000
+"""Curves that make even a thumbnail (28,000 pixels) take ~3 s to render."""
+
+
 def slowPdf(paths: int = SLOW_PDF_PATHS) -> bytes:
     """One A4 page of many overlapping semi-transparent curves: deterministic and slow to rasterise."""
     doc = pymupdf.open()
@@ -311,10 +315,10 @@ def multipartRequest(path: str, headers: dict[str, str], files: dict, data: dict
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def abandonWhileRendering(service: ServiceProcess, pdf: bytes, stream: bool) -> None:
+def abandonWhileRendering(service: ServiceProcess, pdf: bytes, stream: bool, path: str = "/api/analyze") -> None:
     headers, requestId = withId(API_HEADERS)
-    raw = multipartRequest("/api/analyze", headers, {"file": ("slow.pdf", pdf, "application/pdf")},
-                           {"prompt": "Describe", "stream": "true" if stream else "false"})
+    fields = {"prompt": "Describe", "stream": "true" if stream else "false"} if path == "/api/analyze" else {}
+    raw = multipartRequest(path, headers, {"file": ("slow.pdf", pdf, "application/pdf")}, fields)
     with socket.create_connection(("127.0.0.1", service.port), timeout=5) as sock:
         sock.sendall(raw)
         waitUntil(lambda: childrenBusy(service), 5.0, "no render worker started on the PDF")
@@ -336,6 +340,14 @@ def test_whileRendering_theRenderIsStoppedAndOllamaNeverCalled(service: ServiceP
     # have happened mid-render (they waited for a busy worker first)
     assert following.json()["durations"]["renderMs"] >= 1000
     assert stubRequests(slowStub, "/api/chat") == 1
+
+
+def test_whilePreviewRenders_theRenderIsStopped(service: ServiceProcess, slowStub) -> None:
+    pdf = slowPdf(PREVIEW_SLOW_PDF_PATHS)
+    abandonWhileRendering(service, pdf, stream=False, path="/api/preview")
+    following = httpx.post(service.baseUrl + "/api/preview", headers=API_HEADERS, timeout=60,
+                           files={"file": ("slow.pdf", pdf, "application/pdf")})
+    assert following.status_code == 200 and following.json()["thumbnails"], following.text
 
 
 async def test_anAbandonedRenderIsKilledWithoutFailingAnotherRequestsRender() -> None:
