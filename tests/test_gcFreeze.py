@@ -22,13 +22,13 @@ def test_freezeStartupObjects_movesLiveObjectsToThePermanentGeneration() -> None
 
 def test_main_freezesAfterBuildingTheAppAndBeforeServing(testIni: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    built = SimpleNamespace(state=SimpleNamespace())
+    built = SimpleNamespace(state=SimpleNamespace(), openapi=lambda: calls.append("openapi"))
     monkeypatch.setattr(app, "createApp", lambda settings: calls.append("createApp") or built)
     monkeypatch.setattr(app, "freezeStartupObjects", lambda: calls.append("freeze"))
     monkeypatch.setattr(app, "configureLogging", lambda level: None)
     monkeypatch.setattr(app.uvicorn, "run", lambda *args, **kwargs: calls.append("run"))
     app.main()
-    assert calls == ["createApp", "freeze", "run"]
+    assert calls == ["createApp", "openapi", "freeze", "run"]  # the OpenAPI document is built before the freeze
     assert built.state.freezeAfterStartup is True
 
 
