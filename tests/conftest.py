@@ -120,6 +120,24 @@ def stopProcess(process: subprocess.Popen | None, timeout: float = 15.0) -> None
         process.wait()
 
 
+def childPids(pid: int) -> set[int]:
+    """Direct and indirect children of a process (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, pending = set(), [pid]
+    while pending:
+        current = pending.pop()
+        children = {child for child, parent in parents.items() if parent == current} - found
+        found |= children
+        pending.extend(children)
+    return found
+
+
 class ServiceProcess:
     """The real service (``python app.py``) as a subprocess on 127.0.0.1 with a given environment."""
 

@@ -1562,16 +1562,17 @@ def uvicornConfig(app: StubApp) -> uvicorn.Config:
                           backlog=BACKLOG, timeout_graceful_shutdown=1, timeout_keep_alive=30)
 
 
-class StubServer:
-    """The stub on a background thread: start() binds 127.0.0.1 (free port unless given) and waits until ready."""
+class ThreadedServer:
+    """An ASGI app served by uvicorn on a background thread on a loopback address (a free port unless given);
+    stop() cuts every open connection like a killed daemon, start() again keeps the port."""
 
-    def __init__(self, models: tuple[str, ...] | list[str] = DEFAULT_MODELS, host: str = DEFAULT_HOST,
-                 port: int = 0, record: bool = True, **config: Any) -> None:
+    label = "server"
+
+    def __init__(self, app: Any, host: str = DEFAULT_HOST, port: int = 0) -> None:
         self.host = _checkLoopback(host)
         self.port = port
-        self.state = StubState(models, {"record": record, **config})
-        self.app = StubApp(self.state)
-        self._server: uvicorn.Server | None = None
+        self.app = app
+        self._server: StubUvicorn | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -1586,14 +1587,14 @@ class StubServer:
     def url(self, path: str) -> str:
         return self.baseUrl + path
 
-    def start(self, timeout: float = 10.0) -> StubServer:
+    def start(self, timeout: float = 10.0):  # noqa: ANN201 - returns the subclass
         if self.running:
             return self
         sock = bindSocket(self.host, self.port)
         self.port = sock.getsockname()[1]
         self._server = StubUvicorn(uvicornConfig(self.app))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name=f"ollama-stub-{self.port}", daemon=True)
+                                        name=f"{self.label}-{self.port}", daemon=True)
         self._thread.start()
         self._waitStarted(timeout)
         return self
@@ -1602,7 +1603,7 @@ class StubServer:
         deadline = time.monotonic() + timeout
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"Ollama stub did not start on {self.baseUrl}")
+                raise RuntimeError(f"{self.label} did not start on {self.baseUrl}")
             time.sleep(0.005)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -1621,19 +1622,37 @@ class StubServer:
             self._thread.join(timeout / 2)
         self._server, self._thread = None, None
 
-    def restart(self, downtime: float = 0.0) -> StubServer:
+    def onRestart(self) -> None:
+        """What a restarted process forgets (nothing here)."""
+
+    def restart(self, downtime: float = 0.0):  # noqa: ANN201 - returns the subclass
         """Stop, optionally stay down for `downtime` seconds, start again on the SAME port."""
         self.stop()
-        self.state.onRestart()
+        self.onRestart()
         if downtime:
             time.sleep(downtime)
         return self.start()
 
-    def __enter__(self) -> StubServer:
+    def __enter__(self):  # noqa: ANN204 - returns the subclass
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class StubServer(ThreadedServer):
+    """The Ollama stub on a background thread: start() binds 127.0.0.1 (free port unless given) and waits until
+    ready; restart() keeps the installed models and recordings, unloads models and empties the queue."""
+
+    label = "ollama-stub"
+
+    def __init__(self, models: tuple[str, ...] | list[str] = DEFAULT_MODELS, host: str = DEFAULT_HOST,
+                 port: int = 0, record: bool = True, **config: Any) -> None:
+        self.state = StubState(models, {"record": record, **config})
+        super().__init__(StubApp(self.state), host, port)
+
+    def onRestart(self) -> None:
+        self.state.onRestart()
 
 
 def parseArgs(argv: list[str] | None) -> argparse.Namespace:

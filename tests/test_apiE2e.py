@@ -3,7 +3,6 @@ front of the Ollama stub: good and hostile documents, no content in the logs, no
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -11,31 +10,13 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, childPids
 from tests.documentSamples import makeImage, makePdf, makePixelBombPng, makeZipNamedPdf
 from tests.ollamaStub import StubServer
 
 pytestmark = pytest.mark.e2e
 SECRET_TEXT = "Kontoinhaber Hans Muster 7731"
 PROMPT = "Find the account holder [marker-4711]"
-
-
-def childPids(pid: int) -> set[int]:
-    """Direct and indirect children of a process (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, pending = set(), [pid]
-    while pending:
-        current = pending.pop()
-        children = [child for child, parent in parents.items() if parent == current]
-        found.update(children)
-        pending.extend(children)
-    return found
 
 
 def analyze(baseUrl: str, data: bytes, **fields: str) -> httpx.Response:

@@ -25,7 +25,7 @@ import pytest
 
 from documentRender import RenderJob
 from renderWorkers import RenderPool
-from tests.conftest import API_KEY, OPENAI_KEY, TEST_INI, ServiceProcess
+from tests.conftest import API_KEY, OPENAI_KEY, TEST_INI, ServiceProcess, childPids
 from tests.documentSamples import makeImage
 from tests.ollamaStub import StubServer
 
@@ -270,23 +270,6 @@ def slowPdf(paths: int = SLOW_PDF_PATHS) -> bytes:
     return doc.tobytes(deflate=True)
 
 
-def descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, pending = set(), [pid]
-    while pending:
-        current = pending.pop()
-        children = {child for child, parent in parents.items() if parent == current} - found
-        pending.extend(children)
-        found |= children
-    return found
-
-
 def cpuTicks(pids: set[int]) -> int:
     total = 0
     for pid in pids:
@@ -300,7 +283,7 @@ def cpuTicks(pids: set[int]) -> int:
 
 def childrenBusy(service: ServiceProcess, seconds: float = 0.4) -> bool:
     """True while the service's child processes (the render workers) burn CPU: over 40 % of a core."""
-    pids = descendants(service.process.pid)
+    pids = childPids(service.process.pid)
     before = cpuTicks(pids)
     time.sleep(seconds)
     return cpuTicks(pids) - before > 0.4 * seconds * os.sysconf("SC_CLK_TCK")

@@ -60,7 +60,7 @@ from starlette.types import Receive, Scope, Send
 
 from config import WhisperSettings, buildModelMapping
 from errors import ServiceError, openAiErrorBody
-from tests.ollamaStub import StubUvicorn, bindSocket, uvicornConfig
+from tests.ollamaStub import ThreadedServer
 from transcriptFormats import MEDIA_TYPES, Transcript, TranscriptSegment, renderTranscript
 from whisperEngine import AdmissionControl
 from whisperService import FORM_OVERHEAD_BYTES, AudioRequest, parseAudioForm, readLimitedForm, sseEvent
@@ -408,26 +408,17 @@ async def sendJson(send: Send, status: int, payload: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class WhisperStub:
+class WhisperStub(ThreadedServer):
     """The stub on a background thread on 127.0.0.1 (a free port unless given); stop()/start()/restart() keep the
     port, the configuration and the events."""
 
+    label = "whisper-stub"
+
     def __init__(self, port: int = 0, maxUploadBytes: int = WhisperSettings().max_upload_bytes,
                  **config: Any) -> None:
-        self.port = port
         self.state = StubState()
         self.state.configure(config)
-        self.app = WhisperStubApp(self.state, maxUploadBytes)
-        self._server: StubUvicorn | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def baseUrl(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        super().__init__(WhisperStubApp(self.state, maxUploadBytes), HOST, port)
 
     def configure(self, **keys: Any) -> StubConfig:
         """Change the configuration (keys as in the module docstring); takes effect for the next request."""
@@ -452,51 +443,6 @@ class WhisperStub:
                                    f"events: {self.events(requestId=requestId)}")
             time.sleep(0.01)
         return found[0]
-
-    def start(self, timeout: float = 10.0) -> WhisperStub:
-        if self.running:
-            return self
-        sock = bindSocket(HOST, self.port)
-        self.port = sock.getsockname()[1]
-        self._server = StubUvicorn(uvicornConfig(self.app))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name=f"whisper-stub-{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"whisper stub did not start on {self.baseUrl}")
-            time.sleep(0.005)
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop like a killed process: every open connection (in flight or idle) is cut at once."""
-        if self._server is None:
-            return
-        loop = self._server.loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self._server.abortConnections)
-            except RuntimeError:  # the loop closed in between
-                pass
-        self._server.should_exit = True
-        self._thread.join(timeout / 2)
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(timeout / 2)
-        self._server, self._thread = None, None
-
-    def restart(self, downtime: float = 0.0) -> WhisperStub:
-        """Stop, stay down ``downtime`` seconds, start again on the same port."""
-        self.stop()
-        time.sleep(downtime)
-        return self.start()
-
-    def __enter__(self) -> WhisperStub:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
