@@ -349,44 +349,28 @@ def test_streamStalledAfterItsFirstEventEndsWithAnErrorEvent(sdk: OpenAI, servic
     assertServesNormally(sdk, service, whisper, "transcriptionStream")
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_midstreamError(sdk: OpenAI, service: ServiceProcess, whisper: WhisperStub, mode: str) -> None:
-    whisper.configure(fault="midstreamError")
-    seen: list[Any] = []
-    error, seconds, _ = failingCall(sdk, mode, seen)
-    if mode == "transcriptionStream":
-        assertError(error, None, "stt_failed", STREAM_ERROR_MESSAGE)
-        firstDeltaOnly(seen)
-    else:
-        assertError(error, 502, "upstream_error", FAILED_500_MESSAGE)
-    assert seconds < MARGIN
-    assertServesNormally(sdk, service, whisper, mode)
+BROKEN_ANSWERS = {
+    # fault: (stream error code, stream message, whole-answer status, code, message)
+    "midstreamError": ("stt_failed", STREAM_ERROR_MESSAGE, 502, "upstream_error", FAILED_500_MESSAGE),
+    "truncate": ("upstream_error", CUT_MESSAGE, 502, "upstream_error", CUT_MESSAGE),
+    "malformedLine": ("upstream_error", NOT_JSON_EVENT, 502, "upstream_error", NOT_JSON_ANSWER),
+}
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_truncatedAnswer(sdk: OpenAI, service: ServiceProcess, whisper: WhisperStub, mode: str) -> None:
-    whisper.configure(fault="truncate")
+@pytest.mark.parametrize("fault", list(BROKEN_ANSWERS))
+def test_brokenAnswer(sdk: OpenAI, service: ServiceProcess, whisper: WhisperStub, fault: str, mode: str) -> None:
+    """An error mid-stream, a cut answer, a line that is not JSON: an error event after the first delta in a
+    stream, otherwise the documented 502."""
+    streamCode, streamMessage, status, code, message = BROKEN_ANSWERS[fault]
+    whisper.configure(fault=fault)
     seen: list[Any] = []
     error, seconds, _ = failingCall(sdk, mode, seen)
     if mode == "transcriptionStream":
-        assertError(error, None, "upstream_error", CUT_MESSAGE)
+        assertError(error, None, streamCode, streamMessage)
         firstDeltaOnly(seen)
     else:
-        assertError(error, 502, "upstream_error", CUT_MESSAGE)
-    assert seconds < MARGIN
-    assertServesNormally(sdk, service, whisper, mode)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_malformedAnswer(sdk: OpenAI, service: ServiceProcess, whisper: WhisperStub, mode: str) -> None:
-    whisper.configure(fault="malformedLine")
-    seen: list[Any] = []
-    error, seconds, _ = failingCall(sdk, mode, seen)
-    if mode == "transcriptionStream":
-        assertError(error, None, "upstream_error", NOT_JSON_EVENT)
-        firstDeltaOnly(seen)
-    else:
-        assertError(error, 502, "upstream_error", NOT_JSON_ANSWER)
+        assertError(error, status, code, message)
     assert seconds < MARGIN
     assertServesNormally(sdk, service, whisper, mode)
 
