@@ -15,23 +15,23 @@ from collections.abc import AsyncIterator
 import uvicorn
 from fastapi import Depends, FastAPI
 
-import apiSchemas
 import routeApi
 import routeHealth
 import routeOpenAi
 import routeWeb
-import whisperProxy
+from apidoc import apiSchemas
 from config import ConfigError, Settings, loadSettings
-from clientDisconnect import installDisconnectHandler
-from errors import installErrorHandlers
-from metrics import installMetrics
-from modelRegistry import ModelRegistry
-from ollamaClient import OllamaClient, createHttpClient
-from renderWorkers import RenderPool
-from requestContext import RequestContextMiddleware, RequestObserver
-from accessLog import configureLogging, logAccess
-from security import fastApiTelemetryOff, installSecurity, requireApiKey, requireOpenAiKey
-from warmup import ModelWarmup
+from core.clientDisconnect import installDisconnectHandler
+from core.errors import installErrorHandlers
+from core.requestContext import RequestContextMiddleware, RequestObserver
+from documents.renderWorkers import RenderPool
+from guard.security import fastApiTelemetryOff, installSecurity, requireApiKey, requireOpenAiKey
+from observe.accessLog import configureLogging, logAccess
+from observe.metrics import installMetrics
+from speech import whisperProxy
+from upstream.modelRegistry import ModelRegistry
+from upstream.ollamaClient import OllamaClient, createHttpClient
+from upstream.warmup import ModelWarmup
 
 logger = logging.getLogger("poweron")
 

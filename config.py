@@ -7,16 +7,16 @@ section ``[section]`` is overridden by the environment variable ``PRIVATE_LLM_<S
 
 from __future__ import annotations
 
-from types import MappingProxyType
 import configparser
 import hashlib
 import ipaddress
 import os
 import secrets
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 

@@ -13,20 +13,36 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-import apiSchemas
-from analysisRequest import (AnalyzeFields, EmbedBody, StreamMode, TextBody, parseFields, readAnalyzeRequest,
-                             readJsonBody)
+from apidoc import apiSchemas
 from config import ModelSpec, Settings, resolveModel
-from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
-from dependencies import OllamaDep, RegistryDep, SettingsDep
-from documentAnalysis import (Answer, ModelCall, Usage, answerAll, combinedAnswer, documentCalls, doneReasonOf,
-                              streamCalls, textCall)
-from documentRender import RenderedDocument, RenderJob, detectFileType, parsePageRanges
-from errors import ServiceError
-from modelRegistry import ModelRegistry, ResolvedModel
-from ollamaClient import OllamaClient
-from requestContext import RequestMeta, getMeta
-from structuredOutput import parseSchema
+from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
+from core.errors import ServiceError
+from core.requestContext import RequestMeta, getMeta
+from documents.analysisRequest import (
+    AnalyzeFields,
+    EmbedBody,
+    StreamMode,
+    TextBody,
+    parseFields,
+    readAnalyzeRequest,
+    readJsonBody,
+)
+from documents.documentAnalysis import (
+    Answer,
+    ModelCall,
+    Usage,
+    answerAll,
+    combinedAnswer,
+    documentCalls,
+    doneReasonOf,
+    streamCalls,
+    textCall,
+)
+from documents.documentRender import RenderedDocument, RenderJob, detectFileType, parsePageRanges
+from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
+from upstream.modelRegistry import ModelRegistry, ResolvedModel
+from upstream.ollamaClient import OllamaClient
+from upstream.structuredOutput import parseSchema
 
 router = APIRouter(prefix="/api", tags=["analysis"])
 EMBED_BATCH_SIZE = 64

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-import apiSchemas
-from dependencies import RegistryDep
+from apidoc import apiSchemas
+from upstream.dependencies import RegistryDep
 
 router = APIRouter(tags=["health"])
 

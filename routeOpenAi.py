@@ -17,16 +17,27 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-import apiSchemas
-from dependencies import OllamaDep, RegistryDep, SettingsDep
-from errors import ServiceError
-from modelRegistry import ResolvedModel
-from ollamaClient import OllamaClient, OllamaStream
-from openAiTranslate import (DONE_FRAME, ChatPlan, ChatStreamTranslator, buildChatPlan, chatCompletion,
-                             embeddingInputs, embeddingOptions, embeddingResponse, errorFrame, invalid,
-                             requireModelName, usageOf)
-from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, UpstreamSseResponse, untilDisconnect
-from requestContext import RequestMeta, getMeta
+from apidoc import apiSchemas
+from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, UpstreamSseResponse, untilDisconnect
+from core.errors import ServiceError
+from core.requestContext import RequestMeta, getMeta
+from openaiCompat.openAiTranslate import (
+    DONE_FRAME,
+    ChatPlan,
+    ChatStreamTranslator,
+    buildChatPlan,
+    chatCompletion,
+    embeddingInputs,
+    embeddingOptions,
+    embeddingResponse,
+    errorFrame,
+    invalid,
+    requireModelName,
+    usageOf,
+)
+from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
+from upstream.modelRegistry import ResolvedModel
+from upstream.ollamaClient import OllamaClient, OllamaStream
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 logger = logging.getLogger("poweron.openai")

@@ -20,16 +20,16 @@ from pydantic import Field
 from starlette.formparsers import MultiPartException
 from starlette.responses import Response
 
-import apiSchemas
-from analysisRequest import InMemoryMultiPartParser, RequestFields, parseFields
-from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
+from apidoc import apiSchemas
 from config import ModelSpec, Settings, resolveModel
-from dependencies import RegistryDep, SettingsDep
-from documentRender import RenderedDocument, RenderJob, detectFileType, parsePageRanges
-from errors import ServiceError
-from modelRegistry import ModelRegistry
-from requestContext import getMeta
-from security import requireApiKey
+from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
+from core.errors import ServiceError
+from core.requestContext import getMeta
+from documents.analysisRequest import InMemoryMultiPartParser, RequestFields, parseFields
+from documents.documentRender import RenderedDocument, RenderJob, detectFileType, parsePageRanges
+from guard.security import requireApiKey
+from upstream.dependencies import RegistryDep, SettingsDep
+from upstream.modelRegistry import ModelRegistry
 
 WEB_ROOT = Path(__file__).resolve().parent
 TEMPLATES = Jinja2Templates(directory=WEB_ROOT / "templates")

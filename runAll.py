@@ -28,9 +28,9 @@ def _dieWithParent() -> None:
         pass
 
 
-def start(script: str) -> subprocess.Popen:
+def start(*arguments: str) -> subprocess.Popen:
     """A child in its own session, so a terminal's Ctrl-C reaches it once (forwarded here), not twice."""
-    return subprocess.Popen([sys.executable, str(HERE / script)], cwd=HERE, start_new_session=True,
+    return subprocess.Popen([sys.executable, *arguments], cwd=HERE, start_new_session=True,
                             preexec_fn=_dieWithParent if sys.platform.startswith("linux") else None)
 
 
@@ -50,8 +50,8 @@ def main() -> int:
         settings = loadSettings()
     except ConfigError as exc:
         sys.exit(f"configuration error: {exc}")
-    whisper = start("whisperService.py") if settings.whisper.enabled else None
-    service = start("app.py")
+    whisper = start("-m", "whisperServer") if settings.whisper.enabled else None
+    service = start(str(HERE / "app.py"))
     children = [p for p in (service, whisper) if p is not None]
 
     stopRequested: list[int] = []

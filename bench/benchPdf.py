@@ -27,12 +27,12 @@ import httpx
 import pymupdf
 from PIL import Image
 
-import documentRender
 from bench.procs import BenchProcess, freePort
 from bench.wrkRunner import WRK_TIMEOUT_SECONDS, WrkError, parseWrkOutput
 from config import DocumentSettings
-from documentRender import RenderJob, renderDocument, zoomForBudget
-from renderWorkers import RenderPool
+from documents import documentRender
+from documents.documentRender import RenderJob, renderDocument, zoomForBudget
+from documents.renderWorkers import RenderPool
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk" / "post.lua"

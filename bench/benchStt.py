@@ -201,7 +201,7 @@ def main() -> dict[str, Any]:
         ini, openAiKey = writeConfig(workDir, options, whisperPort, mainPort)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVATE_LLM_")}
         env.update({"PRIVATE_LLM_CONFIG": str(ini), "HF_HUB_OFFLINE": "1"})
-        whisper = BenchProcess("whisper", [sys.executable, str(REPO_ROOT / "whisperService.py")], env, 0,
+        whisper = BenchProcess("whisper", [sys.executable, "-m", "whisperServer"], env, 0,
                                workDir / "whisper.log", cwd=REPO_ROOT)
         service = BenchProcess("service", [sys.executable, str(REPO_ROOT / "app.py")], env, 0,
                                workDir / "service.log", cwd=REPO_ROOT)

@@ -366,8 +366,9 @@ def renderReport(results: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
     """``python -m bench.report <results.json> [output.md]``: render a saved run again (bench/results/)."""
-    import orjson
     from pathlib import Path
+
+    import orjson
 
     results = orjson.loads(Path(argv[0]).read_bytes())
     text = renderReport(results)

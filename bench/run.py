@@ -33,8 +33,16 @@ import orjson
 
 from bench import litellmProxy, report
 from bench.procs import BenchProcess, coreBusySeconds, freePort
-from bench.streamProbe import (Endpoint, analyseGaps, holdStreams, probeConcurrentStreams, probeLatency,
-                               probeSequential, runAsync, summariseLatency)
+from bench.streamProbe import (
+    Endpoint,
+    analyseGaps,
+    holdStreams,
+    probeConcurrentStreams,
+    probeLatency,
+    probeSequential,
+    runAsync,
+    summariseLatency,
+)
 from bench.wrkRunner import WrkError, runWrk
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ import orjson
 import pytest
 from PIL import Image, PngImagePlugin
 
-from accessLog import ACCESS_LOGGER, accessRecord, configureLogging, logAccess
 from app import createApp
-from requestContext import RequestMeta
+from core.requestContext import RequestMeta
+from observe.accessLog import ACCESS_LOGGER, accessRecord, configureLogging, logAccess
 from tests.conftest import API_KEY, OPENAI_KEY, waitForHttp
 from tests.ollamaStub import StubServer
 

@@ -22,8 +22,17 @@ import pytest
 from app import createApp
 from config import MODEL_MAPPING
 from tests.conftest import API_KEY
-from tests.documentSamples import (makeBigPdf, makeHeaderOnlyPdf, makeImage, makeNoisePng, makePdf,
-                                   makePdfWithHugeImage, makePixelBombPng, makeZeroPagePdf, makeZipNamedPdf)
+from tests.documentSamples import (
+    makeBigPdf,
+    makeHeaderOnlyPdf,
+    makeImage,
+    makeNoisePng,
+    makePdf,
+    makePdfWithHugeImage,
+    makePixelBombPng,
+    makeZeroPagePdf,
+    makeZipNamedPdf,
+)
 from tests.ollamaStub import BAD_JSON_REPLY, CONFIG_DEFAULTS, MIDSTREAM_ERROR, StubServer
 
 QWEN_BUDGET = MODEL_MAPPING["poweron-vision-general"].maxImagePixels

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 
 from bench import report
+from bench.benchStt import summarise, tableRows, withRatios
 from bench.instantUpstream import UpstreamState, decodeChunkedBody, parseHead
 from bench.procs import parseCoreBusyTicks, parseCpuTicks, parseVmRss
 from bench.run import BenchOptions, openAiBody, optionsFromEnv, serverCpu, serviceIni
-from bench.benchStt import summarise, tableRows, withRatios
-from bench.wordErrors import wordErrorRate
 from bench.streamProbe import LineClock, StreamTiming, analyseGaps, percentile, summariseLatency
-from tests.conftest import REPO_ROOT
+from bench.wordErrors import wordErrorRate
 from bench.wrkRunner import WrkError, parseWrkOutput, wrkCommand
 from config import parsePerKeyLimits
+from tests.conftest import REPO_ROOT
 
 WRK_OUTPUT = """Running 5s test @ http://127.0.0.1:8000/v1/chat/completions
   1 threads and 64 connections

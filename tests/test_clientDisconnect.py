@@ -8,7 +8,7 @@ import gc
 
 import pytest
 
-from clientDisconnect import ClientDisconnected, untilDisconnect
+from core.clientDisconnect import ClientDisconnected, untilDisconnect
 
 
 class FakeConnection:

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from config import (MODEL_MAPPING, ConfigError, loadSettings, parseNamedKeys, resolveModel, writeInitialConfig,
-                    EXAMPLE_CONFIG_PATH)
+from config import (
+    EXAMPLE_CONFIG_PATH,
+    MODEL_MAPPING,
+    ConfigError,
+    loadSettings,
+    parseNamedKeys,
+    resolveModel,
+    writeInitialConfig,
+)
 
 
 def test_environment_overrides_config_ini(makeSettings, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,8 +23,8 @@ import orjson
 import pymupdf
 import pytest
 
-from documentRender import RenderJob
-from renderWorkers import RenderPool
+from documents.documentRender import RenderJob
+from documents.renderWorkers import RenderPool
 from tests.conftest import API_KEY, OPENAI_KEY, TEST_INI, ServiceProcess, childPids
 from tests.documentSamples import makeImage
 from tests.ollamaStub import StubServer

@@ -31,8 +31,7 @@ import pytest
 import yaml
 
 from config import MODEL_MAPPING, LimitsSettings, ServerSettings, Settings
-from tests.conftest import (API_KEY, OPENAI_KEY, REPO_ROOT, TEST_INI, ServiceProcess, freePort, guardedEnv,
-                            waitForHttp)
+from tests.conftest import API_KEY, OPENAI_KEY, REPO_ROOT, TEST_INI, ServiceProcess, freePort, guardedEnv, waitForHttp
 from tests.documentSamples import makeImage, makePdf
 from tests.ollamaStub import StubServer
 

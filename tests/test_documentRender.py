@@ -10,14 +10,36 @@ import pickle
 import pymupdf
 import pytest
 
-import documentRender
-from documentRender import (MAX_RENDER_DPI, DocumentError, RenderJob, detectFileType, parsePageRanges,
-                            renderDocument, selectPages, sizeForBudget, zoomForBudget)
-from errors import ServiceError
-from renderWorkers import RenderPool
-from tests.documentSamples import (A4_POINTS, decodedImage, decodedSize, makeBigPdf, makeHeaderOnlyPdf, makeImage,
-                                   makeMixedPdf, makePdf, makePdfWithHugeImage, makePixelBombPng, makeRotatedJpeg,
-                                   makeTruncatedPdf, makeZeroPagePdf, makeZipNamedPdf)
+from core.errors import ServiceError
+from documents import documentRender
+from documents.documentRender import (
+    MAX_RENDER_DPI,
+    DocumentError,
+    RenderJob,
+    detectFileType,
+    parsePageRanges,
+    renderDocument,
+    selectPages,
+    sizeForBudget,
+    zoomForBudget,
+)
+from documents.renderWorkers import RenderPool
+from tests.documentSamples import (
+    A4_POINTS,
+    decodedImage,
+    decodedSize,
+    makeBigPdf,
+    makeHeaderOnlyPdf,
+    makeImage,
+    makeMixedPdf,
+    makePdf,
+    makePdfWithHugeImage,
+    makePixelBombPng,
+    makeRotatedJpeg,
+    makeTruncatedPdf,
+    makeZeroPagePdf,
+    makeZipNamedPdf,
+)
 
 QWEN_BUDGET = 2_097_152
 LLAMA_BUDGET = 1_254_400

@@ -24,8 +24,16 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import (OPENAI_KEY, REPO_ROOT, TEST_INI, ServiceProcess, freePort, guardedEnv, stopProcess,
-                            waitForHttp)
+from tests.conftest import (
+    OPENAI_KEY,
+    REPO_ROOT,
+    TEST_INI,
+    ServiceProcess,
+    freePort,
+    guardedEnv,
+    stopProcess,
+    waitForHttp,
+)
 from tests.ollamaStub import REPLY_TEMPLATE
 
 pytestmark = pytest.mark.e2e

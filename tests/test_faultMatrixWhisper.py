@@ -22,9 +22,15 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-import whisperProxy
-from tests.conftest import (OPENAI_KEY, OTHER_OPENAI_KEY, OTHER_OPENAI_KEY_NAME, TEST_INI, ServiceProcess,
-                            assertNoNetworkViolation)
+from speech import whisperProxy
+from tests.conftest import (
+    OPENAI_KEY,
+    OTHER_OPENAI_KEY,
+    OTHER_OPENAI_KEY_NAME,
+    TEST_INI,
+    ServiceProcess,
+    assertNoNetworkViolation,
+)
 from tests.whisperStub import STREAM_ERROR_MESSAGE, WhisperStub, busyError, stubText
 from tests.whisperSupport import WhisperProcess, wavBytes
 

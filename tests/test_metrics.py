@@ -12,8 +12,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import createApp
-from metrics import NO_LABEL, UNMATCHED_ROUTE
-from requestContext import RequestMeta
+from core.requestContext import RequestMeta
+from observe.metrics import NO_LABEL, UNMATCHED_ROUTE
 from tests.conftest import API_KEY, OPENAI_KEY, OTHER_OPENAI_KEY
 from tests.ollamaStub import StubServer
 

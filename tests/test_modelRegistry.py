@@ -6,9 +6,9 @@ import httpx
 import pytest
 import respx
 
-from errors import ServiceError
-from modelRegistry import ModelRegistry, _isModelAvailableInOllama, normaliseModelName, parsePulledModels
-from ollamaClient import OllamaClient, createHttpClient
+from core.errors import ServiceError
+from upstream.modelRegistry import ModelRegistry, _isModelAvailableInOllama, normaliseModelName, parsePulledModels
+from upstream.ollamaClient import OllamaClient, createHttpClient
 
 OLLAMA = "http://127.0.0.1:11434"
 
@@ -162,7 +162,7 @@ async def test_malformed_tags_answers_never_break_discovery(registry: ModelRegis
 @respx.mock
 async def test_an_unexpected_failure_in_discovery_is_contained(registry: ModelRegistry,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import modelRegistry
+    from upstream import modelRegistry
 
     def broken(entries: object) -> dict:
         raise KeyError("surprise")

@@ -6,8 +6,8 @@ import httpx
 import pytest
 import respx
 
-from errors import ServiceError
-from ollamaClient import TRUNCATED_STREAM_MESSAGE, OllamaClient, createHttpClient
+from core.errors import ServiceError
+from upstream.ollamaClient import TRUNCATED_STREAM_MESSAGE, OllamaClient, createHttpClient
 
 OLLAMA = "http://127.0.0.1:11434"
 
@@ -103,7 +103,7 @@ async def test_host_header_is_the_upstream_not_the_caller(client: OllamaClient) 
 
 
 def test_split_lines_keeps_the_incomplete_rest() -> None:
-    from ollamaClient import splitLines
+    from upstream.ollamaClient import splitLines
     assert splitLines(b'{"a":1}\n\n{"b"') == ([b'{"a":1}'], b'{"b"')
     assert splitLines(b'{"a"') == ([], b'{"a"')
 

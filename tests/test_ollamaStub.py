@@ -13,8 +13,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from tests.ollamaStub import (BUSY_MESSAGE, MIDSTREAM_ERROR, ONE_IMAGE_MESSAGE, REPLY_TEMPLATE, StubServer,
-                              normaliseName)
+from tests.ollamaStub import BUSY_MESSAGE, MIDSTREAM_ERROR, ONE_IMAGE_MESSAGE, REPLY_TEMPLATE, StubServer, normaliseName
 
 METRICS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
            "eval_duration")

@@ -11,10 +11,19 @@ import pytest
 from PIL import Image
 
 from config import MODEL_MAPPING, LimitsSettings, OllamaSettings, Settings
-from errors import ServiceError
-from modelRegistry import ResolvedModel
-from openAiTranslate import (ChatStreamTranslator, ImageRules, buildChatPlan, chatCompletion, decodeImageDataUrl,
-                             embeddingInputs, embeddingOptions, embeddingResponse, translateMessages)
+from core.errors import ServiceError
+from openaiCompat.openAiTranslate import (
+    ChatStreamTranslator,
+    ImageRules,
+    buildChatPlan,
+    chatCompletion,
+    decodeImageDataUrl,
+    embeddingInputs,
+    embeddingOptions,
+    embeddingResponse,
+    translateMessages,
+)
+from upstream.modelRegistry import ResolvedModel
 
 TEXT = ResolvedModel(MODEL_MAPPING["poweron-text-general"], "qwen2.5:7b", frozenset({"completion", "tools"}))
 VISION = ResolvedModel(MODEL_MAPPING["poweron-vision-general"], "qwen2.5vl:7b", frozenset({"completion", "vision"}))

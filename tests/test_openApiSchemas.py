@@ -14,12 +14,12 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-import apiSchemas
+from apidoc import apiSchemas
 from app import createApp
 from routeWeb import PreviewFields
 from tests.conftest import API_KEY, DEAD_OLLAMA_URL, OPENAI_KEY
 from tests.documentSamples import makeImage, makePdf
-from transcriptFormats import Transcript, TranscriptSegment, renderTranscript
+from whisperServer.transcriptFormats import Transcript, TranscriptSegment, renderTranscript
 
 TEXT, VISION, DEEP, REASONING, EMBED = ("poweron-text-general", "poweron-vision-general", "poweron-vision-deep",
                                         "poweron-text-reasoning", "poweron-embed")

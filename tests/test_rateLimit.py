@@ -14,9 +14,9 @@ from fastapi.responses import StreamingResponse
 
 from app import createApp
 from config import ConfigError
-from errors import ServiceError
-from rateLimit import RateLimiter, TokenBucket, keyLimitsFor, retryAfterSeconds
-from security import requireApiKey, requireOpenAiKey
+from core.errors import ServiceError
+from guard.rateLimit import RateLimiter, TokenBucket, keyLimitsFor, retryAfterSeconds
+from guard.security import requireApiKey, requireOpenAiKey
 from tests.conftest import API_KEY, OPENAI_KEY, OTHER_OPENAI_KEY
 from tests.liveServer import liveServer, waitFor
 

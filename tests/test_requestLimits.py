@@ -15,9 +15,9 @@ import pytest
 from fastapi import APIRouter, Depends, FastAPI, Request
 
 from app import createApp
-from errors import ServiceError
-from requestLimits import checkFileSize, checkImagePixels, describeBytes, rejectRemoteImageUrl
-from security import requireOpenAiKey
+from core.errors import ServiceError
+from guard.requestLimits import checkFileSize, checkImagePixels, describeBytes, rejectRemoteImageUrl
+from guard.security import requireOpenAiKey
 from tests.conftest import OPENAI_KEY
 from tests.liveServer import liveServer
 from tests.ollamaStub import StubServer

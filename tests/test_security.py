@@ -18,10 +18,10 @@ from fastapi import FastAPI
 
 import routeHealth
 import routeWeb
-import security
 from app import createApp
 from config import EXAMPLE_CONFIG_PATH, ConfigError, loadSettings
-from security import KeyRing
+from guard import security
+from guard.security import KeyRing
 from tests.conftest import API_KEY, OPENAI_KEY, REPO_ROOT, TEST_INI, guardedEnv
 
 WRONG_KEY = "not-a-configured-key-000000000"

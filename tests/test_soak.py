@@ -14,8 +14,19 @@ import pytest
 
 from bench.procs import MIB
 from bench.report import keptSections
-from bench.soak import (DOWN, ERROR_FRAME, KILLED, KIND_BY_NAME, NONE, Record, Timeline, bodyProblem, judge,
-                        rssSummary, sseOutcome)
+from bench.soak import (
+    DOWN,
+    ERROR_FRAME,
+    KILLED,
+    KIND_BY_NAME,
+    NONE,
+    Record,
+    Timeline,
+    bodyProblem,
+    judge,
+    rssSummary,
+    sseOutcome,
+)
 from tests.conftest import REPO_ROOT, guardedEnv
 
 SMOKE_TIMEOUT_SECONDS = 180

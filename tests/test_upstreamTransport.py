@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from errors import ServiceError
-from ollamaClient import OllamaClient, createHttpClient
+from core.errors import ServiceError
 from tests.conftest import freePort
 from tests.ollamaStub import REPLY_TEMPLATE, StubServer
-from upstreamTransport import UpstreamTransport, mountPattern
+from upstream.ollamaClient import OllamaClient, createHttpClient
+from upstream.transport import UpstreamTransport, mountPattern
 
 HELLO = {"model": "qwen2.5:7b", "messages": [{"role": "user", "content": "Hallo"}]}
 SLOW = {"model": "qwen2.5:7b", "messages": [{"role": "user", "content": "Langsam [[slow]]"}]}

@@ -12,7 +12,7 @@ import pytest
 from app import createApp
 from config import MODEL_MAPPING
 from tests.ollamaStub import StubServer
-from warmup import ModelWarmup, warmupRequest
+from upstream.warmup import ModelWarmup, warmupRequest
 
 WAIT_SECONDS = 20.0
 

@@ -13,12 +13,20 @@ import httpx
 import numpy as np
 import pytest
 
-import whisperEngine
 from config import WhisperSettings
-from tests.whisperSupport import (LONG_TEXT, MAX_WORD_ERROR_RATE, SHORT_TEXT, TINY_EN_DIR, padWithSilence, silenceWav,
-                                  speak, wordErrorRate)
-from whisperEngine import LoadedModel, WhisperEngine
-from whisperService import createWhisperApp
+from tests.whisperSupport import (
+    LONG_TEXT,
+    MAX_WORD_ERROR_RATE,
+    SHORT_TEXT,
+    TINY_EN_DIR,
+    padWithSilence,
+    silenceWav,
+    speak,
+    wordErrorRate,
+)
+from whisperServer import engine as whisperEngine
+from whisperServer.engine import LoadedModel, WhisperEngine
+from whisperServer.service import createWhisperApp
 
 pytestmark = pytest.mark.stt
 PATH = "/v1/audio/transcriptions"

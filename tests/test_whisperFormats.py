@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 
 from config import WhisperSettings, resolveModel
-from errors import ServiceError
-from transcriptFormats import Transcript, TranscriptSegment, formatTimestamp, renderTranscript, segmentFromWhisper
-from whisperEngine import AdmissionControl, WhisperEngine, decodeAudio, resolveComputeType
+from core.errors import ServiceError
 from tests.whisperSupport import FAKE_PDF, silenceWav, toneWav
+from whisperServer.engine import AdmissionControl, WhisperEngine, decodeAudio, resolveComputeType
+from whisperServer.transcriptFormats import (
+    Transcript,
+    TranscriptSegment,
+    formatTimestamp,
+    renderTranscript,
+    segmentFromWhisper,
+)
 
 
 def segment(index: int, start: float, end: float, text: str) -> TranscriptSegment:

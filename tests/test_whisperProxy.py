@@ -14,10 +14,18 @@ import pytest
 from openai import AsyncOpenAI
 
 from app import createApp
-from requestContext import RequestMeta
+from core.requestContext import RequestMeta
 from tests.conftest import OPENAI_KEY
-from tests.whisperSupport import (FAKE_PDF, MAX_WORD_ERROR_RATE, SHORT_TEXT, WhisperProcess, parseCues, parseSse,
-                                  speak, wordErrorRate)
+from tests.whisperSupport import (
+    FAKE_PDF,
+    MAX_WORD_ERROR_RATE,
+    SHORT_TEXT,
+    WhisperProcess,
+    parseCues,
+    parseSse,
+    speak,
+    wordErrorRate,
+)
 
 DEAD_WHISPER_URL = "http://127.0.0.1:9"
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]

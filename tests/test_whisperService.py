@@ -13,9 +13,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from whisperService import bindHostProblem
-from tests.whisperSupport import (FAKE_PDF, LONG_TEXT, MAX_WORD_ERROR_RATE, SHORT_TEXT, WhisperProcess, parseCues,
-                                  parseSse, silenceWav, speak, wordErrorRate)
+from tests.whisperSupport import (
+    FAKE_PDF,
+    LONG_TEXT,
+    MAX_WORD_ERROR_RATE,
+    SHORT_TEXT,
+    WhisperProcess,
+    parseCues,
+    parseSse,
+    silenceWav,
+    speak,
+    wordErrorRate,
+)
+from whisperServer.service import bindHostProblem
 
 pytestmark = [pytest.mark.stt, pytest.mark.e2e]
 PATH = "/v1/audio/transcriptions"

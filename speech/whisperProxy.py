@@ -19,13 +19,13 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
-import apiSchemas
-from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, UpstreamSseResponse, untilDisconnect
+from apidoc import apiSchemas
 from config import Settings
-from dependencies import RegistryDep
-from errors import ServiceError, openAiErrorBody
-from ollamaClient import UpstreamError, mapStatusError, mapTransportError
-from requestContext import RequestMeta, getMeta
+from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, UpstreamSseResponse, untilDisconnect
+from core.errors import ServiceError, openAiErrorBody
+from core.requestContext import RequestMeta, getMeta
+from upstream.dependencies import RegistryDep
+from upstream.ollamaClient import UpstreamError, mapStatusError, mapTransportError
 
 router = APIRouter(prefix="/v1/audio", tags=["audio"])
 

@@ -1,6 +1,6 @@
 """The whisper service: faster-whisper behind OpenAI's audio API in its own process (own GPU memory, own restarts),
 beside the main service the way Ollama is. It binds to localhost and needs no key: the main service forwards
-authenticated /v1/audio requests to it. ``python whisperService.py`` serves it on [whisper] host and port.
+authenticated /v1/audio requests to it. ``python -m whisperServer`` serves it on [whisper] host and port.
 """
 
 from __future__ import annotations
@@ -22,12 +22,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.types import Message
 
-from clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
 from config import ConfigError, Settings, loadSettings, resolveModel
-from errors import ServiceError, installErrorHandlers, openAiErrorBody
-from requestContext import RequestContextMiddleware, RequestMeta
-from transcriptFormats import MEDIA_TYPES, RESPONSE_FORMATS, Transcript, TranscriptSegment, renderTranscript
-from whisperEngine import ModelLoadError, TranscriptionJob, WhisperEngine
+from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
+from core.errors import ServiceError, installErrorHandlers, openAiErrorBody
+from core.requestContext import RequestContextMiddleware, RequestMeta
+from whisperServer.engine import ModelLoadError, TranscriptionJob, WhisperEngine
+from whisperServer.transcriptFormats import (
+    MEDIA_TYPES,
+    RESPONSE_FORMATS,
+    Transcript,
+    TranscriptSegment,
+    renderTranscript,
+)
 
 logger = logging.getLogger("poweron.whisper")
 router = APIRouter()
@@ -350,6 +356,3 @@ def main() -> None:
                 http="httptools", access_log=False, log_level=settings.server.log_level,
                 timeout_graceful_shutdown=int(settings.server.graceful_shutdown_seconds))
 
-
-if __name__ == "__main__":
-    main()

@@ -19,10 +19,16 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from analysisRequest import AnalyzeFields, AnalyzeJsonBody, EmbedBody, TextBody
 from config import ModelType
-from openAiTranslate import DIMENSIONS_RANGE, MAX_EMBEDDING_INPUTS, MAX_TOKENS_RANGE, SEED_RANGE, TOP_K_RANGE
-from security import KEY_CLASS_API, KEY_CLASS_BY_PREFIX, KEY_CLASS_OPENAI
+from documents.analysisRequest import AnalyzeFields, AnalyzeJsonBody, EmbedBody, TextBody
+from guard.security import KEY_CLASS_API, KEY_CLASS_BY_PREFIX, KEY_CLASS_OPENAI
+from openaiCompat.openAiTranslate import (
+    DIMENSIONS_RANGE,
+    MAX_EMBEDDING_INPUTS,
+    MAX_TOKENS_RANGE,
+    SEED_RANGE,
+    TOP_K_RANGE,
+)
 
 REF_PREFIX = "#/components/schemas/"
 SECURITY_SCHEMES = {

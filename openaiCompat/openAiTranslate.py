@@ -25,10 +25,10 @@ import orjson
 from PIL import Image, UnidentifiedImageError
 
 from config import Settings
-from errors import ServiceError, openAiErrorBody
-from modelRegistry import ResolvedModel
-from requestLimits import checkImagePixels, rejectRemoteImageUrl
-from structuredOutput import checkSchema
+from core.errors import ServiceError, openAiErrorBody
+from guard.requestLimits import checkImagePixels, rejectRemoteImageUrl
+from upstream.modelRegistry import ResolvedModel
+from upstream.structuredOutput import checkSchema
 
 logger = logging.getLogger("poweron.openai")
 

@@ -14,9 +14,9 @@ import time
 from typing import Any
 
 from config import ModelSpec, Settings, resolveModel
-from errors import ServiceError
-from modelRegistry import ModelRegistry
-from ollamaClient import OllamaClient
+from core.errors import ServiceError
+from upstream.modelRegistry import ModelRegistry
+from upstream.ollamaClient import OllamaClient
 
 logger = logging.getLogger("poweron.warmup")
 WARMUP_EMBED_INPUT = "warm-up"

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from config import Settings
-from documentRender import PageImage, RenderedDocument
-from errors import ServiceError
-from modelRegistry import ResolvedModel
-from ollamaClient import OllamaClient, OllamaStream
-from structuredOutput import repairPrompt, validateAnswer
+from core.errors import ServiceError
+from documents.documentRender import PageImage, RenderedDocument
+from upstream.modelRegistry import ResolvedModel
+from upstream.ollamaClient import OllamaClient, OllamaStream
+from upstream.structuredOutput import repairPrompt, validateAnswer
 
 DEFAULT_TEMPERATURE = 0.0
 """Document extraction and neutralisation should give the same answer for the same input."""

@@ -19,8 +19,8 @@ import av
 import numpy as np
 
 from config import WhisperSettings
-from errors import ServiceError
-from transcriptFormats import Transcript, TranscriptSegment, segmentFromWhisper
+from core.errors import ServiceError
+from whisperServer.transcriptFormats import Transcript, TranscriptSegment, segmentFromWhisper
 
 logger = logging.getLogger("poweron.whisper")
 

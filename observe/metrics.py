@@ -18,9 +18,9 @@ from prometheus_client.exposition import choose_encoder
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
-from errors import ServiceError
-from requestContext import RequestMeta, RequestObserver, getMeta
-from security import KEY_CLASS_API, KEY_CLASS_OPENAI, authenticate
+from core.errors import ServiceError
+from core.requestContext import RequestMeta, RequestObserver, getMeta
+from guard.security import KEY_CLASS_API, KEY_CLASS_OPENAI, authenticate
 
 METRICS_PATH = "/metrics"
 NO_LABEL = "none"

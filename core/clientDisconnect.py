@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from requestContext import getMeta
+from core.requestContext import getMeta
 
 CLIENT_CLOSED_STATUS = 499
 """Status recorded (nginx's convention) when the client closed the connection before the answer."""

@@ -11,9 +11,9 @@ import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-import documentRender
-from documentRender import RenderedDocument, RenderJob
-from errors import ServiceError
+from core.errors import ServiceError
+from documents import documentRender
+from documents.documentRender import RenderedDocument, RenderJob
 
 logger = logging.getLogger("poweron.render")
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -22,7 +22,7 @@ MAX_RENDER_ATTEMPTS = 4
 """Renders of one request: the first, one retry after a crash, and redos after pools stopped for other requests."""
 
 
-WORKER_PRELOAD = ("__main__", "documentRender", "pymupdf", "PIL.Image")
+WORKER_PRELOAD = ("__main__", "documents.documentRender", "pymupdf", "PIL.Image")
 """Imported once by the fork server, so each worker (also after a restart) starts without importing them again."""
 
 

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import Settings
-from errors import ServiceError, errorResponse
+from core.errors import ServiceError, errorResponse
 
 CONTENT_LENGTH = b"content-length"
 CONNECTION_CLOSE = (b"connection", b"close")

@@ -5,21 +5,21 @@ concurrency limits. ``installSecurity`` wires key rings, rate limiter, key gate,
 
 from __future__ import annotations
 
-from types import MappingProxyType
 import hashlib
 import hmac
 import inspect
 import time
+from types import MappingProxyType
 
 from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
-from errors import ServiceError, errorResponse
-from rateLimit import Clock, RateLimiter
-from requestContext import getMeta
-from requestLimits import BodyLimitMiddleware
+from core.errors import ServiceError, errorResponse
+from core.requestContext import getMeta
+from guard.rateLimit import Clock, RateLimiter
+from guard.requestLimits import BodyLimitMiddleware
 
 KEY_CLASS_API = "api"
 KEY_CLASS_OPENAI = "openai"

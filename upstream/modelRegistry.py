@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 
 from config import ModelSpec, Settings, isCloudModelName, resolveModel
-from errors import ServiceError
-from ollamaClient import OllamaClient, UpstreamError
+from core.errors import ServiceError
+from upstream.ollamaClient import OllamaClient, UpstreamError
 
 logger = logging.getLogger("poweron.models")
 PROBE_TIMEOUT_SECONDS = 2.0

@@ -10,8 +10,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from config import Settings
-from modelRegistry import ModelRegistry
-from ollamaClient import OllamaClient
+from upstream.modelRegistry import ModelRegistry
+from upstream.ollamaClient import OllamaClient
 
 
 async def getSettings(request: Request) -> Settings:

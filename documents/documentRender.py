@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from errors import ServiceError
+from core.errors import ServiceError
 
 PDF_MAGIC = b"%PDF-"
 PDF_MAGIC_WINDOW = 1024

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from config import Settings
-from errors import ServiceError
-from requestLimits import checkFileSize, describeBytes
+from core.errors import ServiceError
+from guard.requestLimits import checkFileSize, describeBytes
 
 DEFAULT_VISION_MODEL = "poweron-vision-general"
 DEFAULT_TEXT_MODEL = "poweron-text-general"

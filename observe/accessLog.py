@@ -11,7 +11,7 @@ import time
 
 import orjson
 
-from requestContext import RequestMeta
+from core.requestContext import RequestMeta
 
 ACCESS_LOGGER = "poweron.access"
 QUIET_LOGGERS = ("httpx", "httpcore", "multipart", "python_multipart", "PIL", "uvicorn.access")

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import orjson
 
-from errors import ServiceError
-from upstreamTransport import UpstreamTransport, mountPattern
+from core.errors import ServiceError
+from upstream.transport import UpstreamTransport, mountPattern
 
 BUSY_RETRY_AFTER_SECONDS = 2
 NDJSON_MEDIA_TYPE = "application/x-ndjson"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from types import MappingProxyType
+
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from requestContext import getMeta
+from core.requestContext import getMeta
 
 OPENAI_TYPES = MappingProxyType({
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",

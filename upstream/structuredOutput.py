@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator, ValidationError
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
-from errors import ServiceError
+from core.errors import ServiceError
 
 ANY_JSON = "json"
 """``schema: "json"`` asks for any JSON value (Ollama's ``format: "json"``), validated only for being JSON."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from config import Settings
-from errors import ServiceError
+from core.errors import ServiceError
 
 Clock = Callable[[], float]
 EPSILON = 1e-9

@@ -1,0 +1,1 @@
+"""Document handling for the analysis API: reading requests, rendering PDFs and images in worker processes, asking Ollama about pages and texts, the API's wire schemas. Imports observe, guard, upstream, core and config."""

@@ -1,0 +1,1 @@
+"""What stands before every route: the two key classes, rate limits, request size and content limits. Imports core and config."""

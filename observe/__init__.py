@@ -1,0 +1,1 @@
+"""Watching requests: access log, Prometheus metrics, health schemas. Imports guard, upstream, core and config."""
