@@ -19,7 +19,7 @@ import routeApi
 import routeHealth
 import routeOpenAi
 import routeWeb
-from apidoc import apiSchemas
+from apidoc import openApi
 from config import ConfigError, Settings, loadSettings
 from core.clientDisconnect import installDisconnectHandler
 from core.errors import installErrorHandlers
@@ -72,7 +72,7 @@ def createApp(settings: Settings) -> FastAPI:
     app = FastAPI(title="PowerOn private LLM service", version="1.0.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None, **fastApiTelemetryOff())
     app.state.settings = settings
-    apiSchemas.installOpenApi(app)
+    openApi.installOpenApi(app)
     observers: list[RequestObserver] = []
     app.state.requestObservers = observers
     installErrorHandlers(app)

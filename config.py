@@ -7,9 +7,7 @@ section ``[section]`` is overridden by the environment variable ``PRIVATE_LLM_<S
 
 from __future__ import annotations
 
-import configparser
 import hashlib
-import ipaddress
 import os
 import secrets
 import sys
@@ -18,23 +16,44 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from settings.parsing import ConfigError, PerKeyLimits, isLocalUrl, parseNamedKeys, parsePerKeyLimits
+from settings.parsing import isCloudModelName as isCloudModelName
+from settings.sections import (
+    AuthSettings,
+    DocumentSettings,
+    IniSettingsSource,
+    LimitsSettings,
+    MetricsSettings,
+    OllamaSettings,
+    RateLimitSettings,
+    ServerSettings,
+    WarmupSettings,
+    WhisperSettings,
+)
+
 CONFIG_PATH_ENV = "PRIVATE_LLM_CONFIG"
+
+
 ENV_PREFIX = "PRIVATE_LLM_"
+
+
 DEFAULT_CONFIG_PATH = "config.ini"
+
+
 EXAMPLE_CONFIG_PATH = Path(__file__).with_name("config.ini.example")
+
+
 PLACEHOLDER_MARKER = "CHANGE-ME"
 
+
 ModelType = Literal["text", "vision", "reasoning", "embedding", "stt"]
+
+
 MODEL_TYPES: tuple[str, ...] = ("text", "vision", "reasoning", "embedding", "stt")
-
-
-class ConfigError(Exception):
-    """A configuration problem an operator must fix before the service can start."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +98,8 @@ MODEL_MAPPING: Mapping[str, ModelSpec] = MappingProxyType({
 
 
 MODEL_ALIASES: Mapping[str, str] = MappingProxyType({"whisper-1": "poweron-transcribe"})
+
+
 """Names clients send by convention (OpenAI's audio clients send whisper-1) and the external name they mean;
 aliases are accepted but never listed in /v1/models."""
 
@@ -123,244 +144,6 @@ def buildModelMapping(overrides: dict[str, str]) -> dict[str, ModelSpec]:
     for externalName, raw in overrides.items():
         mapping[externalName] = _parseModelOverride(externalName, raw, mapping.get(externalName))
     return mapping
-
-
-def isCloudModelName(ollamaName: str) -> bool:
-    """True for Ollama names served by ollama.com (tag ``cloud`` or ending in ``-cloud``)."""
-    tag = ollamaName.rpartition(":")[2].lower() if ":" in ollamaName else ""
-    return tag == "cloud" or tag.endswith("-cloud")
-
-
-def parseNamedKeys(raw: str, setting: str) -> dict[str, str]:
-    """Parse ``name=key, name2=key2`` into ``{name: key}``."""
-    keys: dict[str, str] = {}
-    for number, part in enumerate((p.strip() for p in raw.split(",")), start=1):
-        if not part:
-            continue
-        name, sep, key = part.partition("=")
-        name, key = name.strip(), key.strip()
-        if not sep or not name or not key:
-            which = f"'{name}'" if sep and name else f"number {number}"  # never echo what may be a key
-            raise ConfigError(f"{setting}: entry {which} must look like name=<key>")
-        if name in keys:
-            raise ConfigError(f"{setting}: key name '{name}' appears twice")
-        keys[name] = key
-    return keys
-
-
-PerKeyLimits = tuple[float | None, int | None, int | None]
-
-
-def parsePerKeyLimits(raw: str, knownNames: set[str]) -> dict[str, PerKeyLimits]:
-    """Parse ``[ratelimit] per_key``: ``name=<requests per minute>/<burst>/<concurrent>`` (trailing parts optional)."""
-    limits: dict[str, PerKeyLimits] = {}
-    for name, value in parseNamedKeys(raw, "[ratelimit] per_key").items():
-        if name not in knownNames:
-            raise ConfigError(f"[ratelimit] per_key: '{name}' is not a key name from [auth] api_keys or openai_keys")
-        parts = [p.strip() for p in value.split("/")]
-        try:
-            rpm = float(parts[0]) if parts[0] else None
-            burst, concurrent = (int(p) if p else None for p in (parts + ["", ""])[1:3])
-        except ValueError:
-            rpm = burst = concurrent = -1
-        if len(parts) > 3 or any(v is not None and v <= 0 for v in (rpm, burst, concurrent)):
-            raise ConfigError(f"[ratelimit] per_key: '{name}={value}' must be <requests per minute>/<burst>/"
-                              "<concurrent> with positive numbers, e.g. kiva=1200/100/32")
-        limits[name] = (rpm, burst, concurrent)
-    return limits
-
-
-LOCAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
-    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128", "fc00::/7"))
-"""Loopback and private (RFC 1918, IPv6 ULA) networks; ipaddress' is_private also counts documentation and
-reserved ranges, which are not this operator's network."""
-
-
-def isLocalUrl(url: str) -> bool:
-    """True when the URL's host is loopback, a private (RFC 1918 / ULA) address, 0.0.0.0 or exactly localhost."""
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":  # not *.localhost: a resolver may send such names anywhere
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_unspecified or any(address in network for network in LOCAL_NETWORKS)
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-
-class ServerSettings(Section):
-    host: str = "127.0.0.1"
-    """Address the main service binds to (put a TLS reverse proxy in front for public access)."""
-    port: int = Field(8000, ge=1, le=65535)
-    """TCP port of the main service."""
-    log_level: str = "info"
-    """Log level: debug, info, warning or error."""
-    cors_origins: str = ""
-    """Comma-separated origins allowed by CORS (e.g. https://cursor.com); empty = no CORS headers."""
-    allow_remote_upstream: bool = False
-    """Allow Ollama/whisper URLs that are not loopback or private addresses (off: refuse to start)."""
-    graceful_shutdown_seconds: float = Field(30.0, ge=0)
-    """On SIGTERM, how long running streams may take to finish before the process closes."""
-
-
-class OllamaSettings(Section):
-    base_url: str = "http://127.0.0.1:11434"
-    """URL of the local Ollama daemon."""
-    connect_timeout: float = Field(3.0, gt=0)
-    """Seconds to wait for a TCP connection to Ollama."""
-    read_timeout: float = Field(600.0, gt=0)
-    """Seconds to wait for the next bytes from Ollama (model loads can take minutes)."""
-    keep_alive: str = "30m"
-    """How long Ollama keeps a model loaded after a request (Ollama's keep_alive; a bare number means seconds)."""
-    num_ctx: int = Field(8192, ge=0)
-    """Context window sent as options.num_ctx (0 = Ollama's default)."""
-    discovery_ttl: float = Field(10.0, gt=0)
-    """Seconds between refreshes of the list of pulled models (/api/tags)."""
-    max_connections: int = Field(256, ge=1)
-    """Size of the connection pool to Ollama."""
-    fast_transport: bool = True
-    """Talk to a plain-http Ollama through the service's lean HTTP/1.1 transport (false: httpx's standard pool)."""
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _keepAliveWithUnit(cls, value: str) -> str:
-        """Ollama parses string durations with Go's ParseDuration, which needs a unit: ``-1`` becomes ``-1s``."""
-        value = value.strip()
-        try:
-            float(value)
-        except ValueError:
-            return value
-        return value + "s"
-
-
-class AuthSettings(Section):
-    api_keys: str = ""
-    """Analysis API keys (header X-API-Key, /api/*): name=key, comma-separated; key may be sha256:<hex>."""
-    openai_keys: str = ""
-    """OpenAI-compatible API keys (Authorization: Bearer, /v1/*): name=key, comma-separated."""
-
-
-class RateLimitSettings(Section):
-    api_requests_per_minute: float = Field(120, gt=0)
-    """Token refill rate for each analysis key."""
-    api_burst: int = Field(20, ge=1)
-    """Token bucket capacity for each analysis key."""
-    openai_requests_per_minute: float = Field(600, gt=0)
-    """Token refill rate for each OpenAI key."""
-    openai_burst: int = Field(60, ge=1)
-    """Token bucket capacity for each OpenAI key."""
-    max_concurrent_per_key: int = Field(16, ge=1)
-    """Requests one key may have in flight at once (streams included)."""
-    per_key: str = ""
-    """Per-key overrides: name=<requests per minute>/<burst>/<concurrent>, comma-separated."""
-
-
-class LimitsSettings(Section):
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    """Largest request body accepted (checked from Content-Length and while reading)."""
-    max_file_bytes: int = Field(25 * 1024 * 1024, ge=1024)
-    """Largest single uploaded file."""
-    max_image_pixels: int = Field(50_000_000, ge=10_000)
-    """Largest image (width x height) accepted before decoding; bigger ones are refused as pixel bombs."""
-
-
-class DocumentSettings(Section):
-    max_pdf_pages: int = Field(5, ge=1)
-    """Most PDF pages analysed per request."""
-    default_pixel_budget: int = Field(2_097_152, ge=10_000)
-    """Pixels per rendered page or image when the model has no budget of its own."""
-    render_workers: int = Field(1, ge=1)
-    """Processes rendering PDFs (PyMuPDF is not thread-safe)."""
-    render_timeout_seconds: float = Field(60.0, gt=0)
-    """Longest one document may take to render; the worker is then stopped and the request gets 422."""
-    prestart_workers: bool = False
-    """Start the render workers with the service (otherwise the first document waits about a second for them)."""
-
-
-class WhisperSettings(Section):
-    base_url: str = "http://127.0.0.1:9000"
-    """URL of the whisper service as the main service calls it."""
-    host: str = "127.0.0.1"
-    """Address the whisper service binds to (loopback only unless allow_private_bind)."""
-    allow_private_bind: bool = False
-    """Allow a private (RFC 1918, fc00::/7) bind address for the keyless whisper service; off = loopback only."""
-    port: int = Field(9000, ge=1, le=65535)
-    """Port the whisper service listens on."""
-    model: str = "large-v3-turbo"
-    """faster-whisper model name or a local CTranslate2 model directory."""
-    translation_model: str = ""
-    """Model for /v1/audio/translations (turbo cannot translate); empty = same as model."""
-    device: str = "auto"
-    """cuda, cpu or auto."""
-    compute_type: str = "default"
-    """CTranslate2 compute type (float16 on GPU, int8 on CPU; default picks per device)."""
-    vad: bool = True
-    """Skip silence with the Silero VAD filter."""
-    batched: bool = True
-    """Use faster-whisper's BatchedInferencePipeline."""
-    batch_size: int = Field(8, ge=1)
-    """Batch size of the batched pipeline."""
-    idle_unload_seconds: float = Field(900, ge=0)
-    """Unload the model after this many idle seconds (0 = never)."""
-    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
-    """Largest audio upload."""
-    max_concurrent: int = Field(1, ge=1)
-    """Transcriptions running at once."""
-    max_queue: int = Field(8, ge=0)
-    """Transcriptions waiting for a slot before new ones get 503."""
-    enabled: bool = True
-    """Offer poweron-transcribe (the whisper service must answer its health check)."""
-    cpu_threads: int = Field(0, ge=0)
-    """CPU threads per transcription on cpu (0 = faster-whisper's default of 4)."""
-    allow_download: bool = False
-    """Allow fetching a model named by size (e.g. large-v3-turbo) from the Hugging Face Hub; off = local files only."""
-    max_audio_seconds: float = Field(7200, gt=0)
-    """Longest decoded audio accepted (decoded audio costs about 230 MB of RAM per hour)."""
-    request_timeout: float = Field(1800, gt=0)
-    """Seconds the main service waits for the whisper service's answer (or the next stream event)."""
-
-
-class MetricsSettings(Section):
-    enabled: bool = True
-    """Serve Prometheus metrics at /metrics (requires an analysis or OpenAI key)."""
-
-
-class WarmupSettings(Section):
-    models: str = "poweron-text-general"
-    """External model names preloaded at start and after Ollama restarts, comma-separated."""
-
-
-class IniSettingsSource(PydanticBaseSettingsSource):
-    """Reads the INI file named by PRIVATE_LLM_CONFIG (default ./config.ini)."""
-
-    def __init__(self, settingsCls: type[BaseSettings], path: Path) -> None:
-        super().__init__(settingsCls)
-        self.path = path
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return readIniFile(self.path)
-
-
-def readIniFile(path: Path) -> dict[str, Any]:
-    """The INI file as nested dicts; ConfigError naming the file when it is missing or malformed."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: configuration file not found (copy config.ini.example or run 'make config.ini')")
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    try:
-        parser.read(path, encoding="utf-8")
-    except (configparser.Error, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: malformed ({str(exc).splitlines()[0]})") from None
-    return {section.lower(): dict(parser.items(section)) for section in parser.sections()}
 
 
 class Settings(BaseSettings):
@@ -448,6 +231,8 @@ def resolveModel(settings: Settings, externalName: str) -> ModelSpec | None:
 
 
 MIN_KEY_CHARS = 16
+
+
 SHA256_KEY_PREFIX = "sha256:"
 
 

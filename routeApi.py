@@ -13,11 +13,11 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from apidoc import apiSchemas
 from config import ModelSpec, Settings, resolveModel
 from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
 from core.errors import ServiceError
 from core.requestContext import RequestMeta, getMeta
+from documents import wireSchemas
 from documents.analysisRequest import (
     AnalyzeFields,
     EmbedBody,
@@ -80,7 +80,7 @@ def _modelEntry(registry: ModelRegistry, spec: ModelSpec) -> dict[str, Any]:
     return entry
 
 
-@router.get("/models", **apiSchemas.apiModelsDoc())
+@router.get("/models", **wireSchemas.apiModelsDoc())
 async def listModels(registry: RegistryDep, settings: SettingsDep) -> Response:
     """Every configured model: type, purpose, whether it is available now, and its capabilities."""
     return _jsonResponse({"models": [_modelEntry(registry, spec) for spec in settings.modelMapping.values()]})
@@ -261,7 +261,7 @@ async def _render(request: Request, settings: Settings, resolved: ResolvedModel,
     return document, time.perf_counter() - startedAt
 
 
-@router.post("/analyze", **apiSchemas.analyzeDoc())
+@router.post("/analyze", **wireSchemas.analyzeDoc())
 async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
     """Analyse an image or PDF with a vision model (multipart upload, or JSON with the file in base64)."""
     startedAt, meta = time.perf_counter(), _metaOf(request)
@@ -285,7 +285,7 @@ async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep
     return await _respond(request, ollama, resolved, calls, schema, mode, {"type": "start", **facts}, bodyOf, usage)
 
 
-@router.post("/text", **apiSchemas.textDoc())
+@router.post("/text", **wireSchemas.textDoc())
 async def text(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
     """Run an instruction on a text with a text model, e.g. replace personal data by placeholders."""
     startedAt, meta = time.perf_counter(), _metaOf(request)
@@ -335,7 +335,7 @@ async def _embedBatches(ollama: OllamaClient, resolved: ResolvedModel, fields: E
     return vectors, promptTokens
 
 
-@router.post("/embed", **apiSchemas.embedDoc())
+@router.post("/embed", **wireSchemas.embedDoc())
 async def embed(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
     """Texts to embedding vectors (poweron-embed by default), sent to Ollama in batches."""
     meta = _metaOf(request)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from apidoc import apiSchemas
+from observe import healthSchemas
 from upstream.dependencies import RegistryDep
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", **apiSchemas.healthDoc())
+@router.get("/health", **healthSchemas.healthDoc())
 async def health(registry: RegistryDep) -> JSONResponse:
     """Overall status: ok while Ollama answers, degraded (with the reason) otherwise. No secrets."""
     available = registry.availableModels()
@@ -26,14 +26,14 @@ async def health(registry: RegistryDep) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/health/liveliness", response_class=PlainTextResponse, **apiSchemas.livelinessDoc())
-@router.get("/health/liveness", response_class=PlainTextResponse, **apiSchemas.livelinessDoc())
+@router.get("/health/liveliness", response_class=PlainTextResponse, **healthSchemas.livelinessDoc())
+@router.get("/health/liveness", response_class=PlainTextResponse, **healthSchemas.livelinessDoc())
 async def liveliness() -> PlainTextResponse:
     """The process is alive; checks nothing upstream."""
     return PlainTextResponse("I'm alive!")
 
 
-@router.get("/health/readiness", **apiSchemas.readinessDoc())
+@router.get("/health/readiness", **healthSchemas.readinessDoc())
 async def readiness(registry: RegistryDep) -> JSONResponse:
     """200 while Ollama is reachable, 503 otherwise."""
     if registry.ollamaReachable:

@@ -1,6 +1,6 @@
 """OpenAI-compatible API for Cursor, F13/KIVA and OpenAI-SDK clients (Authorization: Bearer, OpenAI keys).
 
-Chat completions are translated from Ollama's native ``/api/chat`` (``openAiTranslate``), never passed through
+Chat completions are translated from Ollama's native ``/api/chat`` (``openaiCompat``), never passed through
 Ollama's own ``/v1`` layer. Streams are SSE, flushed line by line; the upstream request is closed as soon as the
 client goes away (also while a non-streaming answer is still being generated).
 """
@@ -17,24 +17,14 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from apidoc import apiSchemas
 from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, UpstreamSseResponse, untilDisconnect
 from core.errors import ServiceError
 from core.requestContext import RequestMeta, getMeta
-from openaiCompat.openAiTranslate import (
-    DONE_FRAME,
-    ChatPlan,
-    ChatStreamTranslator,
-    buildChatPlan,
-    chatCompletion,
-    embeddingInputs,
-    embeddingOptions,
-    embeddingResponse,
-    errorFrame,
-    invalid,
-    requireModelName,
-    usageOf,
-)
+from openaiCompat import wireSchemas
+from openaiCompat.basics import invalid, requireModelName
+from openaiCompat.chatRequest import ChatPlan, buildChatPlan
+from openaiCompat.chatResponse import DONE_FRAME, ChatStreamTranslator, chatCompletion, errorFrame, usageOf
+from openaiCompat.embeddings import embeddingInputs, embeddingOptions, embeddingResponse
 from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
 from upstream.modelRegistry import ResolvedModel
 from upstream.ollamaClient import OllamaClient, OllamaStream
@@ -72,13 +62,13 @@ async def readJsonObject(request: Request) -> dict[str, Any]:
     return body
 
 
-@router.get("/models", **apiSchemas.openAiModelsDoc())
+@router.get("/models", **wireSchemas.openAiModelsDoc())
 async def listModels(registry: RegistryDep) -> dict:
     """The external names that are available right now."""
     return {"object": "list", "data": [_modelObject(spec.externalName) for spec in registry.availableModels()]}
 
 
-@router.get("/models/{modelId}", **apiSchemas.openAiModelDoc())
+@router.get("/models/{modelId}", **wireSchemas.openAiModelDoc())
 async def getModel(modelId: str, registry: RegistryDep) -> dict:
     """One available model, or 404."""
     if not any(spec.externalName == modelId for spec in registry.availableModels()):
@@ -86,7 +76,7 @@ async def getModel(modelId: str, registry: RegistryDep) -> dict:
     return _modelObject(modelId)
 
 
-@router.post("/chat/completions", **apiSchemas.chatCompletionsDoc())
+@router.post("/chat/completions", **wireSchemas.chatCompletionsDoc())
 async def chatCompletions(request: Request, settings: SettingsDep, registry: RegistryDep,
                           ollama: OllamaDep) -> Response:
     """OpenAI Chat Completions (streaming or not) on Ollama's native /api/chat."""
@@ -184,7 +174,7 @@ def checkEmbeddingModel(resolved: ResolvedModel) -> None:
         raise invalid(f"The model `{resolved.externalName}` is not an embedding model; use poweron-embed", "model")
 
 
-@router.post("/embeddings", **apiSchemas.embeddingsDoc())
+@router.post("/embeddings", **wireSchemas.embeddingsDoc())
 async def embeddings(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
     """OpenAI Embeddings (float or base64, optional dimensions) on Ollama's /api/embed."""
     body = await readJsonObject(request)

@@ -19,12 +19,13 @@ from fastapi.templating import Jinja2Templates
 from pydantic import Field
 from starlette.formparsers import MultiPartException
 from starlette.responses import Response
+from swagger_ui_bundle import swagger_ui_path
 
-from apidoc import apiSchemas
 from config import ModelSpec, Settings, resolveModel
 from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
 from core.errors import ServiceError
 from core.requestContext import getMeta
+from documents import wireSchemas
 from documents.analysisRequest import InMemoryMultiPartParser, RequestFields, parseFields
 from documents.documentRender import RenderedDocument, RenderJob, detectFileType, parsePageRanges
 from guard.security import requireApiKey
@@ -69,7 +70,15 @@ def installWeb(app: FastAPI) -> None:
     """The public page, the key-protected preview route and the static assets under /static."""
     app.include_router(router)
     app.include_router(apiRouter)
+    app.mount("/static/swagger-ui", WebAssets(directory=swagger_ui_path), name="swagger-ui")
     app.mount("/static", WebAssets(directory=STATIC_DIR), name="static")
+
+
+@router.get("/docs", response_class=HTMLResponse)
+async def apiDocs(request: Request) -> Response:
+    """The API reference for people: Swagger UI (served from the swagger-ui-bundle package, no CDN) reading
+    /openapi.json with the key this tab keeps for the test page."""
+    return TEMPLATES.TemplateResponse(request, "docs.html", {"version": request.app.version}, headers=PAGE_HEADERS)
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -134,7 +143,7 @@ def _previewBody(document: RenderedDocument, spec: ModelSpec) -> dict[str, Any]:
                             "dataUrl": "data:image/jpeg;base64," + image.base64Jpeg} for image in document.images]}
 
 
-@apiRouter.post("/preview", **apiSchemas.previewDoc())
+@apiRouter.post("/preview", **wireSchemas.previewDoc())
 async def preview(request: Request, settings: SettingsDep, registry: RegistryDep) -> Response:
     """Which pages /api/analyze would analyse, with small JPEG thumbnails of them as data URLs."""
     fields, data = await _readPreviewForm(request, settings)

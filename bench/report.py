@@ -412,10 +412,10 @@ A/B runs (same build, variants side by side, alternating, wrk on the other core)
 
 | Change | Before | After |
 |---|---|---|
-| Lean HTTP/1.1 upstream transport instead of httpcore's pool (`upstreamTransport.py`; httpcore polled every \
+| Lean HTTP/1.1 upstream transport instead of httpcore's pool (`upstream/transport.py`; httpcore polled every \
 pooled socket on each request, so the cost grew with concurrency) | 358 req/s, p99 677 ms, 2.7 ms CPU/req \
 (c=16: 2.3, c=1: 1.2) | 1,450-1,520 req/s, p99 ~177 ms, 0.66-0.69 ms CPU/req |
-| Disconnect watcher ends with the response instead of being cancelled (`clientDisconnect.py`; each cancel left \
+| Disconnect watcher ends with the response instead of being cancelled (`core/clientDisconnect.py`; each cancel left \
 a CancelledError/traceback/frame cycle of ~40 objects for the cyclic GC) | 0.78-0.83 ms CPU/req, ~50 cyclic \
 objects/request, gen2 GC 2.4 s per 15 s | 0.67-0.70 ms CPU/req, ~11 cyclic objects/request, gen2 GC 1.7 s |
 | `gc.freeze()` of the start-up objects in `python app.py` (full collections scan ~13k instead of ~85k \
@@ -423,7 +423,7 @@ objects) | p99 116-321 ms, 0.67-0.70 ms CPU/req, gen2 GC 1.7 s per 15 s, pauses 
 0.57-0.60 ms CPU/req, gen2 GC 0.24 s |
 
 | Ollama NDJSON stream read as raw bytes split on newlines instead of `httpx.Response.aiter_lines()` \
-(`ollamaClient.py`; no str decoding and no line-splitting state machine per chunk) | quick smoke: ≈1.65 ms CPU per \
+(`upstream/ollamaClient.py`; no str decoding and no line-splitting state machine per chunk) | quick smoke: ≈1.65 ms CPU per \
 32-chunk stream, 600 req/s streaming at c=1 | ≈1.27 ms CPU per stream, 786 req/s streaming at c=1 |
 
 Suggested next, not applied: sending the frames of all upstream lines that have already arrived in one write

@@ -156,6 +156,21 @@ async def requireOpenAiKey(request: Request) -> str:
     return _requireKey(request, KEY_CLASS_OPENAI)
 
 
+async def requireAnyKey(request: Request) -> str:
+    """Dependency for what callers of either API may read (the OpenAPI document): an analysis key in X-API-Key or
+    an OpenAI key as Bearer, admitted by that key's rate limits."""
+    keyRings: dict[str, KeyRing] = request.app.state.keyRings
+    for keyClass in (KEY_CLASS_API, KEY_CLASS_OPENAI):
+        presented = presentedKey(request.scope, keyClass)
+        if presented and keyRings[keyClass].match(presented) is not None:
+            return _requireKey(request, keyClass)
+    presented = presentedKey(request.scope, KEY_CLASS_API) or presentedKey(request.scope, KEY_CLASS_OPENAI)
+    what, code = ("Invalid API key", "invalid_api_key") if presented else ("Missing API key", "missing_api_key")
+    raise ServiceError(401, f"{what}: {request.url.path} needs {HOW_TO_SEND[KEY_CLASS_API]} or "
+                            f"{HOW_TO_SEND[KEY_CLASS_OPENAI]}", code=code,
+                       headers={"WWW-Authenticate": 'Bearer, ApiKey header="X-API-Key"'})
+
+
 def _keyClassOfPath(path: str) -> str | None:
     for prefix, keyClass in KEY_CLASS_BY_PREFIX:
         if path.startswith(prefix) or path == prefix[:-1]:

@@ -19,11 +19,11 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
-from apidoc import apiSchemas
 from config import Settings
 from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, UpstreamSseResponse, untilDisconnect
 from core.errors import ServiceError, openAiErrorBody
 from core.requestContext import RequestMeta, getMeta
+from speech import wireSchemas
 from upstream.dependencies import RegistryDep
 from upstream.ollamaClient import UpstreamError, mapStatusError, mapTransportError
 
@@ -241,13 +241,13 @@ async def forwardAudio(request: Request, registry: RegistryDep, endpoint: str) -
     return await relayResponse(response, baseUrl, meta, started)
 
 
-@router.post("/transcriptions", **apiSchemas.audioDoc("transcribe"))
+@router.post("/transcriptions", **wireSchemas.audioDoc("transcribe"))
 async def createTranscription(request: Request, registry: RegistryDep) -> Response:
     """Transcribe audio with poweron-transcribe (whisper-1 accepted) on the local whisper service."""
     return await forwardAudio(request, registry, "transcriptions")
 
 
-@router.post("/translations", **apiSchemas.audioDoc("translate"))
+@router.post("/translations", **wireSchemas.audioDoc("translate"))
 async def createTranslation(request: Request, registry: RegistryDep) -> Response:
     """Translate audio into English text with poweron-transcribe on the local whisper service."""
     return await forwardAudio(request, registry, "translations")

@@ -194,9 +194,13 @@ def test_serviceUnitsAreHardenedAndReadSecretsFromAnEnvironmentFile(unitName):
         assert service.get(key) == [value], f"{unitName}: {key}={value} missing"
     assert service["EnvironmentFile"] == ["/etc/poweron-llm/secrets.env"]
     assert "PRIVATE_LLM_CONFIG=/etc/poweron-llm/config.ini" in service["Environment"]
-    program = service["ExecStart"][0].split()[-1]
-    assert program.startswith("/opt/poweron-llm/current/")
-    assert (REPO_ROOT / program.removeprefix("/opt/poweron-llm/current/")).is_file()
+    command = service["ExecStart"][0].split()
+    assert service["WorkingDirectory"] == ["/opt/poweron-llm/current"]
+    if command[-2] == "-m":  # a program package, run from the release directory
+        assert (REPO_ROOT / command[-1] / "__main__.py").is_file()
+    else:
+        assert command[-1].startswith("/opt/poweron-llm/current/")
+        assert (REPO_ROOT / command[-1].removeprefix("/opt/poweron-llm/current/")).is_file()
     assert float(service["TimeoutStopSec"][0]) > ServerSettings().graceful_shutdown_seconds
 
 
@@ -527,8 +531,10 @@ def test_caddyProxiesStreamsAndLogsNoKeys(docService: ServiceProcess, tmp_path: 
     assert API_KEY not in logged and OPENAI_KEY not in logged
 
 
-def test_everyTopLevelModuleIsDescribedInTheReadmeAndTheArchitecture():
+def test_everyTopLevelModuleAndPackageIsDescribedInTheReadmeAndTheArchitecture():
     modules = sorted(path.name for path in REPO_ROOT.glob("*.py"))
+    modules += sorted(f"{path.parent.name}/" for path in REPO_ROOT.glob("*/__init__.py") if path.parent.name != "tests"
+                      and path.parent.name != "bench")
     for document in ("README.md", "docu/architecture.md"):
         text = (REPO_ROOT / document).read_text(encoding="utf-8")
         missing = [name for name in modules if f"`{name}`" not in text and f"{name}" not in text]

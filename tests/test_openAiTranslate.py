@@ -1,4 +1,4 @@
-"""openAiTranslate: OpenAI chat/embeddings bodies to Ollama payloads and back, without any network."""
+"""openaiCompat: OpenAI chat/embeddings bodies to Ollama payloads and back, without any network."""
 
 from __future__ import annotations
 
@@ -12,17 +12,11 @@ from PIL import Image
 
 from config import MODEL_MAPPING, LimitsSettings, OllamaSettings, Settings
 from core.errors import ServiceError
-from openaiCompat.openAiTranslate import (
-    ChatStreamTranslator,
-    ImageRules,
-    buildChatPlan,
-    chatCompletion,
-    decodeImageDataUrl,
-    embeddingInputs,
-    embeddingOptions,
-    embeddingResponse,
-    translateMessages,
-)
+from openaiCompat.chatRequest import buildChatPlan
+from openaiCompat.chatResponse import ChatStreamTranslator, chatCompletion
+from openaiCompat.embeddings import embeddingInputs, embeddingOptions, embeddingResponse
+from openaiCompat.images import ImageRules, decodeImageDataUrl
+from openaiCompat.messages import translateMessages
 from upstream.modelRegistry import ResolvedModel
 
 TEXT = ResolvedModel(MODEL_MAPPING["poweron-text-general"], "qwen2.5:7b", frozenset({"completion", "tools"}))

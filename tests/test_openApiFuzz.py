@@ -1,4 +1,4 @@
-"""Schemathesis against the service's own OpenAPI document (``app.openapi()``, built by apiSchemas.py).
+"""Schemathesis against the service's own OpenAPI document (``app.openapi()``, built by apidoc/openApi.py).
 
 The app runs in-process (schemathesis' ASGI transport, which runs the app's lifespan) with a healthy Ollama stub and
 the speech-to-text service pointed at a port where nothing listens; the valid key of each security scheme is

@@ -1,4 +1,4 @@
-"""The OpenAPI document (apiSchemas.py) against the real service: every answer below, from success bodies and
+"""The OpenAPI document (apidoc/openApi.py) against the real service: every answer below, from success bodies and
 streams (each SSE event, each NDJSON line) to the error envelopes, must have a documented status and content type
 and validate against the document's schema for it. The app runs in-process with the Ollama stub."""
 
@@ -14,8 +14,9 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from apidoc import apiSchemas
 from app import createApp
+from core import wire
+from documents import wireSchemas
 from routeWeb import PreviewFields
 from tests.conftest import API_KEY, DEAD_OLLAMA_URL, OPENAI_KEY
 from tests.documentSamples import makeImage, makePdf
@@ -149,28 +150,59 @@ def test_everyRouteDocumentsItsBodiesAndItsKey(makeSettings) -> None:
         errors = [int(status) for status in operation["responses"] if status != "200"]
         if path.startswith(("/api/", "/v1/")):
             assert {401, 429} <= set(errors), path
-            envelope = apiSchemas.OpenAiError if path.startswith("/v1/") else apiSchemas.ApiError
+            envelope = wire.OpenAiError if path.startswith("/v1/") else wire.ApiError
             for status in errors:
                 assert operation["responses"][str(status)]["content"]["application/json"]["schema"] == \
-                    apiSchemas.ref(envelope), f"{path} {status}"
+                    wire.ref(envelope), f"{path} {status}"
     assert "HTTPValidationError" not in document["components"]["schemas"], "validation errors are 400s here"
 
 
-def test_documentIsNotServedAndBuiltOnce(makeSettings) -> None:
-    """As before the document existed: no /openapi.json, /docs or /redoc (nothing that loads CDN assets)."""
+def test_documentIsServedToCallersWithAKeyOfEitherClassAndBuiltOnce(makeSettings) -> None:
+    """/openapi.json needs a key of either class (401 without, with a wrong one, in the usual envelope); the docs
+    page for people is /docs (self-hosted Swagger UI); there is no /redoc and no OAuth redirect page."""
     from fastapi.testclient import TestClient
 
     app = createApp(makeSettings())
     assert app.openapi() is app.openapi()
     with TestClient(app) as client:
-        for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
+        for headers in (API_HEADERS, OPENAI_HEADERS):
+            answer = client.get("/openapi.json", headers=headers)
+            assert answer.status_code == 200
+            assert answer.json() == app.openapi()
+            assert answer.headers["x-request-id"]
+        for headers, code in (({}, "missing_api_key"), ({"X-API-Key": "not-a-key-of-this-service"}, "invalid_api_key"),
+                              ({"Authorization": "Bearer not-a-key-of-this-service"}, "invalid_api_key")):
+            refused = client.get("/openapi.json", headers=headers)
+            assert refused.status_code == 401
+            assert refused.json()["code"] == code
+            assert "X-API-Key" in refused.json()["detail"] and "Bearer" in refused.json()["detail"]
+        for path in ("/redoc", "/docs/oauth2-redirect"):
             assert client.get(path).status_code == 404, path
 
 
+def test_docsPageUsesOnlySelfHostedAssetsUnderTheStrictCsp(makeSettings) -> None:
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from routeWeb import CONTENT_SECURITY_POLICY
+
+    with TestClient(createApp(makeSettings())) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert "/static/swagger-ui/swagger-ui-bundle.js" in assets and "/static/docs.js" in assets
+        for asset in assets:
+            assert asset.startswith("/"), f"{asset} is not served by the service"
+            assert client.get(asset).status_code == 200, asset
+        assert "<script>" not in page.text and "style=" not in page.text
+
+
 def test_previewFormHasTheFieldsThePreviewRouteReads() -> None:
-    assert set(apiSchemas.PreviewForm.model_fields) == set(PreviewFields.model_fields) | {"file"}
+    assert set(wireSchemas.PreviewForm.model_fields) == set(PreviewFields.model_fields) | {"file"}
     for name, field in PreviewFields.model_fields.items():
-        assert apiSchemas.PreviewForm.model_fields[name].metadata == field.metadata, name
+        assert wireSchemas.PreviewForm.model_fields[name].metadata == field.metadata, name
 
 
 # ------------------------------------------------------------------------------------------------ /v1

@@ -509,3 +509,22 @@ def test_guardAbortsAndReportsRequestsThatLeaveLoopback(openBrowser) -> None:
     assert browser.page.eval_on_selector("#leak", "image => image.naturalWidth") == 0
     assert browser.guard.outside == [outside]
     browser.guard.outside.clear()  # reported as intended: the teardown check must not fail this test
+
+
+def test_apiReferenceShowsTheDocumentReadWithTheTabsKey(serviceFactory, stub, openBrowser) -> None:
+    """/docs: Swagger UI from the service itself reads /openapi.json with the key entered on the test page."""
+    service = startService(serviceFactory, stub)
+    browser = openBrowser()
+    page = browser.page
+    page.goto(service.baseUrl + "/docs")
+    expect(page.locator("#docsStatus")).to_contain_text("No key in this tab")
+    page.goto(service.baseUrl + "/")
+    enterKeys(page, openAiKey="")
+    page.goto(service.baseUrl + "/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("PowerOn private LLM service")
+    expect(page.locator(".opblock-summary-path").first).to_be_visible()
+    expect(page.locator("#swagger")).to_contain_text("/v1/chat/completions")
+    shoot(page, "api-docs")
+    fetched = [headers for method, path, headers in browser.guard.requests if path == "/openapi.json"]
+    assert fetched and all(headers.get("x-api-key") == API_KEY for headers in fetched)
+

@@ -1,0 +1,65 @@
+"""Wire schemas of the health routes (/health, /health/liveliness, /health/readiness)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from core.wire import (
+    ApiError,
+    WireModel,
+    jsonOf,
+    operationDoc,
+    textPlain,
+)
+
+# ------------------------------------------------------------------------------------------------ health
+
+
+class OllamaHealth(WireModel):
+    reachable: bool
+    version: str | None
+    reason: str | None = Field(description="Why Ollama counts as unreachable (null while it answers)")
+
+
+class WhisperHealth(WireModel):
+    enabled: bool
+    reachable: bool
+
+
+class ModelCounts(WireModel):
+    available: int
+    configured: int
+    names: list[str] = Field(description="External names of the models available now")
+
+
+class Health(WireModel):
+    """Overall status; no secrets."""
+
+    status: Literal["ok", "degraded"]
+    ollama: OllamaHealth
+    whisper: WhisperHealth
+    models: ModelCounts
+
+
+class Ready(WireModel):
+    status: Literal["healthy"]
+    ollama_version: str | None
+
+
+class NotReady(WireModel):
+    status: Literal["unhealthy"]
+    reason: str | None
+
+
+def healthDoc() -> dict[str, Any]:
+    return operationDoc(jsonOf(Health), (), ApiError, okDescription="Status of the service and its upstreams")
+
+def livelinessDoc() -> dict[str, Any]:
+    return operationDoc(textPlain(), (), ApiError, okDescription="The process is alive")
+
+def readinessDoc() -> dict[str, Any]:
+    doc = operationDoc(jsonOf(Ready), (), ApiError, okDescription="Ollama is reachable")
+    doc["responses"][503] = {"description": "Ollama is not reachable", "content": jsonOf(NotReady)}
+    return doc

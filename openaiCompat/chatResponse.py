@@ -1,0 +1,108 @@
+"""Ollama answers to OpenAI's ``chat.completion`` and NDJSON chunks to SSE ``chat.completion.chunk`` frames."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from core.errors import ServiceError, openAiErrorBody
+from openaiCompat.basics import newCompletionId, newToolCallId
+
+DONE_FRAME = b"data: [DONE]\n\n"
+
+
+def finishReason(doneReason: Any, sawToolCalls: bool) -> str:
+    if sawToolCalls:
+        return "tool_calls"
+    return "length" if doneReason == "length" else "stop"
+
+
+def usageOf(answer: dict[str, Any]) -> dict[str, int]:
+    """OpenAI ``usage`` from Ollama's counts on the final line."""
+    prompt = int(answer.get("prompt_eval_count") or 0)
+    completion = int(answer.get("eval_count") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def openAiToolCall(call: dict[str, Any]) -> dict[str, Any]:
+    """Ollama's tool call (``arguments`` an object) as OpenAI's (``arguments`` a JSON string, an id)."""
+    function = call.get("function") or {}
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        arguments = orjson.dumps(arguments if arguments is not None else {}).decode()
+    return {"id": call.get("id") or newToolCallId(), "type": "function",
+            "function": {"name": function.get("name", ""), "arguments": arguments}}
+
+
+def chatCompletion(answer: dict[str, Any], externalName: str) -> dict[str, Any]:
+    """A non-streaming ``chat.completion`` from Ollama's single answer."""
+    message = answer.get("message") or {}
+    toolCalls = [openAiToolCall(call) for call in message.get("tool_calls") or ()]
+    content = message.get("content") or ""
+    converted: dict[str, Any] = {"role": "assistant", "content": content if content or not toolCalls else None}
+    if toolCalls:
+        converted["tool_calls"] = toolCalls
+    if message.get("thinking"):
+        converted["reasoning_content"] = message["thinking"]
+    return {"id": newCompletionId(), "object": "chat.completion", "created": int(time.time()), "model": externalName,
+            "choices": [{"index": 0, "message": converted, "logprobs": None,
+                         "finish_reason": finishReason(answer.get("done_reason"), bool(toolCalls))}],
+            "usage": usageOf(answer)}
+
+
+def sseFrame(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def errorFrame(error: ServiceError) -> bytes:
+    """The SSE frame for an error after the stream has started (the SDK raises APIError on it)."""
+    return sseFrame(openAiErrorBody(error))
+
+
+class ChatStreamTranslator:
+    """Turns Ollama's NDJSON chunks into OpenAI ``chat.completion.chunk`` SSE frames, one frame per chunk."""
+
+    __slots__ = ("completionId", "created", "model", "toolCallCount")
+
+    def __init__(self, externalName: str) -> None:
+        self.completionId = newCompletionId()
+        self.created = int(time.time())
+        self.model = externalName
+        self.toolCallCount = 0
+
+    def _frame(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return sseFrame({"id": self.completionId, "object": "chat.completion.chunk", "created": self.created,
+                         "model": self.model,
+                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+    def roleFrame(self) -> bytes:
+        return self._frame({"role": "assistant", "content": ""})
+
+    def deltaFrame(self, chunk: dict[str, Any]) -> bytes | None:
+        """The content/reasoning/tool-call delta of one chunk, or None when it carries nothing."""
+        message = chunk.get("message")
+        if not message:
+            return None
+        delta: dict[str, Any] = {}
+        if message.get("thinking"):
+            delta["reasoning_content"] = message["thinking"]
+        if message.get("content"):
+            delta["content"] = message["content"]
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [self._toolCallDelta(call) for call in message["tool_calls"]]
+        return self._frame(delta) if delta else None
+
+    def _toolCallDelta(self, call: dict[str, Any]) -> dict[str, Any]:
+        converted = openAiToolCall(call)
+        converted["index"] = self.toolCallCount
+        self.toolCallCount += 1
+        return converted
+
+    def finishFrame(self, done: dict[str, Any]) -> bytes:
+        return self._frame({}, finishReason(done.get("done_reason"), self.toolCallCount > 0))
+
+    def usageFrame(self, done: dict[str, Any]) -> bytes:
+        return sseFrame({"id": self.completionId, "object": "chat.completion.chunk", "created": self.created,
+                         "model": self.model, "choices": [], "usage": usageOf(done)})

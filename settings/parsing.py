@@ -1,0 +1,77 @@
+"""Parsers and checks of single settings: named keys, per-key limits, local URLs, cloud model names, and ConfigError."""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A configuration problem an operator must fix before the service can start."""
+
+
+def isCloudModelName(ollamaName: str) -> bool:
+    """True for Ollama names served by ollama.com (tag ``cloud`` or ending in ``-cloud``)."""
+    tag = ollamaName.rpartition(":")[2].lower() if ":" in ollamaName else ""
+    return tag == "cloud" or tag.endswith("-cloud")
+
+
+def parseNamedKeys(raw: str, setting: str) -> dict[str, str]:
+    """Parse ``name=key, name2=key2`` into ``{name: key}``."""
+    keys: dict[str, str] = {}
+    for number, part in enumerate((p.strip() for p in raw.split(",")), start=1):
+        if not part:
+            continue
+        name, sep, key = part.partition("=")
+        name, key = name.strip(), key.strip()
+        if not sep or not name or not key:
+            which = f"'{name}'" if sep and name else f"number {number}"  # never echo what may be a key
+            raise ConfigError(f"{setting}: entry {which} must look like name=<key>")
+        if name in keys:
+            raise ConfigError(f"{setting}: key name '{name}' appears twice")
+        keys[name] = key
+    return keys
+
+
+PerKeyLimits = tuple[float | None, int | None, int | None]
+
+
+def parsePerKeyLimits(raw: str, knownNames: set[str]) -> dict[str, PerKeyLimits]:
+    """Parse ``[ratelimit] per_key``: ``name=<requests per minute>/<burst>/<concurrent>`` (trailing parts optional)."""
+    limits: dict[str, PerKeyLimits] = {}
+    for name, value in parseNamedKeys(raw, "[ratelimit] per_key").items():
+        if name not in knownNames:
+            raise ConfigError(f"[ratelimit] per_key: '{name}' is not a key name from [auth] api_keys or openai_keys")
+        parts = [p.strip() for p in value.split("/")]
+        try:
+            rpm = float(parts[0]) if parts[0] else None
+            burst, concurrent = (int(p) if p else None for p in (parts + ["", ""])[1:3])
+        except ValueError:
+            rpm = burst = concurrent = -1
+        if len(parts) > 3 or any(v is not None and v <= 0 for v in (rpm, burst, concurrent)):
+            raise ConfigError(f"[ratelimit] per_key: '{name}={value}' must be <requests per minute>/<burst>/"
+                              "<concurrent> with positive numbers, e.g. kiva=1200/100/32")
+        limits[name] = (rpm, burst, concurrent)
+    return limits
+
+
+LOCAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128", "fc00::/7"))
+
+
+"""Loopback and private (RFC 1918, IPv6 ULA) networks; ipaddress' is_private also counts documentation and
+reserved ranges, which are not this operator's network."""
+
+
+def isLocalUrl(url: str) -> bool:
+    """True when the URL's host is loopback, a private (RFC 1918 / ULA) address, 0.0.0.0 or exactly localhost."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":  # not *.localhost: a resolver may send such names anywhere
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_unspecified or any(address in network for network in LOCAL_NETWORKS)

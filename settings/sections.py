@@ -1,0 +1,185 @@
+"""The sections of config.ini as pydantic models (one class per [section], defaults and checks), and the INI source."""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
+from settings.parsing import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ServerSettings(Section):
+    host: str = "127.0.0.1"
+    """Address the main service binds to (put a TLS reverse proxy in front for public access)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """TCP port of the main service."""
+    log_level: str = "info"
+    """Log level: debug, info, warning or error."""
+    cors_origins: str = ""
+    """Comma-separated origins allowed by CORS (e.g. https://cursor.com); empty = no CORS headers."""
+    allow_remote_upstream: bool = False
+    """Allow Ollama/whisper URLs that are not loopback or private addresses (off: refuse to start)."""
+    graceful_shutdown_seconds: float = Field(30.0, ge=0)
+    """On SIGTERM, how long running streams may take to finish before the process closes."""
+
+
+class OllamaSettings(Section):
+    base_url: str = "http://127.0.0.1:11434"
+    """URL of the local Ollama daemon."""
+    connect_timeout: float = Field(3.0, gt=0)
+    """Seconds to wait for a TCP connection to Ollama."""
+    read_timeout: float = Field(600.0, gt=0)
+    """Seconds to wait for the next bytes from Ollama (model loads can take minutes)."""
+    keep_alive: str = "30m"
+    """How long Ollama keeps a model loaded after a request (Ollama's keep_alive; a bare number means seconds)."""
+    num_ctx: int = Field(8192, ge=0)
+    """Context window sent as options.num_ctx (0 = Ollama's default)."""
+    discovery_ttl: float = Field(10.0, gt=0)
+    """Seconds between refreshes of the list of pulled models (/api/tags)."""
+    max_connections: int = Field(256, ge=1)
+    """Size of the connection pool to Ollama."""
+    fast_transport: bool = True
+    """Talk to a plain-http Ollama through the service's lean HTTP/1.1 transport (false: httpx's standard pool)."""
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keepAliveWithUnit(cls, value: str) -> str:
+        """Ollama parses string durations with Go's ParseDuration, which needs a unit: ``-1`` becomes ``-1s``."""
+        value = value.strip()
+        try:
+            float(value)
+        except ValueError:
+            return value
+        return value + "s"
+
+
+class AuthSettings(Section):
+    api_keys: str = ""
+    """Analysis API keys (header X-API-Key, /api/*): name=key, comma-separated; key may be sha256:<hex>."""
+    openai_keys: str = ""
+    """OpenAI-compatible API keys (Authorization: Bearer, /v1/*): name=key, comma-separated."""
+
+
+class RateLimitSettings(Section):
+    api_requests_per_minute: float = Field(120, gt=0)
+    """Token refill rate for each analysis key."""
+    api_burst: int = Field(20, ge=1)
+    """Token bucket capacity for each analysis key."""
+    openai_requests_per_minute: float = Field(600, gt=0)
+    """Token refill rate for each OpenAI key."""
+    openai_burst: int = Field(60, ge=1)
+    """Token bucket capacity for each OpenAI key."""
+    max_concurrent_per_key: int = Field(16, ge=1)
+    """Requests one key may have in flight at once (streams included)."""
+    per_key: str = ""
+    """Per-key overrides: name=<requests per minute>/<burst>/<concurrent>, comma-separated."""
+
+
+class LimitsSettings(Section):
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest request body accepted (checked from Content-Length and while reading)."""
+    max_file_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    """Largest single uploaded file."""
+    max_image_pixels: int = Field(50_000_000, ge=10_000)
+    """Largest image (width x height) accepted before decoding; bigger ones are refused as pixel bombs."""
+
+
+class DocumentSettings(Section):
+    max_pdf_pages: int = Field(5, ge=1)
+    """Most PDF pages analysed per request."""
+    default_pixel_budget: int = Field(2_097_152, ge=10_000)
+    """Pixels per rendered page or image when the model has no budget of its own."""
+    render_workers: int = Field(1, ge=1)
+    """Processes rendering PDFs (PyMuPDF is not thread-safe)."""
+    render_timeout_seconds: float = Field(60.0, gt=0)
+    """Longest one document may take to render; the worker is then stopped and the request gets 422."""
+    prestart_workers: bool = False
+    """Start the render workers with the service (otherwise the first document waits about a second for them)."""
+
+
+class WhisperSettings(Section):
+    base_url: str = "http://127.0.0.1:9000"
+    """URL of the whisper service as the main service calls it."""
+    host: str = "127.0.0.1"
+    """Address the whisper service binds to (loopback only unless allow_private_bind)."""
+    allow_private_bind: bool = False
+    """Allow a private (RFC 1918, fc00::/7) bind address for the keyless whisper service; off = loopback only."""
+    port: int = Field(9000, ge=1, le=65535)
+    """Port the whisper service listens on."""
+    model: str = "large-v3-turbo"
+    """faster-whisper model name or a local CTranslate2 model directory."""
+    translation_model: str = ""
+    """Model for /v1/audio/translations (turbo cannot translate); empty = same as model."""
+    device: str = "auto"
+    """cuda, cpu or auto."""
+    compute_type: str = "default"
+    """CTranslate2 compute type (float16 on GPU, int8 on CPU; default picks per device)."""
+    vad: bool = True
+    """Skip silence with the Silero VAD filter."""
+    batched: bool = True
+    """Use faster-whisper's BatchedInferencePipeline."""
+    batch_size: int = Field(8, ge=1)
+    """Batch size of the batched pipeline."""
+    idle_unload_seconds: float = Field(900, ge=0)
+    """Unload the model after this many idle seconds (0 = never)."""
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    """Largest audio upload."""
+    max_concurrent: int = Field(1, ge=1)
+    """Transcriptions running at once."""
+    max_queue: int = Field(8, ge=0)
+    """Transcriptions waiting for a slot before new ones get 503."""
+    enabled: bool = True
+    """Offer poweron-transcribe (the whisper service must answer its health check)."""
+    cpu_threads: int = Field(0, ge=0)
+    """CPU threads per transcription on cpu (0 = faster-whisper's default of 4)."""
+    allow_download: bool = False
+    """Allow fetching a model named by size (e.g. large-v3-turbo) from the Hugging Face Hub; off = local files only."""
+    max_audio_seconds: float = Field(7200, gt=0)
+    """Longest decoded audio accepted (decoded audio costs about 230 MB of RAM per hour)."""
+    request_timeout: float = Field(1800, gt=0)
+    """Seconds the main service waits for the whisper service's answer (or the next stream event)."""
+
+
+class MetricsSettings(Section):
+    enabled: bool = True
+    """Serve Prometheus metrics at /metrics (requires an analysis or OpenAI key)."""
+
+
+class WarmupSettings(Section):
+    models: str = "poweron-text-general"
+    """External model names preloaded at start and after Ollama restarts, comma-separated."""
+
+
+class IniSettingsSource(PydanticBaseSettingsSource):
+    """Reads the INI file named by PRIVATE_LLM_CONFIG (default ./config.ini)."""
+
+    def __init__(self, settingsCls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settingsCls)
+        self.path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return readIniFile(self.path)
+
+
+def readIniFile(path: Path) -> dict[str, Any]:
+    """The INI file as nested dicts; ConfigError naming the file when it is missing or malformed."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found (copy config.ini.example or run 'make config.ini')")
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: malformed ({str(exc).splitlines()[0]})") from None
+    return {section.lower(): dict(parser.items(section)) for section in parser.sections()}
