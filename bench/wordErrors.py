@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
-NON_WORD_RE = re.compile(r"[^a-z0-9' ]+")
+NON_WORD_RE = re.compile(r"[^\w' ]+|_")
+"""Anything but letters (any script, with their accents, umlauts and ß), digits, apostrophes and spaces."""
+APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'", "`": "'"})
 
 
 def normalisedWords(text: str) -> list[str]:
-    """Lower-case words without punctuation; hyphenated words count as separate words."""
-    return NON_WORD_RE.sub(" ", text.lower().replace("-", " ")).split()
+    """Lower-case words without punctuation; hyphenated words count as separate words. Letters keep their
+    diacritics ("für" is not "fur", "Straße" is not "Strasse"): a lost umlaut is a word error."""
+    text = unicodedata.normalize("NFC", text).translate(APOSTROPHES).lower().replace("-", " ")
+    return NON_WORD_RE.sub(" ", text).split()
 
 
 def wordErrorRate(reference: str, hypothesis: str) -> float:

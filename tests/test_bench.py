@@ -255,6 +255,8 @@ def test_renderReport_withoutService_marksNotAvailable() -> None:
 def test_benchStt_werAndTableRows() -> None:
     assert wordErrorRate("The quick brown fox", "the quick brown fox.") == 0.0
     assert wordErrorRate("one two three four", "one three four five") == pytest.approx(0.5)
+    assert wordErrorRate("Die Straße für Grüße", "die Strasse fur Grüße!") == pytest.approx(0.5)
+    assert wordErrorRate("L’été à Noël", "l'été a noël") == pytest.approx(1 / 3)
     results = withRatios({"inProcess": {"medianSeconds": 1.0, "minSeconds": 0.9, "wer": 0.0},
                           "mainService": {"medianSeconds": 1.1, "minSeconds": 1.0, "wer": 0.25}}, 10.0)
     rows = tableRows("short", 10.0, results)
