@@ -34,6 +34,8 @@ from upstream.ollamaClient import OllamaClient, createHttpClient
 from upstream.warmup import ModelWarmup
 
 logger = logging.getLogger("poweron")
+EVENT_LOOP = "core.eventLoop:newEventLoop"
+"""uvloop that accepts every waiting connection at once (core/eventLoop.py): plain uvloop took one per iteration."""
 
 
 @contextlib.asynccontextmanager
@@ -114,7 +116,7 @@ def main() -> None:
     service.state.freezeAfterStartup = True
     service.openapi()  # built now, not on the event loop at the first request refused before routing (~0.25 s)
     freezeStartupObjects()
-    uvicorn.run(service, host=settings.server.host, port=settings.server.port, loop="uvloop",
+    uvicorn.run(service, host=settings.server.host, port=settings.server.port, loop=EVENT_LOOP,
                 http="httptools", access_log=False, server_header=False, log_level=settings.server.log_level,
                 timeout_graceful_shutdown=settings.server.graceful_shutdown_seconds)  # type: ignore[arg-type]
 

@@ -26,10 +26,12 @@ def test_main_freezesAfterBuildingTheAppAndBeforeServing(testIni: Path, monkeypa
     monkeypatch.setattr(app, "createApp", lambda settings: calls.append("createApp") or built)
     monkeypatch.setattr(app, "freezeStartupObjects", lambda: calls.append("freeze"))
     monkeypatch.setattr(app, "configureLogging", lambda level: None)
-    monkeypatch.setattr(app.uvicorn, "run", lambda *args, **kwargs: calls.append("run"))
+    runArguments: dict = {}
+    monkeypatch.setattr(app.uvicorn, "run", lambda *args, **kwargs: calls.append("run") or runArguments.update(kwargs))
     app.main()
     assert calls == ["createApp", "openapi", "freeze", "run"]  # the OpenAPI document is built before the freeze
     assert built.state.freezeAfterStartup is True
+    assert runArguments["loop"] == "core.eventLoop:newEventLoop"  # accepts all waiting connections at once
 
 
 async def test_lifespanFreezesItsObjectsOnlyWhenServing(makeSettings, monkeypatch: pytest.MonkeyPatch) -> None:
