@@ -27,6 +27,7 @@ from core.requestContext import RequestContextMiddleware, RequestObserver
 from documents.renderWorkers import RenderPool
 from guard.security import fastApiTelemetryOff, installSecurity, requireApiKey, requireOpenAiKey
 from observe.accessLog import configureLogging, logAccess
+from observe.loopLag import LoopLagMonitor
 from observe.metrics import installMetrics
 from speech import whisperProxy
 from upstream.modelRegistry import ModelRegistry
@@ -40,7 +41,8 @@ EVENT_LOOP = "core.eventLoop:newEventLoop"
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open the one shared upstream client, discover models, keep discovery fresh; close everything on exit."""
+    """Open the one shared upstream client, discover models, keep discovery fresh, watch the loop's lag; close
+    everything on exit."""
     settings: Settings = app.state.settings
     http = createHttpClient(settings.ollama.connect_timeout, settings.ollama.read_timeout,
                             settings.ollama.max_connections,
@@ -58,6 +60,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     refresher = asyncio.create_task(registry.run(), name="model-discovery")
     if getattr(app.state, "freezeAfterStartup", False):
         freezeStartupObjects()  # the clients, pools and registry made above are long-lived too
+    metrics = getattr(app.state, "metrics", None)
+    app.state.loopLag = lagMonitor = LoopLagMonitor(metrics.loopLag if metrics else None,
+                                                    metrics.gcPauses if metrics else None).start()
     try:
         yield
     finally:
@@ -67,6 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await warmup.close()
         await renderPool.close()
         await http.aclose()
+        await lagMonitor.stop()
 
 
 def createApp(settings: Settings) -> FastAPI:

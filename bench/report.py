@@ -423,8 +423,8 @@ objects) | p99 116-321 ms, 0.67-0.70 ms CPU/req, gen2 GC 1.7 s per 15 s, pauses 
 0.57-0.60 ms CPU/req, gen2 GC 0.24 s |
 
 | Ollama NDJSON stream read as raw bytes split on newlines instead of `httpx.Response.aiter_lines()` \
-(`upstream/ollamaClient.py`; no str decoding and no line-splitting state machine per chunk) | quick smoke: ≈1.65 ms CPU per \
-32-chunk stream, 600 req/s streaming at c=1 | ≈1.27 ms CPU per stream, 786 req/s streaming at c=1 |
+(`upstream/ollamaClient.py`; no str decoding and no line-splitting state machine per chunk) | quick smoke: \
+≈1.65 ms CPU per 32-chunk stream, 600 req/s streaming at c=1 | ≈1.27 ms CPU per stream, 786 req/s streaming at c=1 |
 
 Suggested next, not applied: sending the frames of all upstream lines that have already arrived in one write
 (nothing waits for more, so paced chunks are not coalesced; an earlier A/B at concurrency 16 cut the CPU per stream

@@ -21,6 +21,7 @@ from config import Settings
 from core.errors import ServiceError
 from core.requestContext import RequestMeta, RequestObserver, getMeta
 from guard.security import KEY_CLASS_API, KEY_CLASS_OPENAI, authenticate
+from observe.loopLag import GC_PAUSE_BUCKETS, LAG_BUCKETS, SAMPLE_INTERVAL_SECONDS
 
 METRICS_PATH = "/metrics"
 NO_LABEL = "none"
@@ -110,6 +111,12 @@ class ServiceMetrics:
                               ["route", "code"], registry=registry)
         self.inFlight = Gauge("poweron_requests_in_flight", "Requests being served now (open streams included)",
                               registry=registry)
+        self.loopLag = Histogram("event_loop_lag_seconds", f"How much later than asked a task sleeping "
+                                 f"{SAMPLE_INTERVAL_SECONDS * 1000:g} ms at a time woke up: time the event loop spent "
+                                 "without yielding", buckets=LAG_BUCKETS, registry=registry)
+        self.gcPauses = Histogram("python_gc_pause_seconds", "Duration of each collection of the cyclic garbage "
+                                  "collector, by generation", ["generation"], buckets=GC_PAUSE_BUCKETS,
+                                  registry=registry)
         registry.register(AvailabilityCollector(app))
 
     def _modelLabel(self, externalName: str | None) -> str:

@@ -122,7 +122,7 @@ async def test_noContentPathOrMadeUpNameInAnyLabel(service):
     assert sampleValue(samples, "poweron_requests_total", route=UNMATCHED_ROUTE, method="GET", model=NO_LABEL,
                        status="404") == 1
     labelValues = {value for (_, labels) in samples for _, value in labels}
-    allowed = {"route", "method", "model", "status", "key", "code", "type", "backend", "upstream", "le"}
+    allowed = {"route", "method", "model", "status", "key", "code", "type", "backend", "upstream", "le", "generation"}
     assert {name for (_, labels) in samples for name, _ in labels} <= allowed
     assert all(len(value) < 64 for value in labelValues)
 
