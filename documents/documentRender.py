@@ -2,8 +2,9 @@
 at a resolution derived from the model's pixel budget, and images checked, oriented and scaled with Pillow.
 
 Everything here works on bytes in memory (nothing is written to disk). ``renderDocument`` is the entry point the
-render workers run (PyMuPDF is not thread-safe, see renderWorkers.py); its errors are ``DocumentError``, which
-pickles across the process boundary.
+render workers run (PyMuPDF is not thread-safe, see renderWorkers.py) through ``renderInWorker``: the one place that
+turns every failure (opening, counting, checking, rendering, encoding) into a 4xx, returned as plain data
+(``RenderFailure``), so nothing MuPDF raises has to cross the process boundary.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import ServiceError
+from documents.pdfInlineImages import largestInlineImage
 
 PDF_MAGIC = b"%PDF-"
 PDF_MAGIC_WINDOW = 1024
 """The PDF header may follow a little junk; readers (and MuPDF) look within the first kilobyte."""
 MAX_RENDER_DPI = 300
 """Small pages (receipts, business cards) are not blown up beyond this, whatever the budget."""
+MAX_IMAGE_SIDE = 65_500
+"""JPEG's largest side: a very long, thin page is rendered narrower rather than not at all."""
 JPEG_QUALITY = 90
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "tiff": "TIFF", "bmp": "BMP"}
 """File types accepted as images, with Pillow's format name (the only decoder tried for that file)."""
@@ -40,6 +44,18 @@ class DocumentError(ServiceError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (DocumentError, (self.status, self.message, self.code))
+
+
+@dataclass(frozen=True, slots=True)
+class RenderFailure:
+    """A render's 4xx as plain data: what the worker returns instead of raising (see ``renderInWorker``)."""
+
+    status: int
+    message: str
+    code: str
+
+    def asError(self) -> DocumentError:
+        return DocumentError(self.status, self.message, self.code)
 
 
 @dataclass(slots=True)
@@ -162,8 +178,10 @@ def selectPages(ranges: tuple[tuple[int, int | None], ...], pageCount: int, maxP
 
 
 def zoomForBudget(width: float, height: float, pixelBudget: int) -> float:
-    """Largest zoom (1.0 = 72 dpi) whose rendered size stays within the pixel budget and MAX_RENDER_DPI."""
-    zoom = min(math.sqrt(pixelBudget / max(width * height, 1.0)), MAX_RENDER_DPI / 72)
+    """Largest zoom (1.0 = 72 dpi) whose rendered size stays within the pixel budget, MAX_RENDER_DPI and
+    MAX_IMAGE_SIDE."""
+    zoom = min(math.sqrt(pixelBudget / max(width * height, 1.0)), MAX_RENDER_DPI / 72,
+               MAX_IMAGE_SIDE / max(width, height, 1.0))
     while math.ceil(width * zoom) * math.ceil(height * zoom) > pixelBudget:
         zoom *= 0.995
     return zoom
@@ -188,7 +206,7 @@ def _openPdf(data: bytes, password: str | None):  # noqa: ANN202 - a pymupdf.Doc
 
     try:
         doc = pymupdf.open(stream=data, filetype="pdf")
-    except (RuntimeError, ValueError):
+    except Exception:  # noqa: BLE001 - MuPDF raises many kinds (FzErrorFormat, RuntimeError, ValueError, ...)
         raise DocumentError(422, "The PDF is damaged and cannot be opened", "damaged_pdf") from None
     if not doc.is_pdf:
         raise DocumentError(415, f"The file starts like a PDF but is not one; send a {SUPPORTED_TYPES_TEXT} file",
@@ -197,9 +215,24 @@ def _openPdf(data: bytes, password: str | None):  # noqa: ANN202 - a pymupdf.Doc
         message = ("The PDF is password-protected; send its password in the `password` field" if not password
                    else "The PDF is password-protected and the given password is wrong")
         raise DocumentError(422, message, "pdf_password_required" if not password else "pdf_password_wrong")
-    if doc.page_count == 0:
+    if _pageCount(doc) == 0:
         raise DocumentError(422, "The PDF is damaged: no readable pages (truncated or corrupt file)", "damaged_pdf")
     return doc
+
+
+def _pageCount(doc) -> int:  # noqa: ANN001 - a pymupdf.Document
+    """The page count, or 422 for a page tree MuPDF cannot count (a /Count of a billion or -5, a cycle)."""
+    try:
+        return doc.page_count
+    except Exception:  # noqa: BLE001
+        raise DocumentError(422, "The PDF is damaged: its page tree cannot be read (wrong page count, a page tree "
+                            "that contains itself, or a truncated file)", "damaged_pdf") from None
+
+
+def _checkPageSize(width: float, height: float, pageNumber: int) -> None:
+    if not (math.isfinite(width) and math.isfinite(height) and width > 0 and height > 0):
+        raise DocumentError(422, f"The PDF is damaged: page {pageNumber} has no usable size (media box "
+                            f"{width:g} x {height:g} points)", "damaged_pdf")
 
 
 def _renderPage(doc, pageIndex: int, pixelBudget: int) -> PageImage:  # noqa: ANN001
@@ -207,6 +240,7 @@ def _renderPage(doc, pageIndex: int, pixelBudget: int) -> PageImage:  # noqa: AN
     from PIL import Image
 
     page = doc[pageIndex]
+    _checkPageSize(page.rect.width, page.rect.height, pageIndex + 1)
     zoom = zoomForBudget(page.rect.width, page.rect.height, pixelBudget)
     pixmap = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace=pymupdf.csRGB)
     image = Image.frombuffer("RGB", (pixmap.width, pixmap.height), pixmap.samples_mv, "raw", "RGB",
@@ -219,8 +253,8 @@ def _checkEmbeddedImages(doc, pageIndex: int, maxImagePixels: int) -> None:  # n
     decoded): rendering would decode them in full."""
     try:
         images = doc[pageIndex].get_images(full=True)
-    except (RuntimeError, ValueError):
-        return  # rendering reports the damage
+    except Exception:  # noqa: BLE001 - rendering reports the damage
+        return
     for image in images:
         width, height = int(image[2] or 0), int(image[3] or 0)
         if width * height > maxImagePixels:
@@ -229,17 +263,33 @@ def _checkEmbeddedImages(doc, pageIndex: int, maxImagePixels: int) -> None:  # n
                                 "are accepted ([limits] max_image_pixels)", "image_too_large")
 
 
+def _checkInlineImages(doc, maxImagePixels: int) -> None:  # noqa: ANN001
+    """Refuse a PDF whose content draws an inline image (BI ... ID ... EI) beyond the limit: MuPDF would decode it in
+    full, and MuPDF's image listing (``get_images``) does not see inline images."""
+    largest = largestInlineImage(doc)
+    if largest is not None and largest[0] * largest[1] > maxImagePixels:
+        width, height = largest
+        raise DocumentError(413, f"The PDF holds an inline image of {width}x{height} pixels "
+                            f"({width * height / 1e6:.0f} MP) in its page content; at most "
+                            f"{maxImagePixels / 1e6:.0f} MP per image are accepted ([limits] max_image_pixels)",
+                            "image_too_large")
+
+
 def renderPdf(job: RenderJob) -> RenderedDocument:
     """Render the selected pages of a PDF; the document's page count comes back too."""
     doc = _openPdf(job.data, job.password)
     try:
-        pages, truncated = selectPages(job.pageRanges, doc.page_count, job.maxPages)
-        result = RenderedDocument("pdf", doc.page_count, truncated=truncated)
+        pageCount = _pageCount(doc)
+        pages, truncated = selectPages(job.pageRanges, pageCount, job.maxPages)
+        _checkInlineImages(doc, job.maxImagePixels)
+        result = RenderedDocument("pdf", pageCount, truncated=truncated)
         for pageIndex in pages:
             _checkEmbeddedImages(doc, pageIndex, job.maxImagePixels)
             try:
                 result.images.append(_renderPage(doc, pageIndex, job.pixelBudget))
-            except (RuntimeError, ValueError):
+            except DocumentError:
+                raise
+            except Exception:  # noqa: BLE001 - MuPDF's and Pillow's errors: the page, not the service, is broken
                 raise DocumentError(422, f"The PDF is damaged: page {pageIndex + 1} cannot be rendered",
                                     "damaged_pdf") from None
         return result
@@ -291,12 +341,31 @@ def renderImage(job: RenderJob, fileType: str) -> RenderedDocument:
 
 
 def renderDocument(job: RenderJob) -> RenderedDocument:
-    """Worker entry point: detect the type, then render the PDF pages or prepare the image."""
+    """Detect the type, then render the PDF pages or prepare the image; any failure is a DocumentError (4xx)."""
     startedAt = time.perf_counter()
     fileType = detectFileType(job.data)
-    result = renderPdf(job) if fileType == "pdf" else renderImage(job, fileType)
+    try:
+        result = renderPdf(job) if fileType == "pdf" else renderImage(job, fileType)
+    except DocumentError:
+        raise
+    except MemoryError:
+        raise DocumentError(413, "The document needs more memory to render than a render worker has; it is too "
+                            "large or too complex (try fewer pages)", "document_too_complex") from None
+    except Exception:  # noqa: BLE001 - whatever MuPDF or Pillow raise on a damaged file
+        what = "PDF is damaged" if fileType == "pdf" else f"{fileType.upper()} image is damaged"
+        code = "damaged_pdf" if fileType == "pdf" else "damaged_image"
+        raise DocumentError(422, f"The {what} and cannot be rendered", code) from None
     result.renderSeconds = time.perf_counter() - startedAt
     return result
+
+
+def renderInWorker(job: RenderJob) -> RenderedDocument | RenderFailure:
+    """Worker entry point: the rendered document, or its 4xx as plain data (MuPDF's exceptions may hold objects that
+    cannot be pickled back to the service)."""
+    try:
+        return renderDocument(job)
+    except DocumentError as error:
+        return RenderFailure(error.status, error.message, error.code or "damaged_document")
 
 
 def workerReady() -> bool:

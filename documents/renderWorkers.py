@@ -13,7 +13,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from core.errors import ServiceError
 from documents import documentRender
-from documents.documentRender import RenderedDocument, RenderJob
+from documents.documentRender import RenderedDocument, RenderFailure, RenderJob
 
 logger = logging.getLogger("poweron.render")
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -47,7 +47,7 @@ def _killWorkers(executor: ProcessPoolExecutor) -> None:
 
 
 class RenderPool:
-    """A process pool for ``documentRender.renderDocument`` with a time limit and recovery from crashed workers."""
+    """A process pool for ``documentRender.renderInWorker`` with a time limit and recovery from crashed workers."""
 
     def __init__(self, workers: int, timeoutSeconds: float) -> None:
         self.workers = workers
@@ -95,9 +95,15 @@ class RenderPool:
             self.slots.release()
 
     async def _renderInWorker(self, job: RenderJob) -> RenderedDocument:
+        result = await self._runInWorker(job)
+        if isinstance(result, RenderFailure):
+            raise result.asError()
+        return result
+
+    async def _runInWorker(self, job: RenderJob) -> RenderedDocument | RenderFailure:
         executor = self.executor
         try:
-            submitted = executor.submit(documentRender.renderDocument, job)
+            submitted = executor.submit(documentRender.renderInWorker, job)
             return await asyncio.wait_for(asyncio.wrap_future(submitted), self.timeoutSeconds)
         except asyncio.TimeoutError:
             self._replace(executor, "render took longer than the time limit")
@@ -113,6 +119,10 @@ class RenderPool:
                 raise WorkersStopped from None
             self._replace(executor, "render worker died")
             raise
+        except Exception:  # the answer could not come back (e.g. not picklable): the document's fault, not a 500
+            logger.exception("a render worker's answer was unusable")
+            raise ServiceError(422, "The document could not be rendered; it is damaged or too complex",
+                               code="render_failed") from None
 
     def _abandon(self, executor: ProcessPoolExecutor, submitted: Future) -> None:
         """The request went away (its client disconnected): a render still waiting is dropped, a running one is

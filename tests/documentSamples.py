@@ -126,3 +126,59 @@ def makePdfWithHugeImage(width: int = 20000, height: int = 20000) -> bytes:
     doc.xref_set_key(xref, "Width", str(width))
     doc.xref_set_key(xref, "Height", str(height))
     return doc.tobytes()
+
+
+# ------------------------------------------------------------------ hand-written PDFs (exact bytes, correct xref)
+
+
+def rawPdf(objects: list[bytes], root: int = 1) -> bytes:
+    """A PDF from the bodies of objects 1..n, with a correct cross-reference table (so MuPDF takes the file as it
+    is written instead of repairing it)."""
+    out = bytearray(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root %d 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, root, xref)
+    return bytes(out)
+
+
+def pdfStream(dictionary: bytes, data: bytes) -> bytes:
+    return b"<< %s /Length %d >>\nstream\n" % (dictionary, len(data)) + data + b"\nendstream"
+
+
+def makeRawPagesPdf(count: bytes = b"3", kids: bytes = b"[3 0 R 4 0 R 5 0 R]",
+                    mediaBox: bytes = b"[0 0 595 842]") -> bytes:
+    """Three text pages (objects 3-5) under the page tree object 2, whose /Count, /Kids and media box are given as
+    written: ``count=b"1000000000"``, ``kids=b"[2 0 R]"`` (a tree listing itself) or ``mediaBox=b"[0 0 1 1e7]"``."""
+    content = pdfStream(b"", b"BT /F1 14 Tf 72 720 Td (Invoice 2024 total 123.45 EUR) Tj ET")
+    font = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"
+    page = (b"<< /Type /Page /Parent 2 0 R /MediaBox %s /Contents 6 0 R /Resources << /Font << /F1 7 0 R >> >> >>"
+            % mediaBox)
+    return rawPdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids %s /Count %s >>" % (kids, count),
+                   page, page, page, content, font])
+
+
+def inlineImageContent(width: int, height: int, data: bytes = b"\x00" * 16) -> bytes:
+    """Page content drawing one inline image (``BI <dictionary> ID <data> EI``) that declares width x height
+    pixels (1 bit gray); the data is a stand-in unless given."""
+    return (b"q 200 0 0 200 50 50 cm\nBI /W %d /H %d /CS /G /BPC 1 ID " % (width, height) + data + b"\nEI\nQ")
+
+
+def makePdfWithInlineImage(width: int = 30000, height: int = 30000, inForm: bool = False) -> bytes:
+    """One page whose content (or, with ``inForm``, a form XObject nested twice in it) holds an inline image
+    declaring width x height pixels."""
+    catalog, tree = b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>"
+    image = inlineImageContent(width, height)
+    if not inForm:
+        return rawPdf([catalog, tree, b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R >>",
+                       pdfStream(b"", image)])
+    form = b"/Type /XObject /Subtype /Form /BBox [0 0 595 842]"
+    return rawPdf([catalog, tree, b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R "
+                                  b"/Resources << /XObject << /Fx1 5 0 R >> >> >>",
+                   pdfStream(b"", b"q /Fx1 Do Q"),
+                   pdfStream(form + b" /Resources << /XObject << /Fx2 6 0 R >> >>", b"q /Fx2 Do Q"),
+                   pdfStream(form, image)])
