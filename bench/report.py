@@ -6,6 +6,8 @@ from __future__ import annotations
 from statistics import mean
 from typing import Any
 
+from bench import tails
+
 TARGET_ORDER = ("service", "litellm", "direct")
 MODES = (("nonstream", "Non-streaming"), ("stream", "Streaming, 32 chunks"))
 MIB = 1024 * 1024
@@ -241,6 +243,7 @@ def goalRows(results: dict[str, Any]) -> list[list[str]]:
     firstByte = difference(_val(ours, "ttfbP50Ms"), _val(direct, "ttfbP50Ms"))
     rows.append(_goal(f"first byte at concurrency {low} (p50; the service's role frame vs the upstream's first "
                       "content, for information)", firstByte, "reported", None, " ms"))
+    rows.extend(tails.tailGoalRows(results, MODES))
     rows.extend(_pacingGoal(results))
     rows.extend(_memoryGoals(results))
     return rows
@@ -345,6 +348,8 @@ def renderReport(results: dict[str, Any]) -> str:
     for mode, modeLabel in MODES:
         lines += [f"## {modeLabel} `/v1/chat/completions` (wrk, {meta['wrkSeconds']:g} s per run)", ""]
         lines += throughputTable(results, mode) + [""]
+    lines += tails.tailsSection(results, [(t, targetLabel(results, t)) for t in activeTargets(results)], MODES)
+    lines += tails.lagSection(results)
     lines += ["## Ratios (service against the limit and the anchor; means over rounds)", ""]
     lines += ratioTable(results) + [""]
     lines += [f"## Streaming latency: time to first byte and total ({meta['probeSeconds']:g} s per run, "

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import orjson
 
-from bench import litellmProxy, report
+from bench import litellmProxy, report, tails
 from bench.procs import BenchProcess, coreBusySeconds, freePort
 from bench.streamProbe import (
     Endpoint,
@@ -261,6 +261,7 @@ class BenchRun:
     def wrkOnce(self, target: Target, stream: bool, concurrency: int, seconds: float) -> dict[str, Any] | None:
         """One wrk run; adds the server's CPU time per request (robust against other load on the machine)."""
         process, core = target.process, self.options.serviceCore
+        metricsBefore = scrapeMetrics(target)
         with self.underTest(target):
             cpuBefore, busyBefore = (process.cpuSeconds() if process else 0.0), coreBusySeconds(core)
             try:
@@ -272,6 +273,7 @@ class BenchRun:
             cpuUsed = (process.cpuSeconds() if process else 0.0) - cpuBefore
             busy = coreBusySeconds(core) - busyBefore
         result.update(serverCpu(cpuUsed, busy, result["requests"], result["seconds"]))
+        result.update(loopLagBetween(metricsBefore, scrapeMetrics(target)))
         return result
 
     def warmUp(self) -> None:
@@ -408,6 +410,28 @@ class BenchRun:
         return self.results
 
 
+def scrapeMetrics(target: Target) -> str | None:
+    """The service's /metrics text (its loop lag and GC pauses), None for other targets or on failure."""
+    if target.name != "service":
+        return None
+    try:
+        response = httpx.get(f"http://127.0.0.1:{target.port}/metrics", timeout=10, trust_env=False,
+                             headers={"Authorization": f"Bearer {target.bearer}"})
+    except httpx.HTTPError:
+        return None
+    return response.text if response.status_code == 200 else None
+
+
+def loopLagBetween(before: str | None, after: str | None) -> dict[str, Any]:
+    """The loop-lag histogram and the GC seconds per generation recorded between two scrapes."""
+    if not before or not after:
+        return {}
+    lag = tails.diffHistogram(tails.parseHistogram(before, tails.LAG_METRIC),
+                              tails.parseHistogram(after, tails.LAG_METRIC))
+    gcBefore, gcAfter = tails.gcSecondsByGeneration(before), tails.gcSecondsByGeneration(after)
+    return {"loopLag": lag, "gcSeconds": {gen: gcAfter[gen] - gcBefore.get(gen, 0.0) for gen in gcAfter}}
+
+
 class _Pinned:
     """Moves the upstream to the server core while it is the target under test, and back afterwards."""
 
@@ -434,7 +458,8 @@ def serverCpu(cpuUsed: float, coreBusy: float, requests: int, seconds: float) ->
 def _short(result: dict[str, Any] | None) -> str:
     if result is None:
         return "failed"
-    return (f"{result['rps']:8.0f} req/s  p50 {result['p50Ms']:7.2f}  p99 {result['p99Ms']:7.2f} ms  "
+    return (f"{result['rps']:8.0f} req/s  p50 {result['p50Ms']:7.2f}  p99 {result['p99Ms']:7.2f}  "
+            f"max {result['maxMs']:7.1f} ms{'  ' + tails.STALL_MARK if tails.isStall(result) else ''}  "
             f"CPU {result['cpuMsPerRequest']:.3f} ms/req ({result['cpuShare']:.0%} of the core, others "
             f"{result['otherLoad']:.0%})"
             f"{'  errors ' + str(result['errors']) if result['errors'] else ''}")
