@@ -30,6 +30,7 @@ from observe.accessLog import configureLogging, logAccess
 from observe.loopLag import LoopLagMonitor
 from observe.metrics import installMetrics
 from speech import whisperProxy
+from upstream.admission import Admission, policyFromSettings
 from upstream.modelRegistry import ModelRegistry
 from upstream.ollamaClient import OllamaClient, createHttpClient
 from upstream.warmup import ModelWarmup
@@ -48,12 +49,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                             settings.ollama.max_connections,
                             settings.ollama.base_url if settings.ollama.fast_transport else None)
     app.state.http = http
-    app.state.ollama = OllamaClient(http, settings.ollama.base_url)
+    app.state.ollama = OllamaClient(http, settings.ollama.base_url, app.state.admission)
     app.state.registry = registry = ModelRegistry(settings, app.state.ollama, http)
     app.state.warmup = warmup = ModelWarmup(settings, app.state.ollama)
     registry.listeners.append(warmup.onRefresh)
     app.state.renderPool = renderPool = RenderPool(settings.documents.render_workers,
-                                                   settings.documents.render_timeout_seconds)
+                                                   settings.documents.render_timeout_seconds, settings.queueWeights)
     if settings.documents.prestart_workers:
         renderPool.startWarmUp()
     await registry.refresh()
@@ -80,6 +81,7 @@ def createApp(settings: Settings) -> FastAPI:
     app = FastAPI(title="PowerOn private LLM service", version="1.0.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None, **fastApiTelemetryOff())
     app.state.settings = settings
+    app.state.admission = Admission(policyFromSettings(settings))
     openApi.installOpenApi(app)
     observers: list[RequestObserver] = []
     app.state.requestObservers = observers

@@ -20,7 +20,14 @@ from typing import Any, Literal
 from pydantic import PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from settings.parsing import ConfigError, PerKeyLimits, isLocalUrl, parseNamedKeys, parsePerKeyLimits
+from settings.parsing import (
+    ConfigError,
+    PerKeyLimits,
+    isLocalUrl,
+    parseNamedKeys,
+    parsePerKeyLimits,
+    parsePositiveNumbers,
+)
 from settings.parsing import isCloudModelName as isCloudModelName
 from settings.sections import (
     AuthSettings,
@@ -146,6 +153,11 @@ def buildModelMapping(overrides: dict[str, str]) -> dict[str, ModelSpec]:
     return mapping
 
 
+def _slotsByOllamaName(mapping: dict[str, ModelSpec], slots: dict[str, float]) -> dict[str, int]:
+    """Per-model slot overrides keyed by the Ollama model name; an external name stands for its Ollama model."""
+    return {(mapping[name].ollamaName if name in mapping else name): int(count) for name, count in slots.items()}
+
+
 class Settings(BaseSettings):
     """All settings of the service; one section per concern."""
 
@@ -177,6 +189,8 @@ class Settings(BaseSettings):
     _apiKeys: dict[str, str] = PrivateAttr(default_factory=dict)
     _openAiKeys: dict[str, str] = PrivateAttr(default_factory=dict)
     _perKeyLimits: dict[str, PerKeyLimits] = PrivateAttr(default_factory=dict)
+    _queueWeights: dict[str, float] = PrivateAttr(default_factory=dict)
+    _slotsPerModel: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -193,6 +207,10 @@ class Settings(BaseSettings):
         self._apiKeys = parseNamedKeys(self.auth.api_keys, "[auth] api_keys")
         self._openAiKeys = parseNamedKeys(self.auth.openai_keys, "[auth] openai_keys")
         self._perKeyLimits = parsePerKeyLimits(self.ratelimit.per_key, set(self._apiKeys) | set(self._openAiKeys))
+        self._queueWeights = parsePositiveNumbers(self.ratelimit.queue_weights, "[ratelimit] queue_weights",
+                                                  set(self._apiKeys) | set(self._openAiKeys), integer=False)
+        self._slotsPerModel = _slotsByOllamaName(self._modelMapping, parsePositiveNumbers(
+            self.ollama.num_parallel_per_model, "[ollama] num_parallel_per_model", None, integer=True))
         return self
 
     @property
@@ -211,6 +229,16 @@ class Settings(BaseSettings):
     def perKeyLimits(self) -> dict[str, PerKeyLimits]:
         """Per-key rate-limit overrides: name -> (requests per minute, burst, concurrent); None = class default."""
         return self._perKeyLimits
+
+    @property
+    def queueWeights(self) -> dict[str, float]:
+        """[ratelimit] queue_weights: key name -> weight in the fair queues (keys not named weigh 1)."""
+        return self._queueWeights
+
+    @property
+    def slotsPerModel(self) -> dict[str, int]:
+        """[ollama] num_parallel_per_model by Ollama model name (external names resolved through the mapping)."""
+        return self._slotsPerModel
 
     @property
     def corsOrigins(self) -> list[str]:

@@ -257,7 +257,7 @@ async def _render(request: Request, settings: Settings, resolved: ResolvedModel,
                     resolved.spec.maxImagePixels or settings.documents.default_pixel_budget,
                     settings.limits.max_image_pixels, fields.password)
     startedAt = time.perf_counter()
-    document = await request.app.state.renderPool.render(job)
+    document = await request.app.state.renderPool.render(job, _metaOf(request).keyName)
     return document, time.perf_counter() - startedAt
 
 

@@ -152,7 +152,7 @@ async def preview(request: Request, settings: SettingsDep, registry: RegistryDep
                     settings.limits.max_image_pixels, fields.password)
     spec = _visionSpec(settings, registry, fields.model or DEFAULT_PREVIEW_MODEL)
     try:  # a client gone while its thumbnails render stops the render (the worker is replaced)
-        document = await untilDisconnect(request, request.app.state.renderPool.render(job))
+        document = await untilDisconnect(request, request.app.state.renderPool.render(job, getMeta(request).keyName))
     except ClientDisconnected:
         getMeta(request).errorCode = "client_disconnected"
         return Response(status_code=CLIENT_CLOSED_STATUS)

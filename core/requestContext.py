@@ -35,6 +35,8 @@ class RequestMeta:
     status: int | None = None
     upstreamSeconds: float | None = None
     ttftSeconds: float | None = None
+    queueSeconds: float | None = None
+    """Time spent waiting for Ollama slots (admission control), summed over the request's model calls."""
     promptTokens: int | None = None
     completionTokens: int | None = None
     errorCode: str | None = None

@@ -14,10 +14,14 @@ from concurrent.futures.process import BrokenProcessPool
 from core.errors import ServiceError
 from documents import documentRender
 from documents.documentRender import RenderedDocument, RenderFailure, RenderJob
+from upstream.fairQueue import FairLimiter, QueueFull, QueueTimeout
 
 logger = logging.getLogger("poweron.render")
 SHUTDOWN_GRACE_SECONDS = 5.0
 RETRY_AFTER_BUSY_SECONDS = 5
+MAX_QUEUED_RENDERS = 256
+"""Renders waiting for a worker before new ones get 503 at once."""
+ANONYMOUS_KEY = "anonymous"
 MAX_RENDER_ATTEMPTS = 4
 """Renders of one request: the first, one retry after a crash, and redos after pools stopped for other requests."""
 
@@ -49,7 +53,7 @@ def _killWorkers(executor: ProcessPoolExecutor) -> None:
 class RenderPool:
     """A process pool for ``documentRender.renderInWorker`` with a time limit and recovery from crashed workers."""
 
-    def __init__(self, workers: int, timeoutSeconds: float) -> None:
+    def __init__(self, workers: int, timeoutSeconds: float, weights: dict[str, float] | None = None) -> None:
         self.workers = workers
         self.timeoutSeconds = timeoutSeconds
         self.executor = _newExecutor(workers)
@@ -59,19 +63,28 @@ class RenderPool:
         self.stoppedOnPurpose: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()
         """Pools killed by the service itself (time limit, abandoned render): their other renders are redone."""
         self.warmUpTask: asyncio.Task | None = None
-        self.slots = asyncio.Semaphore(workers)
-        """One render per worker at a time, so the time limit counts rendering only, never waiting in line."""
-        self.queueWaitSeconds = timeoutSeconds
-        """Longest wait for a free worker before the request gets 503 (with Retry-After)."""
+        self.slots = FairLimiter(workers, MAX_QUEUED_RENDERS, timeoutSeconds, weights)
+        """One render per worker at a time, so the time limit counts rendering only, never waiting in line; the
+        renders waiting are served fairly across key names (weighted by [ratelimit] queue_weights), so one key's
+        slow PDFs delay its own later documents, not every other key's."""
 
-    async def render(self, job: RenderJob) -> RenderedDocument:
+    @property
+    def queueWaitSeconds(self) -> float:
+        """Longest wait for a free worker before the request gets 503 (with Retry-After)."""
+        return self.slots.maxWaitSeconds
+
+    @queueWaitSeconds.setter
+    def queueWaitSeconds(self, seconds: float) -> None:
+        self.slots.maxWaitSeconds = seconds
+
+    async def render(self, job: RenderJob, keyName: str | None = None) -> RenderedDocument:
         """Render in a worker (its DocumentError, a 4xx ServiceError, is raised here). A crashed pool is replaced
         and the render retried once (the crash may have been another request's); a pool stopped on purpose (another
         request's render timed out or was abandoned) does not count as a crash."""
         crashes = 0
         for _ in range(MAX_RENDER_ATTEMPTS):
             try:
-                return await self._renderOnce(job)
+                return await self._renderOnce(job, keyName or ANONYMOUS_KEY)
             except WorkersStopped:
                 logger.info("render workers were restarted for another request; rendering again")
             except BrokenProcessPool:
@@ -82,17 +95,17 @@ class RenderPool:
         raise ServiceError(422, "The document crashed the renderer; it is damaged or too complex",
                            code="render_failed")
 
-    async def _renderOnce(self, job: RenderJob) -> RenderedDocument:
+    async def _renderOnce(self, job: RenderJob, keyName: str) -> RenderedDocument:
         try:
-            async with asyncio.timeout(self.queueWaitSeconds):
-                await self.slots.acquire()
-        except TimeoutError:
+            ticket = self.slots.enqueue(keyName)
+            await ticket.wait()
+        except (QueueFull, QueueTimeout):
             raise ServiceError(503, f"All render workers stayed busy for {self.queueWaitSeconds:g} s; retry shortly",
                                code="render_busy", headers={"Retry-After": str(RETRY_AFTER_BUSY_SECONDS)}) from None
         try:
             return await self._renderInWorker(job)
         finally:
-            self.slots.release()
+            ticket.release()
 
     async def _renderInWorker(self, job: RenderJob) -> RenderedDocument:
         result = await self._runInWorker(job)

@@ -31,6 +31,7 @@ def accessRecord(meta: RequestMeta) -> dict:
         "path": meta.path[:MAX_PATH_CHARS], "key": meta.keyName, "keyClass": meta.keyClass,
         "model": meta.externalModel, "status": meta.status, "durationMs": _milliseconds(meta.durationSeconds),
         "upstreamMs": _milliseconds(meta.upstreamSeconds), "ttftMs": _milliseconds(meta.ttftSeconds),
+        "queueMs": _milliseconds(meta.queueSeconds),
         "promptTokens": meta.promptTokens, "completionTokens": meta.completionTokens, "streamed": meta.streamed,
         "rateLimited": meta.rateLimited, "error": meta.errorCode,
     }

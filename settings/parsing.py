@@ -55,6 +55,25 @@ def parsePerKeyLimits(raw: str, knownNames: set[str]) -> dict[str, PerKeyLimits]
     return limits
 
 
+def parsePositiveNumbers(raw: str, setting: str, knownNames: set[str] | None, integer: bool) -> dict[str, float]:
+    """Parse ``name=<number>, ...`` (``[ratelimit] queue_weights``, ``[ollama] num_parallel_per_model``); names must
+    be in ``knownNames`` when it is given; numbers positive (whole with ``integer``)."""
+    numbers: dict[str, float] = {}
+    for name, value in parseNamedKeys(raw, setting).items():
+        if knownNames is not None and name not in knownNames:
+            raise ConfigError(f"{setting}: '{name}' is not a key name from [auth] api_keys or openai_keys")
+        try:
+            number = int(value) if integer else float(value)
+        except ValueError:
+            number = 0
+        if not number > 0:
+            kind = "a whole number" if integer else "a number"
+            raise ConfigError(f"{setting}: '{name}={value}' must be {kind} above 0, e.g. {name}=" +
+                              ("2" if integer else "4"))
+        numbers[name] = number
+    return numbers
+
+
 LOCAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128", "fc00::/7"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import configparser
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
@@ -48,6 +48,20 @@ class OllamaSettings(Section):
     """Size of the connection pool to Ollama."""
     fast_transport: bool = True
     """Talk to a plain-http Ollama through the service's lean HTTP/1.1 transport (false: httpx's standard pool)."""
+    num_parallel: int = Field(2, ge=1)
+    """Requests Ollama runs at once per loaded model (its OLLAMA_NUM_PARALLEL); the service sends no more per model
+    and queues the rest fairly across keys. Embedding models get 1 (Ollama loads them with one slot)."""
+    num_parallel_per_model: str = ""
+    """Per-model slots: name=<slots>, comma-separated; name is an external model name or an Ollama model name."""
+    max_queue: int = Field(64, ge=0)
+    """Requests per model waiting for a slot in the service before new ones get 503 with Retry-After."""
+    max_queue_wait_seconds: float = Field(120.0, gt=0)
+    """Longest wait for a slot; then 503 with Retry-After (a stream already showing its queue place gets an error
+    event)."""
+    queue_order: Literal["fair", "fifo"] = "fair"
+    """fair: weighted fair queuing by key name ([ratelimit] queue_weights); fifo: first come, first served."""
+    queue_notice_seconds: float = Field(3.0, gt=0)
+    """How often a waiting stream gets an SSE comment ': queued, position N' (keeps proxies and clients patient)."""
 
     @field_validator("keep_alive")
     @classmethod
@@ -81,6 +95,9 @@ class RateLimitSettings(Section):
     """Requests one key may have in flight at once (streams included)."""
     per_key: str = ""
     """Per-key overrides: name=<requests per minute>/<burst>/<concurrent>, comma-separated."""
+    queue_weights: str = ""
+    """Share of the Ollama slots and render workers per key while keys wait: name=<weight>, comma-separated
+    (e.g. cursor=4, gateway=1); keys not named weigh 1."""
 
 
 class LimitsSettings(Section):

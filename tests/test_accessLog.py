@@ -21,7 +21,8 @@ from tests.conftest import API_KEY, OPENAI_KEY, waitForHttp
 from tests.ollamaStub import StubServer
 
 ACCESS_FIELDS = {"ts", "requestId", "method", "route", "path", "key", "keyClass", "model", "status", "durationMs",
-                 "upstreamMs", "ttftMs", "promptTokens", "completionTokens", "streamed", "rateLimited", "error"}
+                 "upstreamMs", "ttftMs", "queueMs", "promptTokens", "completionTokens", "streamed", "rateLimited",
+                 "error"}
 
 
 def test_accessRecordHoldsMetadataOnly() -> None:

@@ -378,3 +378,24 @@ async def test_waitingTooLongForAWorkerIs503() -> None:
         assert results[1].headers["Retry-After"]
     finally:
         await pool.close()
+
+
+async def test_renderWorkersAreSharedFairlyAcrossKeys() -> None:
+    """Key B queues three documents before key A sends one: A's goes second, not after all of B's (FIFO would)."""
+    pool = RenderPool(1, 60)
+    finished: list[str] = []
+
+    async def renderAs(keyName: str, label: str) -> None:
+        await pool.render(job(makePdf(1)), keyName)
+        finished.append(label)
+
+    try:
+        await pool.warmUp()
+        tasks = [asyncio.create_task(renderAs("B", f"B{n}")) for n in range(1, 4)]
+        tasks.append(asyncio.create_task(renderAs("A", "A1")))
+        await asyncio.sleep(0)  # every render has taken its place in the queue
+        assert pool.slots.waitingByKey() == {"B": 2, "A": 1}
+        await asyncio.gather(*tasks)
+        assert finished == ["B1", "A1", "B2", "B3"]
+    finally:
+        await pool.close()

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from config import Settings
+from core.requestContext import getMeta
 from upstream.modelRegistry import ModelRegistry
 from upstream.ollamaClient import OllamaClient
 
@@ -19,7 +20,8 @@ async def getSettings(request: Request) -> Settings:
 
 
 async def getOllama(request: Request) -> OllamaClient:
-    return request.app.state.ollama
+    """The shared client, as a view for this request: its model calls pass admission control under its key name."""
+    return request.app.state.ollama.forRequest(getMeta(request))
 
 
 async def getRegistry(request: Request) -> ModelRegistry:

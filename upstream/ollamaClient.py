@@ -3,6 +3,7 @@ to the service's errors (503 unreachable/busy, 404 model, 504 timeout, 502 anyth
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,10 +12,17 @@ import httpx
 import orjson
 
 from core.errors import ServiceError
+from core.requestContext import RequestMeta
+from upstream.admission import DEFAULT_UPSTREAM, Admission, Kind
+from upstream.fairQueue import Ticket
 from upstream.transport import UpstreamTransport, mountPattern
 
 BUSY_RETRY_AFTER_SECONDS = 2
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
+EMBED_PATHS = frozenset({"/api/embed", "/api/embeddings"})
+ADMITTED_PATHS = frozenset({"/api/chat", "/api/generate"}) | EMBED_PATHS
+"""Calls that occupy one of Ollama's slots of the model named in the payload, so they pass admission control."""
+ANONYMOUS_KEY = "anonymous"
 
 
 class UpstreamError(ServiceError):
@@ -107,10 +115,12 @@ TRUNCATED_STREAM_MESSAGE = "Ollama's stream ended before it was complete (no fin
 class OllamaStream:
     """An open NDJSON response from Ollama; iterate ``chunks()``, always ``aclose()``."""
 
-    def __init__(self, response: httpx.Response, startedAt: float) -> None:
+    def __init__(self, response: httpx.Response, startedAt: float, ticket: Ticket | None = None) -> None:
         self.response = response
         self.startedAt = startedAt
         self.upstreamSeconds: float | None = None
+        self.ticket = ticket
+        """The admission slot this stream holds; given back at the done line or when the stream is closed."""
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """Parsed lines; raises UpstreamError on an error line or a stream without ``done:true``."""
@@ -134,20 +144,70 @@ class OllamaStream:
             raise UpstreamError(502, "Ollama sent a line that is not JSON", code="upstream_error") from None
         finally:
             self.upstreamSeconds = time.perf_counter() - self.startedAt
+            self.releaseSlot()
         raise UpstreamError(502, TRUNCATED_STREAM_MESSAGE, code="upstream_stream_error")
 
+    def releaseSlot(self) -> None:
+        if self.ticket is not None:
+            self.ticket.release()
+
     async def aclose(self) -> None:
+        self.releaseSlot()
         await self.response.aclose()
 
 
 class OllamaClient:
     """Calls to Ollama's native API. Builds fresh requests (the caller's Host header is never forwarded)."""
 
-    def __init__(self, http: httpx.AsyncClient, baseUrl: str) -> None:
+    def __init__(self, http: httpx.AsyncClient, baseUrl: str, admission: Admission | None = None,
+                 upstreamName: str = DEFAULT_UPSTREAM) -> None:
         self.http = http
         self.baseUrl = baseUrl.rstrip("/")
         self.urls: dict[str, httpx.URL] = {}
         """Parsed URL per path (httpx re-parses a URL string on every request)."""
+        self.admission = admission
+        """Admission control: model calls made for a request (``meta`` given) wait here for one of the model's slots."""
+        self.upstreamName = upstreamName
+        self.meta: RequestMeta | None = None
+        """The request this view of the client calls for (``forRequest``); None for the service's own calls."""
+
+    def forRequest(self, meta: RequestMeta | None) -> OllamaClient:
+        """A view of this client (same connections, same admission) whose model calls are made for one request:
+        they wait for their admission slot under the request's key name and record the wait on ``meta``."""
+        view = copy.copy(self)
+        view.meta = meta
+        return view
+
+    def enqueue(self, path: str, payload: dict[str, Any], meta: RequestMeta | None) -> Ticket | None:
+        """The admission ticket of one model call (admitted or queued; 503 when the queue is full); None when the
+        call needs none (no request behind it, e.g. warm-up and discovery, or no admission configured)."""
+        meta = meta or self.meta
+        if meta is None or self.admission is None or path not in ADMITTED_PATHS:
+            return None
+        kind: Kind = "embed" if path in EMBED_PATHS else "generate"
+        return self.admission.enqueue(self.upstreamName, str(payload.get("model", "")),
+                                      meta.keyName or ANONYMOUS_KEY, kind)
+
+    async def waitAdmitted(self, ticket: Ticket | None, meta: RequestMeta | None) -> None:
+        """Until the ticket holds its slot (503 queue_timeout after the longest wait); the wait goes on ``meta``."""
+        meta = meta or self.meta
+        if ticket is None or self.admission is None:
+            return
+        try:
+            await self.admission.wait(ticket)
+        finally:
+            if meta is not None:
+                meta.queueSeconds = (meta.queueSeconds or 0.0) + ticket.queueSeconds
+
+    async def admit(self, path: str, payload: dict[str, Any], meta: RequestMeta | None) -> Ticket | None:
+        ticket = self.enqueue(path, payload, meta)
+        try:
+            await self.waitAdmitted(ticket, meta)
+        except BaseException:
+            if ticket is not None:
+                ticket.release()
+            raise
+        return ticket
 
     def url(self, path: str) -> httpx.URL:
         parsed = self.urls.get(path)
@@ -159,8 +219,14 @@ class OllamaClient:
         return await self._requestJson("GET", path, None, None, timeout)
 
     async def postJson(self, path: str, payload: dict[str, Any], externalName: str | None = None,
-                       timeout: float | None = None) -> Any:
-        return await self._requestJson("POST", path, payload, externalName, timeout)
+                       timeout: float | None = None, meta: RequestMeta | None = None) -> Any:
+        """POST and parse; a model call made for a request (``meta``) holds an admission slot while it runs."""
+        ticket = await self.admit(path, payload, meta)
+        try:
+            return await self._requestJson("POST", path, payload, externalName, timeout)
+        finally:
+            if ticket is not None:
+                ticket.release()
 
     async def _requestJson(self, method: str, path: str, payload: dict[str, Any] | None,
                            externalName: str | None, timeout: float | None) -> Any:
@@ -179,15 +245,28 @@ class OllamaClient:
         except orjson.JSONDecodeError:
             raise UpstreamError(502, "Ollama sent an answer that is not JSON", code="upstream_error") from None
 
-    async def chat(self, payload: dict[str, Any], externalName: str) -> dict[str, Any]:
+    async def chat(self, payload: dict[str, Any], externalName: str, meta: RequestMeta | None = None) -> dict[str, Any]:
         """Non-streaming /api/chat; returns Ollama's single answer object."""
-        answer = await self.postJson("/api/chat", {**payload, "stream": False}, externalName)
+        answer = await self.postJson("/api/chat", {**payload, "stream": False}, externalName, meta=meta)
         if "error" in answer:
             raise midStreamError(str(answer["error"]))
         return answer
 
-    async def openStream(self, path: str, payload: dict[str, Any], externalName: str) -> OllamaStream:
-        """Start a streaming call; an upstream error status is raised here, before any byte goes to the client."""
+    async def openStream(self, path: str, payload: dict[str, Any], externalName: str, meta: RequestMeta | None = None,
+                         ticket: Ticket | None = None) -> OllamaStream:
+        """Start a streaming call; an upstream error status is raised here, before any byte goes to the client.
+        The call first waits for its admission slot (or uses ``ticket``, admitted already); the stream holds it."""
+        if ticket is None:
+            ticket = await self.admit(path, payload, meta)
+        try:
+            return await self._openStream(path, payload, externalName, ticket)
+        except BaseException:
+            if ticket is not None:
+                ticket.release()
+            raise
+
+    async def _openStream(self, path: str, payload: dict[str, Any], externalName: str,
+                          ticket: Ticket | None) -> OllamaStream:
         startedAt = time.perf_counter()
         request = self.http.build_request("POST", self.url(path), content=orjson.dumps({**payload, "stream": True}),
                                           headers={"Content-Type": "application/json"})
@@ -199,16 +278,16 @@ class OllamaClient:
             body = await response.aread()
             await response.aclose()
             raise mapStatusError(response.status_code, body, externalName)
-        return OllamaStream(response, startedAt)
+        return OllamaStream(response, startedAt, ticket)
 
-    async def embed(self, ollamaName: str, inputs: list[str], externalName: str,
-                    dimensions: int | None = None, keepAlive: str | None = None) -> dict[str, Any]:
+    async def embed(self, ollamaName: str, inputs: list[str], externalName: str, dimensions: int | None = None,
+                    keepAlive: str | None = None, meta: RequestMeta | None = None) -> dict[str, Any]:
         payload: dict[str, Any] = {"model": ollamaName, "input": inputs}
         if dimensions:
             payload["dimensions"] = dimensions
         if keepAlive:
             payload["keep_alive"] = keepAlive
-        return await self.postJson("/api/embed", payload, externalName)
+        return await self.postJson("/api/embed", payload, externalName, meta=meta)
 
     async def version(self, timeout: float | None = None) -> str:
         answer = _expectObject(await self.getJson("/api/version", timeout), "/api/version")

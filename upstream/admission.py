@@ -1,0 +1,183 @@
+"""Admission control in front of Ollama: per (upstream, model) at most as many requests in flight as Ollama has
+slots for that model, the rest waiting here in a bounded queue served fairly across key names.
+
+Why: Ollama runs ``OLLAMA_NUM_PARALLEL`` requests per loaded model (embedding models always 1: server/sched.go
+forces ``numParallel = 1`` for models without the completion capability) and lets every further request for a
+loaded model wait without limit, sending no byte. Here the wait is bounded, visible and fair.
+
+Interface (one ``Admission`` per app, on ``app.state.admission``; ``upstream`` is ``"default"`` for the one
+``[ollama] base_url``, a router over several upstreams calls it per upstream)::
+
+    async with admission.slot(upstream, model, keyName, kind) as ticket:   # kind: "generate" | "embed"
+        ...call Ollama...                      # ticket.queueSeconds: time spent waiting
+
+    ticket = admission.enqueue(upstream, model, keyName, kind)   # no waiting: admitted or queued
+    while not ticket.admitted: ...ticket.position()...           # e.g. tell a stream's client its place
+    await admission.wait(ticket); ...; ticket.release()
+
+``enqueue``/``slot`` raise ``AdmissionRefused`` (a 503 ServiceError with ``Retry-After``, code ``queue_full``);
+``wait`` raises it with code ``queue_timeout`` after ``[ollama] max_queue_wait_seconds``. ``Retry-After`` is the
+estimated time until the queue ahead is served: waiters ahead / slots x the measured service time of that model
+(exponential moving average of the time a slot was held; a default until the first request finished).
+
+Order: start-time fair queuing by key name with ``[ratelimit] queue_weights`` (upstream/fairQueue.py); a key's
+own requests keep their order. ``[ollama] queue_order = fifo`` turns fairness off (for comparison).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from config import Settings
+from core.errors import ServiceError
+from upstream.fairQueue import FairLimiter, QueueFull, QueueTimeout, Ticket
+
+DEFAULT_UPSTREAM = "default"
+DEFAULT_SERVICE_SECONDS = 5.0
+"""Service-time estimate of a model before any of its requests finished."""
+SERVICE_TIME_SMOOTHING = 0.2
+MAX_RETRY_AFTER_SECONDS = 3600
+Kind = Literal["generate", "embed"]
+AdmissionListener = Callable[[str, str, str, float], None]
+"""(upstream, model, keyName, seconds waited): called when a request is admitted."""
+RefusalListener = Callable[[str, str, str, str], None]
+"""(upstream, model, keyName, reason code): called when a request is refused (queue_full, queue_timeout)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionPolicy:
+    """Slots and queue limits; ``slotsPerModel`` overrides ``numParallel`` by Ollama model name."""
+
+    numParallel: int = 2
+    maxQueue: int = 64
+    maxQueueWaitSeconds: float = 120.0
+    slotsPerModel: Mapping[str, int] = field(default_factory=dict)
+    weights: Mapping[str, float] = field(default_factory=dict)
+    fair: bool = True
+
+    def slotsFor(self, model: str, kind: Kind) -> int:
+        if model in self.slotsPerModel:
+            return self.slotsPerModel[model]
+        return 1 if kind == "embed" else self.numParallel
+
+
+def policyFromSettings(settings: Settings) -> AdmissionPolicy:
+    ollama = settings.ollama
+    return AdmissionPolicy(numParallel=ollama.num_parallel, maxQueue=ollama.max_queue,
+                           maxQueueWaitSeconds=ollama.max_queue_wait_seconds, slotsPerModel=settings.slotsPerModel,
+                           weights=settings.queueWeights, fair=ollama.queue_order == "fair")
+
+
+class AdmissionRefused(ServiceError):
+    """503 with Retry-After: the model's queue is full, or the request waited too long."""
+
+
+@dataclass(slots=True)
+class ModelQueue:
+    """The limiter of one (upstream, model) and its measured service time."""
+
+    upstream: str
+    model: str
+    kind: Kind
+    limiter: FairLimiter
+    serviceSeconds: float = DEFAULT_SERVICE_SECONDS
+    measured: int = 0
+
+    def record(self, ticket: Ticket, heldSeconds: float) -> None:
+        if self.measured == 0:
+            self.serviceSeconds = heldSeconds
+        else:
+            self.serviceSeconds += SERVICE_TIME_SMOOTHING * (heldSeconds - self.serviceSeconds)
+        self.measured += 1
+
+    def estimateSeconds(self, ahead: int) -> float:
+        """Expected wait behind ``ahead`` waiters: they leave ``slots`` at a time, one service time each."""
+        return (ahead + 1) / self.limiter.limit * self.serviceSeconds
+
+    def retryAfter(self, ahead: int) -> int:
+        return min(MAX_RETRY_AFTER_SECONDS, max(1, math.ceil(self.estimateSeconds(ahead))))
+
+
+class Admission:
+    """The queues of every (upstream, model), created on first use from the policy."""
+
+    def __init__(self, policy: AdmissionPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.queues: dict[tuple[str, str], ModelQueue] = {}
+        self.admissionListeners: list[AdmissionListener] = []
+        self.refusalListeners: list[RefusalListener] = []
+
+    def queueFor(self, upstream: str, model: str, kind: Kind = "generate") -> ModelQueue:
+        queue = self.queues.get((upstream, model))
+        if queue is None:
+            policy = self.policy
+            limiter = FairLimiter(policy.slotsFor(model, kind), policy.maxQueue, policy.maxQueueWaitSeconds,
+                                  policy.weights, policy.fair, self.clock)
+            queue = self.queues[(upstream, model)] = ModelQueue(upstream, model, kind, limiter)
+            limiter.onRelease = queue.record
+        return queue
+
+    def enqueue(self, upstream: str, model: str, keyName: str, kind: Kind = "generate") -> Ticket:
+        """Admitted at once or queued; AdmissionRefused (queue_full) when the queue has no room."""
+        queue = self.queueFor(upstream, model, kind)
+        try:
+            ticket = queue.limiter.enqueue(keyName)
+        except QueueFull as full:
+            self._refused(queue, keyName, "queue_full")
+            raise AdmissionRefused(
+                503, f"The model `{model}` is busy: all {queue.limiter.limit} slots are in use and {full.ahead} "
+                f"requests are waiting (the most this service queues); retry after the Retry-After seconds",
+                code="queue_full", headers={"Retry-After": str(queue.retryAfter(full.ahead))}) from None
+        ticket.extra["queue"] = queue
+        if ticket.admitted:
+            self._admitted(queue, ticket)
+        return ticket
+
+    async def wait(self, ticket: Ticket) -> None:
+        """Until the ticket holds a slot; AdmissionRefused (queue_timeout) after the longest wait."""
+        queue: ModelQueue = ticket.extra["queue"]
+        if ticket.admitted:
+            return
+        try:
+            await ticket.wait()
+        except QueueTimeout as timeout:
+            self._refused(queue, ticket.keyName, "queue_timeout")
+            raise AdmissionRefused(
+                503, f"The model `{queue.model}` stayed busy: this request waited "
+                f"{queue.limiter.maxWaitSeconds:g} s in the queue (position {timeout.position}); retry after the "
+                "Retry-After seconds", code="queue_timeout",
+                headers={"Retry-After": str(queue.retryAfter(timeout.position - 1))}) from None
+        self._admitted(queue, ticket)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, upstream: str, model: str, keyName: str,
+                   kind: Kind = "generate") -> AsyncIterator[Ticket]:
+        """Hold one slot of (upstream, model) for the block (waiting for it first)."""
+        ticket = self.enqueue(upstream, model, keyName, kind)
+        try:
+            await self.wait(ticket)
+            yield ticket
+        finally:
+            ticket.release()
+
+    def _admitted(self, queue: ModelQueue, ticket: Ticket) -> None:
+        for listener in self.admissionListeners:
+            listener(queue.upstream, queue.model, ticket.keyName, ticket.queueSeconds)
+
+    def _refused(self, queue: ModelQueue, keyName: str, reason: str) -> None:
+        for listener in self.refusalListeners:
+            listener(queue.upstream, queue.model, keyName, reason)
+
+    def snapshot(self) -> list[dict]:
+        """Per (upstream, model): slots busy, slots, queued (in total and by key name), service-time estimate."""
+        return [{"upstream": queue.upstream, "model": queue.model, "kind": queue.kind,
+                 "slotsBusy": queue.limiter.busy, "slots": queue.limiter.limit,
+                 "queued": len(queue.limiter.waiting), "queuedByKey": queue.limiter.waitingByKey(),
+                 "serviceSeconds": round(queue.serviceSeconds, 3) if queue.measured else None}
+                for queue in self.queues.values()]
