@@ -49,7 +49,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                             settings.ollama.max_connections,
                             settings.ollama.base_url if settings.ollama.fast_transport else None)
     app.state.http = http
-    app.state.ollama = OllamaClient(http, settings.ollama.base_url, app.state.admission)
+    app.state.ollama = OllamaClient(http, settings.ollama.base_url, app.state.admission,
+                                    queueNoticeSeconds=settings.ollama.queue_notice_seconds)
     app.state.registry = registry = ModelRegistry(settings, app.state.ollama, http)
     app.state.warmup = warmup = ModelWarmup(settings, app.state.ollama)
     registry.listeners.append(warmup.onRefresh)

@@ -132,6 +132,8 @@ def _checkSchemaAndStream(rawSchema: Any, mode: str | None) -> Any:
 
 
 def _frame(mode: str, event: dict[str, Any]) -> bytes:
+    if event["type"] == "queued" and mode == "sse":  # a comment line: keeps proxies and clients patient
+        return b": queued, position %d\n\n" % event["position"]
     data = orjson.dumps(event)
     if mode == "sse":
         return b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n"
@@ -145,10 +147,11 @@ def _errorEvent(error: ServiceError) -> dict[str, Any]:
 
 async def _streamResponse(mode: str, events: AsyncIterator[dict[str, Any]], start: dict[str, Any],
                           finish: Callable[[], dict[str, Any]], meta: RequestMeta, usage: Usage) -> Response:
-    """Wait until Ollama accepted the first call (earlier errors stay plain HTTP errors), then stream events:
-    start, [page], delta/thinking ..., done — or error as the last event."""
+    """Wait until Ollama accepted the first call (earlier errors stay plain HTTP errors) or the call waited
+    ``[ollama] queue_notice_seconds`` for its slot, then stream events: start, [queued ...], [page],
+    delta/thinking ..., done — or error as the last event."""
     try:
-        await events.__anext__()
+        first = await events.__anext__()
     finally:
         _recordUsage(meta, usage)
     meta.streamed = True
@@ -156,7 +159,11 @@ async def _streamResponse(mode: str, events: AsyncIterator[dict[str, Any]], star
     async def body() -> AsyncIterator[bytes]:
         try:
             yield _frame(mode, start)
+            if first["type"] == "queued":  # still waiting for a model slot: the stream starts with its place
+                yield _frame(mode, first)
             async for event in events:
+                if event["type"] == "ready":  # Ollama accepted the first call after its wait in the queue
+                    continue
                 if event["type"] == "delta" and meta.ttftSeconds is None:
                     meta.ttftSeconds = time.perf_counter() - meta.startTime
                 yield _frame(mode, event)

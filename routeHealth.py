@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from observe import healthSchemas
@@ -11,8 +11,15 @@ from upstream.dependencies import RegistryDep
 router = APIRouter(tags=["health"])
 
 
+def _queues(request: Request) -> list[dict]:
+    """Per upstream and model with traffic so far: slots busy / slots / queued (no key names: /health is public)."""
+    admission = getattr(request.app.state, "admission", None)
+    return [{"upstream": entry["upstream"], "model": entry["model"], "slotsBusy": entry["slotsBusy"],
+             "slots": entry["slots"], "queued": entry["queued"]} for entry in admission.snapshot()] if admission else []
+
+
 @router.get("/health", **healthSchemas.healthDoc())
-async def health(registry: RegistryDep) -> JSONResponse:
+async def health(request: Request, registry: RegistryDep) -> JSONResponse:
     """Overall status: ok while Ollama answers, degraded (with the reason) otherwise. No secrets."""
     available = registry.availableModels()
     body = {
@@ -22,6 +29,7 @@ async def health(registry: RegistryDep) -> JSONResponse:
         "whisper": {"enabled": registry.settings.whisper.enabled, "reachable": registry.whisperReachable},
         "models": {"available": len(available), "configured": len(registry.settings.modelMapping),
                    "names": [spec.externalName for spec in available]},
+        "queues": _queues(request),
     }
     return JSONResponse(body)
 

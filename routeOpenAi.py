@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -27,6 +28,7 @@ from openaiCompat.chatResponse import DONE_FRAME, ChatStreamTranslator, chatComp
 from openaiCompat.embeddings import embeddingInputs, embeddingOptions, embeddingResponse
 from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
 from upstream.modelRegistry import ResolvedModel
+from upstream.fairQueue import Ticket
 from upstream.ollamaClient import OllamaClient, OllamaStream
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -112,11 +114,57 @@ def _recordUsage(meta: RequestMeta, done: dict[str, Any]) -> None:
 
 async def _streamChat(request: Request, ollama: OllamaClient, plan: ChatPlan, resolved: ResolvedModel,
                       meta: RequestMeta) -> Response:
-    """Open the upstream stream first (so upstream errors keep their status), then relay it as SSE."""
+    """Wait for the admission slot and open the upstream stream first (so errors keep their status), then relay
+    it as SSE. A request still queued after ``[ollama] queue_notice_seconds`` starts its stream with ``: queued,
+    position N`` comment lines (one as often) instead; then errors become error frames."""
     meta.streamed = True
-    stream = await untilDisconnect(request, ollama.openStream("/api/chat", plan.payload, resolved.externalName))
-    frames = _sseFrames(stream, ChatStreamTranslator(resolved.externalName), meta, plan.includeUsage)
-    return UpstreamSseResponse(frames, headers=SSE_HEADERS)
+    ticket = ollama.enqueue("/api/chat", plan.payload, None)
+    positions = ollama.queuedPositions(ticket, ollama.queueNoticeSeconds)
+    try:
+        first = await untilDisconnect(request, anext(positions, None))
+    except BaseException:
+        await positions.aclose()
+        raise
+    translator = ChatStreamTranslator(resolved.externalName)
+    if first is None:
+        stream = await untilDisconnect(request, ollama.openStream("/api/chat", plan.payload, resolved.externalName,
+                                                                  ticket=ticket))
+        return UpstreamSseResponse(_sseFrames(stream, translator, meta, plan.includeUsage), headers=SSE_HEADERS)
+    queued = _queuedSseFrames(ollama, plan, resolved, meta, QueuedStart(ticket, first, positions), translator)
+    return UpstreamSseResponse(queued, headers=SSE_HEADERS)
+
+
+@dataclass(slots=True)
+class QueuedStart:
+    """A stream request still waiting for its admission slot: its ticket, its first position, the later ones."""
+
+    ticket: Ticket | None
+    first: int
+    positions: AsyncIterator[int]
+
+
+def queuedComment(position: int) -> bytes:
+    return b": queued, position %d\n\n" % position
+
+
+async def _queuedSseFrames(ollama: OllamaClient, plan: ChatPlan, resolved: ResolvedModel, meta: RequestMeta,
+                           queued: QueuedStart, translator: ChatStreamTranslator) -> AsyncIterator[bytes]:
+    """Queue comments until admitted, then the stream as usual; a refusal (waited too long) is an error frame."""
+    positions = queued.positions
+    try:
+        yield queuedComment(queued.first)
+        async for position in positions:
+            yield queuedComment(position)
+        stream = await ollama.openStream("/api/chat", plan.payload, resolved.externalName, ticket=queued.ticket)
+    except ServiceError as exc:
+        meta.errorCode = exc.code or exc.errorType
+        yield errorFrame(exc)
+        yield DONE_FRAME
+        return
+    finally:
+        await positions.aclose()
+    async for frame in _sseFrames(stream, translator, meta, plan.includeUsage):
+        yield frame
 
 
 async def _sseFrames(stream: OllamaStream, translator: ChatStreamTranslator, meta: RequestMeta,

@@ -158,7 +158,8 @@ def benchPool(data: bytes, repeats: int) -> dict[str, Any]:
 def serviceIni(port: int, stubUrl: str, apiKey: str, workers: int) -> str:
     """Limits far above the load, workers started with the service, quiet logs."""
     return (f"[server]\nhost = 127.0.0.1\nport = {port}\nlog_level = warning\ngraceful_shutdown_seconds = 2\n\n"
-            f"[ollama]\nbase_url = {stubUrl}\n\n"
+            f"[ollama]\nbase_url = {stubUrl}\n"
+            f"num_parallel = 100000\nmax_queue = 100000\n\n"
             f"[auth]\napi_keys = gateway={apiKey}\nopenai_keys = bench={secrets.token_urlsafe(32)}\n\n"
             f"[ratelimit]\nper_key = gateway=10000000/100000/100000\n\n"
             f"[documents]\nrender_workers = {workers}\nprestart_workers = true\n\n"

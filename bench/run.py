@@ -142,7 +142,8 @@ def ollamaBody(stream: bool) -> bytes:
 def serviceIni(port: int, upstreamUrl: str, apiKey: str, openAiKey: str) -> str:
     """The bench config: generated keys, limits far above the load, no whisper, no warm-up, quiet logs."""
     return (f"[server]\nhost = 127.0.0.1\nport = {port}\nlog_level = warning\ngraceful_shutdown_seconds = 2\n\n"
-            f"[ollama]\nbase_url = {upstreamUrl}\n\n"
+            f"[ollama]\nbase_url = {upstreamUrl}\n"
+            f"num_parallel = 100000\nmax_queue = 100000\n\n"
             f"[auth]\napi_keys = gateway={apiKey}\nopenai_keys = bench={openAiKey}\n\n"
             f"[ratelimit]\nper_key = bench=10000000/100000/100000, gateway=10000000/100000/100000\n\n"
             f"[whisper]\nenabled = false\n\n[warmup]\nmodels =\n")

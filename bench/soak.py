@@ -396,7 +396,7 @@ def serviceIni(port: int, stubPort: int, keys: Keys, readTimeout: float) -> str:
     """The soak's config: generated keys, short read timeout, limits far above the load but for the throttled key."""
     return (f"[server]\nhost = 127.0.0.1\nport = {port}\nlog_level = warning\ngraceful_shutdown_seconds = 2\n\n"
             f"[ollama]\nbase_url = http://127.0.0.1:{stubPort}\nconnect_timeout = 1\nread_timeout = {readTimeout}\n"
-            f"discovery_ttl = 2\n\n"
+            f"discovery_ttl = 2\nnum_parallel = 100000\nmax_queue = 100000\n\n"
             f"[auth]\napi_keys = gateway={keys.api}\nopenai_keys = soak={keys.openAi}, limited={keys.limited}\n\n"
             f"[ratelimit]\nper_key = gateway=10000000/100000/10000, soak=10000000/100000/10000, "
             f"limited={LIMITED_RATE}\n\n"

@@ -240,11 +240,19 @@ def doneReasonOf(answers: list[Answer]) -> str:
 
 async def streamCalls(ollama: OllamaClient, calls: list[ModelCall], externalName: str, usage: Usage,
                       answers: list[Answer], grouped: bool) -> AsyncIterator[dict[str, Any]]:
-    """Events of a streamed answer: ``ready`` once Ollama accepted the first call (so errors before it are plain
+    """Events of a streamed answer: ``queued`` (position) while a call waits for its admission slot longer than
+    ``[ollama] queue_notice_seconds``, ``ready`` once Ollama accepted the first call (so errors before it are plain
     HTTP errors), ``page`` before each page group when pages are answered one by one, ``delta``/``thinking``
     pieces. Fills ``answers`` for the final event."""
     for index, call in enumerate(calls):
-        stream = await ollama.openStream("/api/chat", call.payload, externalName)
+        ticket = ollama.enqueue("/api/chat", call.payload, None)
+        positions = ollama.queuedPositions(ticket, ollama.queueNoticeSeconds)
+        try:
+            async for position in positions:
+                yield {"type": "queued", "position": position}
+        finally:
+            await positions.aclose()
+        stream = await ollama.openStream("/api/chat", call.payload, externalName, ticket=ticket)
         answer = Answer(call.pages)
         try:
             if index == 0:

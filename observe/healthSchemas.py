@@ -34,6 +34,16 @@ class ModelCounts(WireModel):
     names: list[str] = Field(description="External names of the models available now")
 
 
+class ModelQueue(WireModel):
+    """Admission control of one Ollama model: requests in flight, the slots, requests waiting in the service."""
+
+    upstream: str = Field(description="Upstream name (`default` for [ollama] base_url)")
+    model: str = Field(description="Ollama model name")
+    slotsBusy: int
+    slots: int
+    queued: int
+
+
 class Health(WireModel):
     """Overall status; no secrets."""
 
@@ -41,6 +51,8 @@ class Health(WireModel):
     ollama: OllamaHealth
     whisper: WhisperHealth
     models: ModelCounts
+    queues: list[ModelQueue] = Field(description="Per model that had requests since the start: slots busy / slots "
+                                     "/ queued")
 
 
 class Ready(WireModel):

@@ -22,6 +22,7 @@ from core.errors import ServiceError
 from core.requestContext import RequestMeta, RequestObserver, getMeta
 from guard.security import KEY_CLASS_API, KEY_CLASS_OPENAI, authenticate
 from observe.loopLag import GC_PAUSE_BUCKETS, LAG_BUCKETS, SAMPLE_INTERVAL_SECONDS
+from observe.queueMetrics import installQueueMetrics
 
 METRICS_PATH = "/metrics"
 NO_LABEL = "none"
@@ -174,6 +175,7 @@ async def metricsEndpoint(request: Request) -> Response:
 def installMetrics(app: FastAPI, observers: list[RequestObserver]) -> ServiceMetrics:
     """Create the app's metrics, feed them from the request observers, count in-flight requests, add /metrics."""
     metrics = ServiceMetrics(app, app.state.settings)
+    installQueueMetrics(app, metrics.registry, app.state.settings)
     app.state.metrics = metrics
     observers.append(metrics.observe)
     app.add_middleware(InFlightMiddleware, gauge=metrics.inFlight)

@@ -35,6 +35,9 @@ openai_keys = {OPENAI_KEY_NAME}={OPENAI_KEY}, {OTHER_OPENAI_KEY_NAME}={OTHER_OPE
 [ollama]
 base_url = {DEAD_OLLAMA_URL}
 discovery_ttl = 0.5
+; the stub runs every request at once unless told otherwise (maxParallel); admission tests set their own slots
+num_parallel = 1024
+max_queue = 1024
 
 [whisper]
 base_url = http://127.0.0.1:9

@@ -268,3 +268,25 @@ def test_serviceTimeIsAMovingAverage():
         clock.now += seconds
         ticket.release()
     assert admission.queueFor("default", "m").serviceSeconds == pytest.approx(12.0)
+
+
+# ------------------------------------------------------------------------------------------------ client view
+
+
+async def test_queuedPositionsTellThePlaceAndGiveItBackWhenClosed():
+    from core.requestContext import RequestMeta
+    from upstream.ollamaClient import OllamaClient
+
+    admission = Admission(AdmissionPolicy(numParallel=1))
+    client = OllamaClient(None, "http://127.0.0.1:9", admission).forRequest(  # type: ignore[arg-type]
+        RequestMeta(requestId="r", method="POST", path="/v1/chat/completions", keyName="cursor"))
+    holder = admission.enqueue("default", "m", "batch")
+    ticket = client.enqueue("/api/chat", {"model": "m"}, None)
+    positions = client.queuedPositions(ticket, 0.001)
+    assert await anext(positions) == 1
+    await positions.aclose()
+    assert not admission.queueFor("default", "m").limiter.waiting and ticket.released
+    holder.release()
+    assert admission.queueFor("default", "m").limiter.busy == 0
+    assert client.enqueue("/api/tags", {"model": "m"}, None) is None  # only model calls take a slot
+    assert OllamaClient(None, "http://x", admission).enqueue("/api/chat", {"model": "m"}, None) is None  # type: ignore[arg-type]

@@ -3,6 +3,7 @@ to the service's errors (503 unreachable/busy, 404 model, 504 timeout, 502 anyth
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import time
 from collections.abc import AsyncIterator
@@ -160,7 +161,7 @@ class OllamaClient:
     """Calls to Ollama's native API. Builds fresh requests (the caller's Host header is never forwarded)."""
 
     def __init__(self, http: httpx.AsyncClient, baseUrl: str, admission: Admission | None = None,
-                 upstreamName: str = DEFAULT_UPSTREAM) -> None:
+                 upstreamName: str = DEFAULT_UPSTREAM, queueNoticeSeconds: float = 3.0) -> None:
         self.http = http
         self.baseUrl = baseUrl.rstrip("/")
         self.urls: dict[str, httpx.URL] = {}
@@ -168,6 +169,8 @@ class OllamaClient:
         self.admission = admission
         """Admission control: model calls made for a request (``meta`` given) wait here for one of the model's slots."""
         self.upstreamName = upstreamName
+        self.queueNoticeSeconds = queueNoticeSeconds
+        """How often a stream waiting for its slot tells its client the queue position."""
         self.meta: RequestMeta | None = None
         """The request this view of the client calls for (``forRequest``); None for the service's own calls."""
 
@@ -198,6 +201,26 @@ class OllamaClient:
         finally:
             if meta is not None:
                 meta.queueSeconds = (meta.queueSeconds or 0.0) + ticket.queueSeconds
+
+    async def queuedPositions(self, ticket: Ticket | None, everySeconds: float) -> AsyncIterator[int]:
+        """While the ticket waits for its slot: its queue position every ``everySeconds`` (the first after
+        ``everySeconds``, so a short wait yields nothing); ends once admitted, raises AdmissionRefused on a timeout.
+        Closing the iterator early gives the place (or the slot) back."""
+        if ticket is None or ticket.admitted:
+            await self.waitAdmitted(ticket, None)
+            return
+        waiter = asyncio.ensure_future(self.waitAdmitted(ticket, None))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=everySeconds)
+                if done:
+                    waiter.result()
+                    return
+                yield ticket.position()
+        finally:
+            if not waiter.done():  # given up while waiting: the place (or a slot handed over just now) goes back
+                ticket.release()
+                waiter.cancel()
 
     async def admit(self, path: str, payload: dict[str, Any], meta: RequestMeta | None) -> Ticket | None:
         ticket = self.enqueue(path, payload, meta)
