@@ -66,6 +66,8 @@ import orjson
 import uvicorn
 from PIL import Image
 
+from tests.stubScheduler import Lease, Scheduler, versionTuple
+
 STUB_VERSION = "0.33.0"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
@@ -242,15 +244,17 @@ class StubModel:
 
 CONFIG_DEFAULTS: dict[str, Any] = {
     "chunks": 8, "chunkDelayMs": 0, "replyText": None, "failNextStatus": 0, "failNextMessage": None,
-    "failNextCount": 0, "failNextPaths": list(MODEL_PATHS), "badJsonCount": 0, "maxParallel": 0, "maxQueue": 512,
-    "slowLoadMs": 0, "splitWrites": False, "record": True,
+    "failNextCount": 0, "failNextPaths": list(MODEL_PATHS), "badJsonCount": 0, "numParallel": 1, "maxQueue": 512,
+    "loadDelayMs": 25, "slowLoadMs": 0, "contextLength": 0, "vramGiB": 24, "version": STUB_VERSION,
+    "splitWrites": False, "record": True,
     "fault": None, "faultPaths": list(MODEL_PATHS), "faultCount": -1, "faultDelayMs": 2000,
 }
 NUMBER = (int, float)
 CONFIG_TYPES: dict[str, Any] = {
     "chunks": int, "chunkDelayMs": NUMBER, "replyText": (str, type(None)), "failNextStatus": int,
     "failNextMessage": (str, type(None)), "failNextCount": int, "failNextPaths": list, "badJsonCount": int,
-    "maxParallel": int, "maxQueue": int, "slowLoadMs": NUMBER, "splitWrites": bool, "record": bool,
+    "numParallel": int, "maxQueue": int, "loadDelayMs": NUMBER, "slowLoadMs": NUMBER, "contextLength": int,
+    "vramGiB": NUMBER, "version": str, "splitWrites": bool, "record": bool,
     "fault": (str, type(None)), "faultPaths": list, "faultCount": int, "faultDelayMs": NUMBER,
 }
 
@@ -303,8 +307,7 @@ class StubState:
         self.initialConfig = dict(config or {})
         self.hostname = socket.gethostname().lower()
         self.hostCache: dict[bytes, bool] = {}
-        self.active = 0
-        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.scheduler = Scheduler(self)
         self.reset()
 
     def reset(self) -> None:
@@ -315,14 +318,16 @@ class StubState:
         self.requests: collections.deque[dict] = collections.deque(maxlen=RECORD_LIMIT)
         self.events: collections.deque[dict] = collections.deque(maxlen=EVENT_LIMIT)
         self.requestTotal = 0
-        self.loaded: dict[str, float] = {}
+        self.scheduler.reset()
         self.rng = random.Random(0)
+
+    @property
+    def version(self) -> tuple[int, int, int]:
+        return versionTuple(self.config.version)
 
     def onRestart(self) -> None:
         """A restarted daemon has no model loaded and an empty queue; installed models and recordings stay."""
-        self.loaded.clear()
-        self.active = 0
-        self.waiters.clear()
+        self.scheduler.onRestart()
 
     def addModel(self, name: str, modifiedNs: int | None = None, capabilities: list[str] | None = None) -> StubModel:
         model = StubModel(name, modifiedNs or time.time_ns(), capabilities)
@@ -344,52 +349,6 @@ class StubState:
             config.faultCount -= 1
         self.addEvent("fault", fault=config.fault, path=path)
         return config.fault
-
-    def touchModel(self, model: StubModel, keepAlive: Any) -> bool:
-        """Mark the model loaded until its keep-alive expires; True when it was cold."""
-        now = time.monotonic()
-        expires = self.loaded.get(model.name)
-        seconds = DEFAULT_KEEP_ALIVE_S if keepAlive is None else _keepAliveSeconds(keepAlive)
-        if seconds == 0:
-            self.loaded.pop(model.name, None)
-        else:
-            self.loaded[model.name] = now + seconds
-        return expires is None or expires < now
-
-    async def acquireSlot(self) -> int | None:
-        """1 = counted slot, 0 = no limit configured, None = queue full (503)."""
-        limit = self.config.maxParallel
-        if limit <= 0:
-            return 0
-        if self.active < limit and not self.waiters:
-            self.active += 1
-            return 1
-        if len(self.waiters) >= self.config.maxQueue:
-            return None
-        return await self._waitForSlot()
-
-    async def _waitForSlot(self) -> int:
-        future = asyncio.get_running_loop().create_future()
-        self.waiters.append(future)
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future in self.waiters:
-                self.waiters.remove(future)
-            elif future.done() and not future.cancelled():
-                self.releaseSlot(1)
-            raise
-        return 1
-
-    def releaseSlot(self, slot: int | None) -> None:
-        if slot != 1:
-            return
-        while self.waiters:
-            future = self.waiters.popleft()
-            if not future.done():
-                future.set_result(None)
-                return
-        self.active = max(0, self.active - 1)
 
 
 def _keepAliveSeconds(value: Any) -> float:
@@ -994,13 +953,49 @@ async def _rejectBusy(ex: Exchange, model: str) -> None:
     await _sendError(ex, 503, BUSY_MESSAGE)
 
 
+def _keepAliveOf(body: dict) -> float:
+    value = body.get("keep_alive")
+    return DEFAULT_KEEP_ALIVE_S if value is None else _keepAliveSeconds(value)
+
+
+async def _acquire(ex: Exchange, model: StubModel, body: dict) -> Lease | str:
+    """A lease on the model's runner (loaded with the request's runner options); "busy" when the load queue is full,
+    "gone" when the client left while its request was queued (Ollama drops it: 499 `request canceled`)."""
+    scheduler = ex.state.scheduler
+    lease = scheduler.tryAcquire(model, body.get("options"), _keepAliveOf(body))
+    if lease is not None:
+        return lease
+    task = asyncio.ensure_future(scheduler.acquire(model, body.get("options"), _keepAliveOf(body)))
+    guard = StreamGuard(ex.receive)
+    try:
+        await asyncio.wait((task, guard.gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        guard.close()
+    if not task.done():
+        task.cancel()
+        try:
+            late = await task
+        except asyncio.CancelledError:
+            late = None
+        if late is not None:
+            late.release()
+        ex.state.addEvent("queuedClientGone", path=ex.path, model=body["model"])
+        return "gone"
+    return task.result() or "busy"
+
+
 async def _loadOrUnload(ex: Exchange, body: dict, model: StubModel, isChat: bool) -> None:
-    """Empty messages/prompt: warm-up (done_reason "load"), or unload with keep_alive 0."""
+    """Empty messages/prompt: warm-up (done_reason "load", loads with the request's runner options), or unload
+    with keep_alive 0."""
     unload = _isZeroKeepAlive(body.get("keep_alive"))
     if unload:
-        ex.state.loaded.pop(model.name, None)
+        ex.state.scheduler.unload(model.name)
     else:
-        ex.state.touchModel(model, body.get("keep_alive"))
+        lease = await _acquire(ex, model, body)
+        if isinstance(lease, str):
+            await (_rejectBusy(ex, body["model"]) if lease == "busy" else _noop())
+            return
+        lease.release()
     reason = "unload" if unload else "load"
     ex.state.addEvent(reason, path=ex.path, model=body["model"])
     reply = {"model": body["model"], "created_at": _timestamp()}
@@ -1025,28 +1020,30 @@ def _tooManyImages(model: StubModel, imageLists: list) -> bool:
     return limit > 0 and any(isinstance(images, list) and len(images) > limit for images in imageLists)
 
 
+async def _noop() -> None:
+    return None
+
+
 async def _runReply(ex: Exchange, body: dict, model: StubModel, reply: dict[str, Any]) -> None:
     if _findMarker(reply["prompt"]) == "[[busy]]":
         await _rejectBusy(ex, body["model"])
         return
-    slot = await ex.state.acquireSlot()
-    if slot is None:
-        await _rejectBusy(ex, body["model"])
+    lease = await _acquire(ex, model, body)
+    if isinstance(lease, str):
+        await (_rejectBusy(ex, body["model"]) if lease == "busy" else _noop())
         return
     try:
         _takeReplyFault(ex)
         plan = _planReply(ex, body, reply)
-        _applyLoad(ex.state, plan, model, body.get("keep_alive"))
+        _applyLoad(plan, lease)
         await _emit(ex, plan)
     finally:
-        ex.state.releaseSlot(slot)
+        lease.release()
 
 
-def _applyLoad(state: StubState, plan: ReplyPlan, model: StubModel, keepAlive: Any) -> None:
-    if state.touchModel(model, keepAlive):
-        slowMs = state.config.slowLoadMs
-        plan.loadDelay = slowMs / 1000.0
-        plan.loadNs = int(slowMs * 1e6) if slowMs else COLD_LOAD_NS
+def _applyLoad(plan: ReplyPlan, lease: Lease) -> None:
+    if lease.cold:
+        plan.loadNs = int(lease.loadSeconds * 1e9) or COLD_LOAD_NS
 
 
 async def handleChat(ex: Exchange) -> None:
@@ -1127,9 +1124,13 @@ async def handleEmbed(ex: Exchange) -> None:
     elif not model.supports("embedding"):
         await _sendError(ex, 400, f'"{body["model"]}" does not support embeddings')
     else:
-        cold = ex.state.touchModel(model, body.get("keep_alive"))
+        lease = await _acquire(ex, model, body)
+        if isinstance(lease, str):
+            await (_rejectBusy(ex, body["model"]) if lease == "busy" else _noop())
+            return
+        lease.release()
         vectors = [_embedVector(model, text, body.get("dimensions")) for text in inputs]
-        loadNs = COLD_LOAD_NS if cold else WARM_LOAD_NS
+        loadNs = COLD_LOAD_NS if lease.cold else WARM_LOAD_NS
         await _sendEmbedReply(ex, {"model": body["model"], "embeddings": vectors,
                                    "total_duration": loadNs + OVERHEAD_NS * (1 + len(inputs)),
                                    "load_duration": loadNs, "prompt_eval_count": _wordCount(*inputs)})
@@ -1150,7 +1151,11 @@ async def handleEmbeddings(ex: Exchange) -> None:
     if model is None:
         return
     prompt = body.get("prompt") or ""
-    ex.state.touchModel(model, body.get("keep_alive"))
+    lease = await _acquire(ex, model, body)
+    if isinstance(lease, str):
+        await (_rejectBusy(ex, body["model"]) if lease == "busy" else _noop())
+        return
+    lease.release()
     vector = [value * 3.0 for value in _embedVector(model, prompt, None)] if prompt else []
     await _sendEmbedReply(ex, {"embedding": vector})
 
@@ -1176,17 +1181,18 @@ async def handleTags(ex: Exchange) -> None:
 
 
 async def handlePs(ex: Exchange) -> None:
+    """PsHandler: each loaded runner with the context length it was loaded with."""
     state, now, wall = ex.state, time.monotonic(), time.time()
     running = []
-    for name, expires in list(state.loaded.items()):
-        model = state.models.get(name)
-        if model is None or expires < now:
-            state.loaded.pop(name, None)
+    for name in list(state.scheduler.runners):
+        runner, model = state.scheduler.live(name), state.models.get(name)
+        if runner is None or model is None:
             continue
+        expires = runner.expires if runner.refs == 0 else now + runner.keepAlive
         expiresAt = FOREVER_EXPIRES_AT if math.isinf(expires) else _formatNs(int((wall + expires - now) * 1e9))
         running.append({"name": model.name, "model": model.name, "size": model.size, "digest": model.digest,
                         "details": model.details, "expires_at": expiresAt, "size_vram": model.size,
-                        "context_length": min(model.contextLength, 4096)})
+                        "context_length": runner.numCtx})
     await _sendJson(ex, 200, {"models": running})
 
 
@@ -1195,7 +1201,7 @@ async def handleRoot(ex: Exchange) -> None:
 
 
 async def handleVersion(ex: Exchange) -> None:
-    await _sendJson(ex, 200, {"version": STUB_VERSION})
+    await _sendJson(ex, 200, {"version": ex.state.config.version})
 
 
 ROUTES = {
@@ -1343,7 +1349,7 @@ async def ctlRemove(ex: Exchange) -> None:
     if body is None:
         return
     model = ex.state.models.pop(normaliseName(str(body.get("name") or body.get("model") or "")), None)
-    ex.state.loaded.pop(model.name if model else "", None)
+    ex.state.scheduler.runners.pop(model.name if model else "", None)
     if model is None:
         await _sendError(ex, 404, f"model '{body.get('name') or body.get('model')}' not found")
     else:
@@ -1385,6 +1391,14 @@ async def ctlRequests(ex: Exchange) -> None:
     await _sendJson(ex, 200, {"count": len(requests), "total": ex.state.requestTotal, "requests": requests})
 
 
+async def ctlScheduler(ex: Exchange) -> None:
+    """Counters (loads, reloads, busy, pending) and each runner's options, references, busy slots and waiters."""
+    scheduler = ex.state.scheduler
+    runners = {name: {"options": runner.options, "refs": runner.refs, "busy": runner.busy,
+                      "waiting": len(runner.slotWaiters)} for name, runner in scheduler.runners.items()}
+    await _sendJson(ex, 200, {**scheduler.counters(), "runners": runners})
+
+
 async def ctlEvents(ex: Exchange) -> None:
     if ex.scope["method"] == "DELETE":
         ex.state.events.clear()
@@ -1402,6 +1416,7 @@ CONTROL_ROUTES = {
     "/_stub/reset": {"POST": ctlReset},
     "/_stub/requests": {"GET": ctlRequests, "DELETE": ctlRequests},
     "/_stub/events": {"GET": ctlEvents, "DELETE": ctlEvents},
+    "/_stub/scheduler": {"GET": ctlScheduler},
 }
 
 
@@ -1663,7 +1678,10 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunks", type=int, default=CONFIG_DEFAULTS["chunks"])
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0)
     parser.add_argument("--slow-load-ms", type=float, default=0.0)
-    parser.add_argument("--max-parallel", type=int, default=0, help="0 = unlimited")
+    parser.add_argument("--num-parallel", "--max-parallel", type=int, default=CONFIG_DEFAULTS["numParallel"],
+                        help="OLLAMA_NUM_PARALLEL: requests a loaded model serves at once (0 = unlimited)")
+    parser.add_argument("--load-delay-ms", type=float, default=CONFIG_DEFAULTS["loadDelayMs"])
+    parser.add_argument("--version", default=STUB_VERSION, help="the version /api/version reports")
     parser.add_argument("--max-queue", type=int, default=CONFIG_DEFAULTS["maxQueue"])
     parser.add_argument("--reply-text", default=None)
     parser.add_argument("--no-record", action="store_true", help="do not record requests (benchmarks)")
@@ -1678,8 +1696,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(error)) from None
     models = [name for name in args.models.split(",") if name.strip()]
     config = {"chunks": args.chunks, "chunkDelayMs": args.chunk_delay_ms, "slowLoadMs": args.slow_load_ms,
-              "maxParallel": args.max_parallel, "maxQueue": args.max_queue, "replyText": args.reply_text,
-              "record": not args.no_record}
+              "numParallel": args.num_parallel, "maxQueue": args.max_queue, "replyText": args.reply_text,
+              "loadDelayMs": args.load_delay_ms, "version": args.version, "record": not args.no_record}
     state = StubState(models, config)
     sock = bindSocket(host, args.port)
     shownHost = f"[{host}]" if ":" in host else host

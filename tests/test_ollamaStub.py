@@ -349,14 +349,19 @@ def test_hostHeaderCheckGives403WithEmptyBody(client, stub):
 def test_busyMarkerAndFullQueueGive503(client):
     marker = client.post("/api/chat", json=chat(content="[[busy]]"))
     assert (marker.status_code, marker.json()) == (503, {"error": BUSY_MESSAGE})
-    client.post("/_stub/config", json={"maxParallel": 1, "maxQueue": 0, "chunkDelayMs": 100, "chunks": 4})
+    # sched.go getRunner: only requests waiting for a load queue up to maxQueue; the third cold load is refused
+    client.post("/_stub/config", json={"maxQueue": 1, "loadDelayMs": 400})
     client.delete("/_stub/requests")
     with ThreadPoolExecutor(2) as pool:
-        slow = pool.submit(httpx.post, client.base_url.join("/api/chat"), json=chat(stream=False), timeout=10)
-        waitForRequests(client, "/api/chat", 1)  # recorded => it already holds the only slot
-        second = client.post("/api/chat", json=chat(stream=False))
-        assert slow.result().status_code == 200
-    assert (second.status_code, second.json()["error"]) == (503, BUSY_MESSAGE)
+        first = pool.submit(httpx.post, client.base_url.join("/api/chat"), json=chat(stream=False), timeout=10)
+        waitForRequests(client, "/api/chat", 1)
+        second = pool.submit(httpx.post, client.base_url.join("/api/chat"), json=chat("qwen3:8b", stream=False),
+                             timeout=10)
+        waitForRequests(client, "/api/chat", 2)
+        time.sleep(0.05)
+        third = client.post("/api/chat", json=chat("deepseek-r1:70b", stream=False))
+        assert first.result().status_code == 200 and second.result().status_code == 200
+    assert (third.status_code, third.json()["error"]) == (503, BUSY_MESSAGE)
     assert waitForEvent(client, "busy")["path"] == "/api/chat"
 
 
