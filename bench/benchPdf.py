@@ -192,7 +192,7 @@ def _runWrk(url: str, bodyPath: Path, contentType: str, apiKey: str, seconds: fl
 def _startStub(workDir: Path, core: int) -> tuple[BenchProcess, str]:
     port = freePort()
     command = [sys.executable, "-m", "tests.ollamaStub", "--port", str(port), "--models", STUB_MODEL,
-               "--no-record", "--chunks", "4"]
+               "--no-record", "--kind", "--chunks", "4"]
     stub = BenchProcess("stub", command, dict(os.environ), core, workDir / "stub.log", REPO_ROOT).start()
     stub.waitForHttp(f"http://127.0.0.1:{port}/api/version", START_TIMEOUT_SECONDS)
     return stub, f"http://127.0.0.1:{port}"

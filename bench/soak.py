@@ -422,7 +422,7 @@ class Processes:
         self.options, self.workDir, self.keys = options, workDir, keys
         self.stubPort, self.servicePort = freePort(), freePort()
         self.stub = self._process("stub", [sys.executable, "-m", "tests.ollamaStub", "--port", str(self.stubPort),
-                                           "--no-record", "--chunks", str(STUB_CHUNKS),
+                                           "--no-record", "--kind", "--chunks", str(STUB_CHUNKS),
                                            "--chunk-delay-ms", str(options.chunkDelayMs)], dict(os.environ),
                                   options.loadCore)
         iniPath = workDir / "service.ini"

@@ -66,6 +66,7 @@ import orjson
 import uvicorn
 from PIL import Image
 
+from tests import stubRealism as realism
 from tests.stubScheduler import Lease, Scheduler, versionTuple
 
 STUB_VERSION = "0.33.0"
@@ -96,7 +97,7 @@ TOOL_REPLY_PREFIX = "The tool returned: "
 JSON_FORMAT_REPLY = {"answer": "stub"}
 BAD_JSON_REPLY = "not json {"
 PROMPT_ECHO_CHARS = 40
-MARKERS = ("[[midstream-error]]", "[[truncate]]", "[[busy]]", "[[slow]]", "[[length]]")
+MARKERS = ("[[midstream-error]]", "[[truncate]]", "[[busy]]", "[[slow]]", "[[length]]", "[[loop]]")
 
 WARM_LOAD_NS = 1_334_875
 COLD_LOAD_NS = 250_000_000
@@ -241,6 +242,10 @@ class StubModel:
 
 # -------------------------------------------------------------------------------------- config + state
 
+
+KIND_SCHEDULER: dict[str, Any] = {"numParallel": 0, "loadDelayMs": 0}
+"""The old kind stand-in: every request served at once, loads take no time. Only for tests and benchmarks that need
+many paced streams at once (real Ollama queues them behind OLLAMA_NUM_PARALLEL slots)."""
 
 CONFIG_DEFAULTS: dict[str, Any] = {
     "chunks": 8, "chunkDelayMs": 0, "replyText": None, "failNextStatus": 0, "failNextMessage": None,
@@ -704,18 +709,31 @@ def _planReply(ex: Exchange, body: dict, reply: dict[str, Any]) -> ReplyPlan:
     plan = ReplyPlan(ex, body, reply["isChat"])
     plan.promptCount = reply["promptCount"]
     prompt40 = reply["prompt"][:PROMPT_ECHO_CHARS]
-    if reply["thinking"]:
-        thought = THINKING_TEMPLATE.format(prompt=prompt40)
+    thought, style = THINKING_TEMPLATE.format(prompt=prompt40), reply["thinking"]
+    if style == "split":
         plan.pieces.extend(("thinking", piece) for piece in _splitText(thought, 3))
     if reply["tools"] and reply["lastRole"] != "tool":
         plan.pieces.append(("tool_calls", [_toolCall(state, reply["tools"][0])]))
     else:
         text = _contentText(state, body, reply, prompt40)
+        if style in ("inline", "leak"):  # realism.thinkingStyle: the reasoning lands in content
+            text = ("<think>" if style == "inline" else "") + thought + "\n</think>\n\n" + text
         plan.pieces.extend(("content", piece) for piece in _splitText(text, state.config.chunks))
-    _applyMarker(plan, _findMarker(reply["prompt"]))
+    marker = _findMarker(reply["prompt"])
+    if marker == "[[loop]]":
+        _applyLoop(plan, body.get("options"), reply["numCtx"])
+    _applyMarker(plan, marker)
     _applyFault(plan, ex.fault)
     _applyNumPredict(plan, body.get("options"))
     return plan
+
+
+def _applyLoop(plan: ReplyPlan, options: Any, numCtx: int) -> None:
+    """[[loop]]: a repetition that only num_predict (or 10 x num_ctx) stops; done_reason "length"."""
+    numPredict = options.get("num_predict") if isinstance(options, dict) else None
+    count = min(realism.loopPieces(numPredict, numCtx), realism.LOOP_PIECES_CAP)
+    plan.pieces = [piece for piece in plan.pieces if piece[0] == "thinking"] + [("content", "again ")] * count
+    plan.doneReason = "length"
 
 
 def _contentText(state: StubState, body: dict, reply: dict[str, Any], prompt40: str) -> str:
@@ -1004,6 +1022,18 @@ async def _loadOrUnload(ex: Exchange, body: dict, model: StubModel, isChat: bool
     await _sendJson(ex, 200, reply)
 
 
+def _serverError(ex: Exchange, body: dict, model: StubModel, images: list) -> str | None:
+    """The daemon's 500s for requests it cannot run: a schema its grammar converter rejects (before v0.30), an image
+    format the model's loader cannot decode (WebP, see realism.webpRefused)."""
+    version = ex.state.config.version
+    error = realism.schemaError(body.get("format"), version)
+    if error is None and images and realism.webpRefused(model, version) and realism.hasWebp(images):
+        error = realism.IMAGE_FAILED
+    if error is not None:
+        ex.state.addEvent("serverError", path=ex.path, model=body["model"], error=error)
+    return error
+
+
 def _capabilityError(body: dict, model: StubModel, verb: str, tools: Any) -> str | None:
     name = body["model"]
     if not model.supports("thinking") and body.get("think") not in (None, False):
@@ -1033,12 +1063,37 @@ async def _runReply(ex: Exchange, body: dict, model: StubModel, reply: dict[str,
         await (_rejectBusy(ex, body["model"]) if lease == "busy" else _noop())
         return
     try:
+        error = _fitPrompt(ex, body, model, reply, lease.numCtx)
+        if error is not None:
+            await _sendError(ex, 400, error)
+            return
         _takeReplyFault(ex)
         plan = _planReply(ex, body, reply)
         _applyLoad(plan, lease)
         await _emit(ex, plan)
     finally:
         lease.release()
+
+
+def _fitPrompt(ex: Exchange, body: dict, model: StubModel, reply: dict[str, Any], numCtx: int) -> str | None:
+    """The window check after the runner is chosen: truncate:false -> 400; otherwise the oldest messages are dropped
+    (chat) or the prompt is cut (generate) silently, and the stub records it ("promptTruncated" event, entry)."""
+    version = ex.state.config.version
+    reply["numCtx"] = numCtx
+    if reply["promptCount"] <= numCtx:
+        return None
+    if realism.truncateRefused(body, version):
+        return realism.INPUT_TOO_LONG
+    before = reply["promptCount"]
+    kept, dropped = (realism.fitChat(model, body.get("messages") or [], numCtx, version) if reply["isChat"]
+                     else (numCtx, 0))
+    reply["promptCount"] = min(kept, numCtx)
+    facts = {"promptTokens": before, "keptTokens": reply["promptCount"], "droppedMessages": dropped,
+             "numCtx": numCtx}
+    ex.state.addEvent("promptTruncated", path=ex.path, model=body["model"], **facts)
+    if ex.entry is not None:
+        ex.entry["truncated"] = facts
+    return None
 
 
 def _applyLoad(plan: ReplyPlan, lease: Lease) -> None:
@@ -1055,21 +1110,24 @@ async def handleChat(ex: Exchange) -> None:
     error = _capabilityError(body, model, "chat", tools) or _formatError(body.get("format"))
     if error is None and _tooManyImages(model, [message.get("images") for message in messages]):
         error = ONE_IMAGE_MESSAGE
+    serverError = _serverError(ex, body, model, [image for message in messages for image in message.get("images") or []])
     if error:
         await _sendError(ex, 400, error)
+    elif serverError:
+        await _sendError(ex, 500, serverError)
     elif not messages:
         await _loadOrUnload(ex, body, model, isChat=True)
     else:
-        await _runReply(ex, body, model, _chatReply(body, model, messages, tools))
+        await _runReply(ex, body, model, _chatReply(body, model, messages, tools, ex.state.config.version))
 
 
-def _chatReply(body: dict, model: StubModel, messages: list, tools: Any) -> dict[str, Any]:
+def _chatReply(body: dict, model: StubModel, messages: list, tools: Any, version: str) -> dict[str, Any]:
     last = messages[-1]
     lastContent = last.get("content")
     return {"isChat": True, "prompt": _lastUserText(messages), "tools": tools or None,
-            "thinking": model.supports("thinking") and body.get("think") is not False,
+            "thinking": realism.thinkingStyle(model, body.get("think"), version),
             "lastRole": last.get("role"), "lastContent": lastContent if isinstance(lastContent, str) else "",
-            "promptCount": sum(_wordCount(message.get("content")) for message in messages)}
+            "promptCount": realism.chatTokens(model, messages, version)}
 
 
 async def handleGenerate(ex: Exchange) -> None:
@@ -1081,14 +1139,19 @@ async def handleGenerate(ex: Exchange) -> None:
     error = _capabilityError(body, model, "generate", None) or _formatError(body.get("format"))
     if error is None and _tooManyImages(model, [body.get("images")]):
         error = ONE_IMAGE_MESSAGE
+    serverError = _serverError(ex, body, model, body.get("images") or [])
     if error:
         await _sendError(ex, 400, error)
+    elif serverError:
+        await _sendError(ex, 500, serverError)
     elif not prompt and not body.get("images"):
         await _loadOrUnload(ex, body, model, isChat=False)
     else:
         reply = {"isChat": False, "prompt": prompt, "tools": None, "lastRole": "user", "lastContent": prompt,
-                 "thinking": model.supports("thinking") and body.get("think") is not False,
-                 "promptCount": _wordCount(prompt, body.get("system"))}
+                 "thinking": realism.thinkingStyle(model, body.get("think"), ex.state.config.version),
+                 "promptCount": _wordCount(prompt, body.get("system")) + sum(
+                     realism.imageTokens(model, image, ex.state.config.version) for image in body.get("images") or []
+                     if isinstance(image, str))}
         await _runReply(ex, body, model, reply)
 
 
@@ -1129,11 +1192,29 @@ async def handleEmbed(ex: Exchange) -> None:
             await (_rejectBusy(ex, body["model"]) if lease == "busy" else _noop())
             return
         lease.release()
+        inputs = _fitEmbedInputs(ex, body, inputs, lease.numCtx)
+        if inputs is None:
+            await _sendError(ex, 400, realism.embedTooLongMessage(ex.state.config.version))
+            return
         vectors = [_embedVector(model, text, body.get("dimensions")) for text in inputs]
         loadNs = COLD_LOAD_NS if lease.cold else WARM_LOAD_NS
         await _sendEmbedReply(ex, {"model": body["model"], "embeddings": vectors,
                                    "total_duration": loadNs + OVERHEAD_NS * (1 + len(inputs)),
                                    "load_duration": loadNs, "prompt_eval_count": _wordCount(*inputs)})
+
+
+def _fitEmbedInputs(ex: Exchange, body: dict, inputs: list[str], numCtx: int) -> list[str] | None:
+    """EmbedHandler: an input over the window is cut to it silently (truncate unset or true, every version), or the
+    whole call is a 400 with truncate false. Cuts are recorded (event "embedTruncated", entry["truncatedInputs"])."""
+    cut = [index for index, text in enumerate(inputs) if realism.wordTokens(text) > numCtx]
+    if not cut:
+        return inputs
+    if body.get("truncate") is False:
+        return None
+    ex.state.addEvent("embedTruncated", path=ex.path, model=body["model"], inputs=cut, numCtx=numCtx)
+    if ex.entry is not None:
+        ex.entry["truncatedInputs"] = cut
+    return [" ".join(text.split()[:numCtx]) if index in cut else text for index, text in enumerate(inputs)]
 
 
 async def _sendEmbedReply(ex: Exchange, payload: dict[str, Any]) -> None:
@@ -1681,6 +1762,8 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-parallel", "--max-parallel", type=int, default=CONFIG_DEFAULTS["numParallel"],
                         help="OLLAMA_NUM_PARALLEL: requests a loaded model serves at once (0 = unlimited)")
     parser.add_argument("--load-delay-ms", type=float, default=CONFIG_DEFAULTS["loadDelayMs"])
+    parser.add_argument("--kind", action="store_true",
+                        help="the old kind stand-in: no slot limit, instant loads (overrides the two above)")
     parser.add_argument("--version", default=STUB_VERSION, help="the version /api/version reports")
     parser.add_argument("--max-queue", type=int, default=CONFIG_DEFAULTS["maxQueue"])
     parser.add_argument("--reply-text", default=None)
@@ -1698,6 +1781,8 @@ def main(argv: list[str] | None = None) -> None:
     config = {"chunks": args.chunks, "chunkDelayMs": args.chunk_delay_ms, "slowLoadMs": args.slow_load_ms,
               "numParallel": args.num_parallel, "maxQueue": args.max_queue, "replyText": args.reply_text,
               "loadDelayMs": args.load_delay_ms, "version": args.version, "record": not args.no_record}
+    if args.kind:
+        config.update(KIND_SCHEDULER)
     state = StubState(models, config)
     sock = bindSocket(host, args.port)
     shownHost = f"[{host}]" if ":" in host else host

@@ -72,7 +72,7 @@ def stubProcess() -> Iterator[str]:
     port = freePort()
     process = subprocess.Popen([sys.executable, "-m", "tests.ollamaStub", "--port", str(port), "--models",
                                 "qwen2.5:7b", "--chunks", str(CHUNKS), "--chunk-delay-ms", str(CHUNK_DELAY_MS),
-                                "--no-record"], cwd=REPO_ROOT, env=guardedEnv(dict(os.environ)),
+                                "--no-record", "--kind"], cwd=REPO_ROOT, env=guardedEnv(dict(os.environ)),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         waitForHttp(f"http://127.0.0.1:{port}/api/version", timeout=20, process=process)

@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import API_KEY, OPENAI_KEY, TEST_INI, ServiceProcess, assertNoNetworkViolation
 from tests.documentSamples import makeImage, makePdf
-from tests.ollamaStub import BUSY_MESSAGE, MIDSTREAM_ERROR, StubServer
+from tests.ollamaStub import BUSY_MESSAGE, KIND_SCHEDULER, MIDSTREAM_ERROR, StubServer
 
 pytestmark = pytest.mark.e2e
 
@@ -204,7 +204,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     directory = tmp_path_factory.mktemp("faults")
     iniPath = directory / "config.ini"
     iniPath.write_text(TEST_INI, encoding="utf-8")
-    with StubServer() as stub:
+    with StubServer(**KIND_SCHEDULER) as stub:  # many paced streams at once: no OLLAMA_NUM_PARALLEL queueing
         service = ServiceProcess(iniPath, {
             "PRIVATE_LLM_OLLAMA__BASE_URL": stub.baseUrl,
             "PRIVATE_LLM_OLLAMA__CONNECT_TIMEOUT": str(CONNECT_TIMEOUT),

@@ -350,13 +350,12 @@ def test_busyMarkerAndFullQueueGive503(client):
     marker = client.post("/api/chat", json=chat(content="[[busy]]"))
     assert (marker.status_code, marker.json()) == (503, {"error": BUSY_MESSAGE})
     # sched.go getRunner: only requests waiting for a load queue up to maxQueue; the third cold load is refused
-    client.post("/_stub/config", json={"maxQueue": 1, "loadDelayMs": 400})
+    client.post("/_stub/config", json={"maxQueue": 1, "loadDelayMs": 1500})
     client.delete("/_stub/requests")
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(httpx.post, client.base_url.join("/api/chat"), json=chat(stream=False), timeout=10)
+    with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=10) as one, httpx.Client(timeout=10) as two:
+        first = pool.submit(one.post, client.base_url.join("/api/chat"), json=chat(stream=False))
         waitForRequests(client, "/api/chat", 1)
-        second = pool.submit(httpx.post, client.base_url.join("/api/chat"), json=chat("qwen3:8b", stream=False),
-                             timeout=10)
+        second = pool.submit(two.post, client.base_url.join("/api/chat"), json=chat("qwen3:8b", stream=False))
         waitForRequests(client, "/api/chat", 2)
         time.sleep(0.05)
         third = client.post("/api/chat", json=chat("deepseek-r1:70b", stream=False))

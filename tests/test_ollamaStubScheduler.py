@@ -133,27 +133,30 @@ def test_numParallelSlotsAndUnboundedWaitingForALoadedModel(client, stub):
 
 def test_busyOnlyWhenTheLoadQueueIsFull(client, stub):
     """sched.go getRunner: `pendingReqCh <- req` or ErrMaxQueue; requests waiting for a load count."""
-    client.post("/_stub/config", json={"maxQueue": 1, "loadDelayMs": 400})
+    client.post("/_stub/config", json={"maxQueue": 1, "loadDelayMs": 1500})
     models = ("qwen2.5:7b", "qwen3:8b", "deepseek-r1:70b")
+    senders = [httpx.Client(timeout=15) for _ in models]  # made beforehand: a new client takes ~0.5 s under load
     with ThreadPoolExecutor(3) as pool:
         futures = []
         for index, model in enumerate(models):
-            futures.append(pool.submit(httpx.post, stub.url("/api/chat"), json=chat(model), timeout=15))
+            futures.append(pool.submit(senders[index].post, stub.url("/api/chat"), json=chat(model)))
             waitFor(lambda: client.get("/_stub/requests").json()["count"] == index + 1)
             time.sleep(0.05)
         answers = [future.result() for future in futures]
+    for sender in senders:
+        sender.close()
     assert [answer.status_code for answer in answers] == [200, 200, 503]
     assert answers[2].json() == {"error": BUSY_MESSAGE}
 
 
 def test_clientLeavingWhileQueuedFreesItsPlace(client, stub):
-    client.post("/_stub/config", json={"chunks": 5, "chunkDelayMs": 100, "numParallel": 1, "loadDelayMs": 0})
+    client.post("/_stub/config", json={"chunks": 10, "chunkDelayMs": 200, "numParallel": 1, "loadDelayMs": 0})
     client.post("/api/chat", json=chat(numCtx=8192))
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(httpx.post, stub.url("/api/chat"), json=chat(numCtx=8192), timeout=15)
         waitFor(lambda: counters(client)["runners"]["qwen2.5:7b"]["busy"] == 1)
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(stub.url("/api/chat"), json=chat(numCtx=8192), timeout=0.2)
+            httpx.post(stub.url("/api/chat"), json=chat(numCtx=8192), timeout=0.5)
         assert slow.result().status_code == 200
     waitFor(lambda: client.get("/_stub/events", params={"type": "queuedClientGone"}).json()["count"] == 1)
     runner = counters(client)["runners"]["qwen2.5:7b"]
