@@ -371,7 +371,8 @@ class BenchRun:
         and bench/instantUpstream.py's rates with the gateways' and says which one meets it."""
         port = freePort()
         stub = self.launch("stub", [sys.executable, "-m", "tests.ollamaStub", "--host", "127.0.0.1", "--port",
-                                    str(port), "--models", OLLAMA_MODEL, "--chunks", str(CHUNKS), "--no-record", "--kind"],
+                                    str(port), "--models", OLLAMA_MODEL, "--chunks", str(CHUNKS), "--no-record",
+                                    "--kind"],
                            dict(os.environ), self.options.serviceCore)
         try:
             stub.waitForHttp(f"http://127.0.0.1:{port}/api/version", START_TIMEOUT_SECONDS)

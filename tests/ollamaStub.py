@@ -1110,7 +1110,8 @@ async def handleChat(ex: Exchange) -> None:
     error = _capabilityError(body, model, "chat", tools) or _formatError(body.get("format"))
     if error is None and _tooManyImages(model, [message.get("images") for message in messages]):
         error = ONE_IMAGE_MESSAGE
-    serverError = _serverError(ex, body, model, [image for message in messages for image in message.get("images") or []])
+    images = [image for message in messages for image in message.get("images") or []]
+    serverError = _serverError(ex, body, model, images)
     if error:
         await _sendError(ex, 400, error)
     elif serverError:

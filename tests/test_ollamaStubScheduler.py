@@ -140,7 +140,7 @@ def test_busyOnlyWhenTheLoadQueueIsFull(client, stub):
         futures = []
         for index, model in enumerate(models):
             futures.append(pool.submit(senders[index].post, stub.url("/api/chat"), json=chat(model)))
-            waitFor(lambda: client.get("/_stub/requests").json()["count"] == index + 1)
+            waitFor(lambda wanted=index + 1: client.get("/_stub/requests").json()["count"] == wanted)
             time.sleep(0.05)
         answers = [future.result() for future in futures]
     for sender in senders:
