@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.dev-installed
 CONFIG_FILE ?= $(or $(PRIVATE_LLM_CONFIG),config.ini)
 DEBIAN_TEST_PACKAGES := chromium espeak-ng poppler-utils wrk sox nginx-light caddy systemd
 
-.PHONY: run test test-deps bench clean
+.PHONY: run test test-deps fuzz bench clean
 
 $(RUNTIME_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test-deps:
 
 test: $(DEV_STAMP) test-deps
 	$(PY) -m pytest
+
+# The document mutation fuzz at length (make test runs 300 cases): FUZZ_CASES=20000 FUZZ_SEED=5 make fuzz
+FUZZ_CASES ?= 5000
+FUZZ_SEED ?= 17
+fuzz: $(DEV_STAMP)
+	POWERON_FUZZ_CASES=$(FUZZ_CASES) POWERON_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest tests/test_documentFuzz.py -q -s
 
 bench: $(DEV_STAMP)
 	$(PY) -m bench.run
