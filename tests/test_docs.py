@@ -31,7 +31,17 @@ import pytest
 import yaml
 
 from config import MODEL_MAPPING, LimitsSettings, ServerSettings, Settings
-from tests.conftest import API_KEY, OPENAI_KEY, REPO_ROOT, TEST_INI, ServiceProcess, freePort, guardedEnv, waitForHttp
+from tests.conftest import (
+    API_KEY,
+    OPENAI_KEY,
+    REPO_ROOT,
+    TEST_INI,
+    ServiceProcess,
+    freePort,
+    guardedEnv,
+    stopProcess,
+    waitForHttp,
+)
 from tests.documentSamples import makeImage, makePdf
 from tests.ollamaStub import StubServer
 
@@ -273,7 +283,7 @@ def test_nginxAcceptsTheSiteWhereNginxExists(tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=llm.example.org", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
                    check=True, capture_output=True)
-    site = (DOCU / "nginx.conf").read_text()
+    site = (DOCU / "nginx.conf").read_text().replace("/var/log/nginx/", f"{tmp_path}/")
     site = site.replace("/etc/letsencrypt/live/llm.example.org/fullchain.pem", str(tmp_path / "cert.pem"))
     site = site.replace("/etc/letsencrypt/live/llm.example.org/privkey.pem", str(tmp_path / "key.pem"))
     (tmp_path / "site.conf").write_text(site)
@@ -504,12 +514,7 @@ def test_caddyProxiesStreamsAndLogsNoKeys(docService: ServiceProcess, tmp_path: 
         pytest.skip("caddy is not installed here")
     port = freePort()
     logPath = tmp_path / "access.log"
-    site = (DOCU / "Caddyfile").read_text()
-    site = site.replace("llm.example.org {", f"{{\n\tadmin off\n}}\n\nhttp://127.0.0.1:{port} {{")
-    site = site.replace("/var/log/caddy/poweron-access.log", str(logPath))
-    site = site.replace(f"reverse_proxy 127.0.0.1:{ServerSettings().port}",
-                        f"reverse_proxy 127.0.0.1:{docService.port}")
-    (tmp_path / "Caddyfile").write_text(site)
+    (tmp_path / "Caddyfile").write_text(caddySite(docService.port, port, logPath))
     caddy = subprocess.Popen(["caddy", "run", "--config", str(tmp_path / "Caddyfile"), "--adapter", "caddyfile"],
                              cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)},
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -568,11 +573,13 @@ def pacedService(tmp_path_factory) -> Iterator[ServiceProcess]:
             service.stop()
 
 
-def caddySite(servicePort: int, port: int, logPath: Path) -> str:
-    """docu/Caddyfile adapted as docu/setupserver.md describes: plain HTTP on 127.0.0.1:<port>, admin API off, the
+def caddySite(servicePort: int, port: int, logPath: Path, host: str = "127.0.0.1") -> str:
+    """docu/Caddyfile adapted as docu/setupserver.md describes: plain HTTP on <host>:<port>, admin API off, the
     access log in the test directory, the service on its test port. Everything else as documented."""
     site = (DOCU / "Caddyfile").read_text()
-    site = site.replace("llm.example.org {", f"{{\n\tadmin off\n}}\n\nhttp://127.0.0.1:{port} {{")
+    assert site.count("\n{\n") == 1, "docu/Caddyfile has one global options block"
+    site = site.replace("\n{\n", "\n{\n\tadmin off\n", 1)
+    site = site.replace("llm.example.org {", f"http://{host}:{port} {{")
     site = site.replace("/var/log/caddy/poweron-access.log", str(logPath))
     return site.replace(f"reverse_proxy 127.0.0.1:{ServerSettings().port}", f"reverse_proxy 127.0.0.1:{servicePort}")
 
@@ -588,6 +595,70 @@ def nginxSite(servicePort: int, port: int) -> str:
     return site.replace(f"server 127.0.0.1:{ServerSettings().port};", f"server 127.0.0.1:{servicePort};")
 
 
+@pytest.mark.e2e
+def test_caddyLogsNoKeyForAHostInOtherLetterCase(tmp_path: Path):
+    """Caddy serves LLM.EXAMPLE.ORG as llm.example.org (hosts match case-insensitively) but maps access lines to the
+    site's logger case-sensitively: with the documented config neither spelling's key reaches any log (the journal
+    is Caddy's stderr here), and both requests are in the access log."""
+    if shutil.which("caddy") is None:
+        pytest.skip("caddy is not installed here")
+    port, logPath = freePort(), tmp_path / "access.log"
+    with BodySink() as sink:
+        (tmp_path / "Caddyfile").write_text(caddySite(sink.port, port, logPath, host="llm.example.org"))
+        caddy = subprocess.Popen(["caddy", "run", "--config", str(tmp_path / "Caddyfile"), "--adapter", "caddyfile"],
+                                 cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            keys = {"llm.example.org": "key-lower-case-0123456789", "LLM.EXAMPLE.ORG": "key-upper-case-0123456789",
+                    "Llm.Example.Org": "key-mixed-case-0123456789"}
+            deadline = time.monotonic() + 20
+            while not logPath.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for host, key in keys.items():
+                response = httpx.get(f"http://127.0.0.1:{port}/api/models", timeout=10, headers={
+                    "Host": f"{host}:{port}", "X-API-Key": key, "Authorization": f"Bearer {key}"})
+                assert response.status_code == 200, host
+        finally:
+            caddy.terminate()
+            stdout, stderr = caddy.communicate(timeout=10)
+    logged = logPath.read_text() + stdout.decode() + stderr.decode()
+    assert not [key for key in keys.values() if key in logged]
+    assert all(f'"host":"{host}:{port}"' in logPath.read_text() for host in keys)
+
+
+@pytest.mark.e2e
+def test_nginxLogsNoKeyForAnyHostSpelling(tmp_path: Path):
+    """docu/nginx.conf with Ubuntu's default logging (access_log in the combined format, here error_log at info):
+    nginx logs no request header but Referer and User-Agent, so no spelling of the host name, nor a foreign one,
+    puts X-API-Key or Authorization in a log; a misspelt key header (X_API_Key, dropped by nginx) is logged with its
+    value at info, so the site keeps its error log at warn."""
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed here")
+    with BodySink() as sink:
+        process, proxy = startNginx(sink.port, tmp_path)
+        logs = (tmp_path / "nginx.conf").read_text().replace(
+            " access_log off;", f" access_log {tmp_path / 'access.log'};").replace(
+            f"error_log {tmp_path / 'error.log'};", f"error_log {tmp_path / 'main-error.log'} info;")
+        stopProcess(process)
+        (tmp_path / "nginx.conf").write_text(logs)
+        process = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            waitForHttp(proxy + "/health/liveliness", process=process)
+            keys = {host: f"key-{index}-for-{host.lower()}" for index, host in enumerate(
+                ("llm.example.org", "LLM.EXAMPLE.ORG", "Llm.Example.Org", "evil.example"))}
+            for host, key in keys.items():
+                response = httpx.get(proxy + "/api/models", timeout=10, headers={
+                    "Host": host, "X-API-Key": key, "Authorization": f"Bearer {key}", "X_API_Key": key})
+                assert response.status_code == 200, host
+        finally:
+            stopProcess(process)
+    access = (tmp_path / "access.log").read_text()
+    logged = access + "".join(path.read_text() for path in tmp_path.glob("*error.log"))
+    assert access.count("/api/models") == len(keys)
+    assert not [key for key in keys.values() if key in logged]
+
+
 def startCaddy(servicePort: int, directory: Path) -> tuple[subprocess.Popen, str]:
     port = freePort()
     (directory / "Caddyfile").write_text(caddySite(servicePort, port, directory / "access.log"))
@@ -599,7 +670,7 @@ def startCaddy(servicePort: int, directory: Path) -> tuple[subprocess.Popen, str
 
 def startNginx(servicePort: int, directory: Path) -> tuple[subprocess.Popen, str]:
     port = freePort()
-    (directory / "site.conf").write_text(nginxSite(servicePort, port))
+    (directory / "site.conf").write_text(nginxSite(servicePort, port).replace("/var/log/nginx/", f"{directory}/"))
     temp = " ".join(f"{kind}_temp_path {directory / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
                                                                          "scgi"))
     user = "user root;\n" if os.geteuid() == 0 else ""
