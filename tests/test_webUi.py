@@ -1,8 +1,9 @@
 """The browser test UI in a real headless Chromium (Debian's, driven by Playwright) against the real service process
 and the Ollama stub: keys, model picker, streamed chat, stop, PDF/image thumbnails and analysis, errors a person can
-read, and real transcriptions (an upload and a recording from Chromium's fake microphone). Every request the browser
-makes is routed through a guard that aborts it and fails the test when it leaves loopback. Screenshots of each step
-go to tests/artifacts/webui-*.png (git-ignored)."""
+read, and real transcriptions with the multilingual whisper base (a German upload and an English recording from
+Chromium's fake microphone, each with its detected language). Every request the browser makes is routed through a
+guard that aborts it and fails the test when it leaves loopback. Screenshots of each step go to
+tests/artifacts/webui-*.png (git-ignored)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import pytest
 from PIL import Image, ImageDraw
 from playwright.sync_api import BrowserContext, Page, Playwright, Route, expect, sync_playwright
 
+from bench.sttLanguages import UMLAUT_RATE, UMLAUT_TEXT, UMLAUT_WORDS, speakIn
+from bench.whisperBaseModel import whisperBaseDir
 from config import MODEL_MAPPING
 from tests.conftest import API_KEY, OPENAI_KEY, REPO_ROOT, ServiceProcess
 from tests.ollamaStub import PROMPT_ECHO_CHARS, REPLY_TEMPLATE, StubServer
@@ -462,25 +465,29 @@ def test_modelNotPulledAndOllamaDownAreExplained(serviceFactory, stub, openBrows
 
 
 @pytest.mark.stt
-def test_audioUploadGivesTheTranscript(serviceFactory, stub, openBrowser, tmp_path: Path) -> None:
-    whisper = WhisperProcess(tmp_path).start()
+def test_audioUploadGivesTheTranscriptAndItsLanguage(serviceFactory, stub, openBrowser, tmp_path: Path) -> None:
+    """Multilingual whisper base: an uploaded German clip (umlauts intact, German detected), then an English
+    recording from Chromium's fake microphone (English detected)."""
+    whisper = WhisperProcess(tmp_path, model=str(whisperBaseDir())).start()
     try:
         service = startService(serviceFactory, stub, PRIVATE_LLM_WHISPER__BASE_URL=whisper.baseUrl,
                                PRIVATE_LLM_WHISPER__ENABLED="true")
         waitForHealth(service, lambda health: health["whisper"]["reachable"])
+        german = speakIn(UMLAUT_TEXT, tmp_path / "german.wav", UMLAUT_RATE, voice="de")
         speech = speak(SHORT_TEXT, tmp_path / "speech.wav")
         microphone = ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                       f"--use-file-for-fake-audio-capture={speech}%noloop")
         page = openPage(openBrowser(*microphone), service, "poweron-transcribe")
         expect(page.locator("#tabAudio")).to_have_attribute("aria-selected", "true")
-        page.set_input_files("#audioFile", str(speech))
+        page.set_input_files("#audioFile", str(german))
         expect(page.locator("#audioPlayer")).to_be_visible()
         page.click("#audioSend")
         answer = lastAnswer(page, "#audioResult")
         waitUntilDone(answer, timeout=90_000)
         expect(alertOf(page)).to_be_hidden()
         transcript = answer.locator(".answerText").text_content()
-        assert wordErrorRate(SHORT_TEXT, transcript) < MAX_WORD_ERROR_RATE, transcript
+        assert all(word in transcript for word in UMLAUT_WORDS), transcript
+        expect(answer.locator(".transcriptLanguage")).to_have_text("Language: German (detected)")
         expect(answer.locator(".metrics")).to_contain_text(re.compile(r"first text [\d.]+ m?s · total"))
         shoot(page, "20-audio-transcript")
 
@@ -496,6 +503,7 @@ def test_audioUploadGivesTheTranscript(serviceFactory, stub, openBrowser, tmp_pa
         expect(alertOf(page)).to_be_hidden()
         heard = recorded.locator(".answerText").text_content()
         assert wordErrorRate(SHORT_TEXT, heard) < MAX_WORD_ERROR_RATE, heard
+        expect(recorded.locator(".transcriptLanguage")).to_have_text("Language: English (detected)")
         shoot(page, "21-audio-recorded")
     finally:
         whisper.stop()

@@ -13,6 +13,7 @@ from config import WhisperSettings, resolveModel
 from core.errors import ServiceError
 from tests.whisperSupport import FAKE_PDF, silenceWav, toneWav
 from whisperServer.engine import AdmissionControl, WhisperEngine, decodeAudio, resolveComputeType
+from whisperServer.languages import LANGUAGE_NAMES, languageCode, languageName
 from whisperServer.transcriptFormats import (
     Transcript,
     TranscriptSegment,
@@ -56,6 +57,26 @@ def test_jsonTextAndVerboseJson() -> None:
     assert verbose["words"] == [{"word": "Hello", "start": 0.0, "end": 0.3}, {"word": "Goodbye.", "start": 3723.25,
                                                                               "end": 3723.55}]
     assert "words" not in renderTranscript(TRANSCRIPT, "verbose_json")
+    assert verbose["language"] == "english" and verbose["task"] == "transcribe"
+
+
+def test_verboseJsonNamesTheLanguageAsOpenAiDoes() -> None:
+    """OpenAI's verbose_json carries the language's English name; a translation's text is always English."""
+    german = Transcript(task="transcribe", language="de", duration=2.0, segments=[segment(0, 0.0, 1.9, " Grüße.")])
+    assert renderTranscript(german, "verbose_json")["language"] == "german"
+    translated = Transcript(task="translate", language="de", duration=2.0, segments=[])
+    assert renderTranscript(translated, "verbose_json")["language"] == "english"
+    assert languageName("haw") == "hawaiian" and languageName("yue") == "cantonese" and languageName("xx") == "xx"
+    assert len(LANGUAGE_NAMES) == 100
+
+
+@pytest.mark.parametrize("value", ["de", "DE", " de ", "de-DE", "de_AT", "German"])
+def test_languageCodesAreUnderstoodInTheirUsualSpellings(value: str) -> None:
+    assert languageCode(value) == "de"
+
+
+def test_unknownLanguageSpellingsStayAsTheyAre() -> None:
+    assert languageCode("klingon") == "klingon" and languageCode("haw") == "haw" and languageCode("zh-TW") == "zh"
 
 
 def test_translationsCarryNoUsageAndEmptyTranscriptsStayEmpty() -> None:

@@ -11,16 +11,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from openai import AsyncOpenAI
 
-from app import createApp
-from core.requestContext import RequestMeta
 from tests.conftest import OPENAI_KEY
 from tests.whisperSupport import (
     FAKE_PDF,
     MAX_WORD_ERROR_RATE,
     SHORT_TEXT,
+    Service,
     WhisperProcess,
+    openService,
     parseCues,
     parseSse,
     speak,
@@ -48,25 +47,6 @@ def whisper(workDir: Path) -> Iterator[WhisperProcess]:
     service.stop()
 
 
-class Service:
-    """The main app in-process with its lifespan, an SDK client and the request metadata observers saw."""
-
-    def __init__(self, app, sdk: AsyncOpenAI, http: httpx.AsyncClient, metas: list[RequestMeta]) -> None:
-        self.app, self.sdk, self.http, self.metas = app, sdk, http, metas
-
-
-@contextlib.asynccontextmanager
-async def openService(settings) -> AsyncIterator[Service]:
-    app = createApp(settings)
-    metas: list[RequestMeta] = []
-    app.state.requestObservers.append(metas.append)
-    async with app.router.lifespan_context(app):
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://service", timeout=120)
-        async with AsyncOpenAI(base_url="http://service/v1", api_key=OPENAI_KEY, http_client=http,
-                               max_retries=0) as sdk:
-            yield Service(app, sdk, http, metas)
-
-
 @pytest.fixture
 async def service(whisper: WhisperProcess, makeSettings) -> AsyncIterator[Service]:
     """The main service with the real whisper service beside it."""
@@ -89,7 +69,7 @@ async def test_sdkVerboseJsonWithWordsAndSubtitles(service: Service, shortSpeech
     verbose = await service.sdk.audio.transcriptions.create(
         file=("speech.wav", shortSpeech), model="poweron-transcribe", response_format="verbose_json",
         timestamp_granularities=["word", "segment"])
-    assert verbose.language == "en" and verbose.segments and verbose.words
+    assert verbose.language == "english" and verbose.segments and verbose.words
     assert [s.start for s in verbose.segments] == sorted(s.start for s in verbose.segments)
     assert wordErrorRate(SHORT_TEXT, " ".join(w.word for w in verbose.words)) < MAX_WORD_ERROR_RATE
     srt = await service.sdk.audio.transcriptions.create(file=("speech.wav", shortSpeech), model="whisper-1",
@@ -127,11 +107,24 @@ async def test_transcribeIsListedWhileWhisperAnswers(service: Service) -> None:
 
 
 @pytest.mark.stt
+async def test_anEnglishOnlyModelRefusesGermanWithAClear400(service: Service, shortSpeech: bytes) -> None:
+    """tiny.en would answer German speech with English words: language=de is refused before any work."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        await service.sdk.audio.transcriptions.create(file=("speech.wav", shortSpeech), model="whisper-1",
+                                                      language="de")
+    error = refused.value.body
+    assert error["code"] == "unsupported_language" and error["param"] == "language"
+    assert error["message"] == ("language 'de' (german) cannot be transcribed: the speech-to-text model is "
+                                "English-only; send English audio, or leave language empty")
+    assert service.metas[-1].status == 400
+
+
+@pytest.mark.stt
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # openai-python flags audio.translations
 async def test_sdkTranslatesThroughTheMainService(service: Service, shortSpeech: bytes) -> None:
     result = await service.sdk.audio.translations.create(file=("speech.wav", shortSpeech), model="whisper-1",
                                                          response_format="verbose_json")
-    assert result.language == "en" and 5 < result.duration < 9
+    assert result.language == "english" and 5 < result.duration < 9
     assert wordErrorRate(SHORT_TEXT, result.text) < MAX_WORD_ERROR_RATE, result.text
     meta = service.metas[-1]
     assert meta.path == "/v1/audio/translations" and meta.status == 200

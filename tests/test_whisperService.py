@@ -77,7 +77,7 @@ def test_jsonTranscriptMatchesTheSpokenText(client: httpx.Client, speech: dict[s
 
 def test_verboseJsonHasSegmentsWithIncreasingTimestamps(client: httpx.Client, speech: dict[str, bytes]) -> None:
     body = transcribe(client, speech["long"], response_format="verbose_json").json()
-    assert body["task"] == "transcribe" and body["language"] == "en" and 25 < body["duration"] < 45
+    assert body["task"] == "transcribe" and body["language"] == "english" and 25 < body["duration"] < 45
     assert wordErrorRate(LONG_TEXT, body["text"]) < MAX_WORD_ERROR_RATE, body["text"]
     segments = body["segments"]
     assert len(segments) >= 3
@@ -142,7 +142,7 @@ def test_silenceGivesAnEmptyTranscript(client: httpx.Client) -> None:
     response = transcribe(client, silenceWav(3.0))
     assert response.status_code == 200 and response.json()["text"] == ""
     streamed = parseSse(transcribe(client, silenceWav(2.0), stream="true").text)
-    assert streamed == [{"type": "transcript.text.done", "text": ""}]
+    assert streamed == [{"type": "transcript.text.done", "text": "", "language": "english"}]
 
 
 def test_truncatedWavTranscribesWhatIsThere(client: httpx.Client, speech: dict[str, bytes]) -> None:
@@ -182,7 +182,8 @@ def test_truncatedCompressedAudioIsRefused(client: httpx.Client, speech: dict[st
     ({"model": "gpt-4o-transcribe"}, 404, "model", "does not exist"),
     ({"model": ""}, 400, "model", "is required"),
     ({"temperature": "hot"}, 400, "temperature", "from 0 to 1"),
-    ({"language": "de"}, 400, "language", "not supported by the model (supported: en)"),
+    ({"language": "de"}, 400, "language", "'de' (german) cannot be transcribed: the speech-to-text model is English"),
+    ({"language": "German"}, 400, "language", "'de' (german) cannot be transcribed"),
     ({"stream": "true", "response_format": "srt"}, 400, "stream", "json or text"),
     ({"timestamp_granularities[]": "word"}, 400, "timestamp_granularities", "verbose_json"),
     ({"timestamp_granularities[]": "sentence"}, 400, "timestamp_granularities", "segment and word"),

@@ -62,7 +62,8 @@ from config import WhisperSettings, buildModelMapping
 from core.errors import ServiceError, openAiErrorBody
 from tests.ollamaStub import ThreadedServer
 from whisperServer.engine import AdmissionControl
-from whisperServer.service import FORM_OVERHEAD_BYTES, AudioRequest, parseAudioForm, readLimitedForm, sseEvent
+from whisperServer.service import (FORM_OVERHEAD_BYTES, AudioRequest, doneEvent, parseAudioForm, readLimitedForm,
+                                   sseEvent)
 from whisperServer.transcriptFormats import MEDIA_TYPES, Transcript, TranscriptSegment, renderTranscript
 
 HOST = "127.0.0.1"
@@ -339,7 +340,7 @@ class AudioExchange:
                 await self.sendEvent(MALFORMED_EVENT)
         if not await self.pause(self.state.config.eventDelayMs / 1000):
             return
-        await self.sendEvent(sseEvent({"type": "transcript.text.done", "text": transcript.text}), final=True)
+        await self.sendEvent(doneEvent(transcript), final=True)
 
     async def sendEvent(self, event: bytes, final: bool = False) -> None:
         await self.send({"type": "http.response.body", "body": event, "more_body": True})

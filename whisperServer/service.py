@@ -27,6 +27,7 @@ from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, unti
 from core.errors import ServiceError, installErrorHandlers, openAiErrorBody
 from core.requestContext import RequestContextMiddleware, RequestMeta
 from whisperServer.engine import ModelLoadError, TranscriptionJob, WhisperEngine
+from whisperServer.languages import languageCode, languageName
 from whisperServer.transcriptFormats import (
     MEDIA_TYPES,
     RESPONSE_FORMATS,
@@ -130,12 +131,22 @@ def _flag(form: FormData, name: str) -> bool:
 
 
 def _language(form: FormData, supported: frozenset[str]) -> str | None:
-    language = (_field(form, "language") or "").lower() or None
-    if language is not None and supported and language not in supported:
-        listed = ", ".join(sorted(supported)) if len(supported) < 10 else f"{len(supported)} ISO-639-1 codes"
-        raise ServiceError(400, f"language '{language[:20]}' is not supported by the model (supported: {listed})",
-                           param="language", code="unsupported_language")
-    return language
+    """The ISO-639-1 code (``de``; ``de-DE`` and ``german`` are understood too), or None to detect it. A code the
+    model cannot transcribe is a 400: an English-only model would answer German speech with English words."""
+    raw = _field(form, "language")
+    if not raw:
+        return None
+    language = languageCode(raw)
+    if not supported or language in supported:
+        return language
+    named = f"'{language[:20]}'" + (f" ({languageName(language)})" if language != languageName(language) else "")
+    if supported == {"en"}:
+        raise ServiceError(400, f"language {named} cannot be transcribed: the speech-to-text model is English-only; "
+                           "send English audio, or leave language empty", param="language",
+                           code="unsupported_language")
+    listed = ", ".join(sorted(supported)) if len(supported) < 10 else f"{len(supported)} ISO-639-1 codes"
+    raise ServiceError(400, f"language {named} is not supported by the model (supported: {listed})",
+                       param="language", code="unsupported_language")
 
 
 def _wantsWords(form: FormData, responseFormat: str) -> bool:
@@ -194,6 +205,12 @@ def sseEvent(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+def doneEvent(transcript: Transcript) -> bytes:
+    """The stream's last event: the whole text, and the language as verbose_json names it (a PowerOn extension of
+    OpenAI's event, so a streaming client learns what was detected)."""
+    return sseEvent({"type": "transcript.text.done", "text": transcript.text, "language": transcript.languageName})
+
+
 async def transcriptEvents(first: TranscriptSegment | Transcript,
                            items: AsyncIterator[TranscriptSegment | Transcript],
                            form: FormData) -> AsyncIterator[bytes]:
@@ -206,7 +223,7 @@ async def transcriptEvents(first: TranscriptSegment | Transcript,
             if delta:
                 yield sseEvent({"type": "transcript.text.delta", "delta": delta})
             item = await anext(items)
-        yield sseEvent({"type": "transcript.text.done", "text": item.text})
+        yield doneEvent(item)
     except ServiceError as exc:
         yield sseEvent(openAiErrorBody(exc))
     finally:

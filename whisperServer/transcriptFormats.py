@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from whisperServer.languages import languageName
+
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 MEDIA_TYPES = {"json": "application/json", "verbose_json": "application/json", "text": "text/plain; charset=utf-8",
                "srt": "text/plain; charset=utf-8", "vtt": "text/vtt; charset=utf-8"}
@@ -39,6 +41,12 @@ class Transcript:
     @property
     def text(self) -> str:
         return "".join(segment.text for segment in self.segments).strip()
+
+    @property
+    def languageName(self) -> str:
+        """The language as OpenAI names it: the spoken one's English name ("german"); "english" for a
+        translation (its text is English whatever was spoken)."""
+        return "english" if self.task == "translate" else languageName(self.language)
 
 
 def segmentFromWhisper(segment: Any, index: int, previousEnd: float) -> TranscriptSegment:
@@ -80,7 +88,7 @@ def toVerboseJson(transcript: Transcript, withWords: bool) -> dict[str, Any]:
     for segment in transcript.segments:
         entry = {name: getattr(segment, name) for name in TranscriptSegment.__slots__ if name != "words"}
         segments.append(entry)
-    body: dict[str, Any] = {"task": transcript.task, "language": transcript.language,
+    body: dict[str, Any] = {"task": transcript.task, "language": transcript.languageName,
                             "duration": round(transcript.duration, 3), "text": transcript.text, "segments": segments}
     if withWords:
         body["words"] = [word for segment in transcript.segments for word in segment.words]
