@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import sys
 from collections.abc import Mapping
@@ -309,24 +310,44 @@ def checkStartupSafety(settings: Settings) -> None:
                               "server (set [server] allow_remote_upstream = true only if that host is yours)")
 
 
+def settingSource(section: str, key: str) -> str:
+    """Where [section] key comes from: the environment variable that overrides it (systemd sets them from
+    secrets.env), else the INI file."""
+    envName = f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+    if any(name.upper() == envName for name in os.environ):
+        return f"environment variable {envName} (from the service's environment, e.g. secrets.env)"
+    return str(Path(os.environ.get(CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH)))
+
+
 def _describeValidationError(exc: ValidationError) -> str:
-    path = Path(os.environ.get(CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH))
     first = exc.errors()[0]
     location = [str(part) for part in first["loc"]]
-    where = f"[{location[0]}] {'.'.join(location[1:])}" if len(location) > 1 else location[0] if location else "?"
+    if len(location) < 2:
+        return f"{settingSource('?', '?') if not location else location[0]}: {first['msg']}"
     envName = ENV_PREFIX + "__".join(part.upper() for part in location)
-    return f"{path}: {where}: {first['msg']} (or environment variable {envName})"
+    source = settingSource(location[0], location[1])
+    alternative = "" if source.startswith("environment") else f" (or environment variable {envName})"
+    return f"{source}: [{location[0]}] {'.'.join(location[1:])}: {first['msg']}{alternative}"
+
+
+def _withSource(message: str) -> str:
+    """A check's message ('[section] key: ...') prefixed by where that setting came from."""
+    named = re.match(r"\[(\w+)\] ([\w-]+)", message)
+    return f"{settingSource(named.group(1), named.group(2))}: {message}" if named else message
 
 
 def loadSettings(**overrides: Any) -> Settings:
-    """Load and validate settings; raises ConfigError with one clear message naming the file and key."""
+    """Load and validate settings; raises ConfigError with one clear message naming the key and where it came from
+    (the INI file, with the line for a malformed one, or the environment variable)."""
     try:
         settings = Settings(**overrides)
+        checkStartupSafety(settings)
     except ValidationError as exc:
         raise ConfigError(_describeValidationError(exc)) from None
+    except ConfigError as exc:
+        raise ConfigError(_withSource(str(exc))) from None
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    checkStartupSafety(settings)
+        raise ConfigError(_withSource(str(exc))) from None
     return settings
 
 

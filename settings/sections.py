@@ -195,8 +195,25 @@ def readIniFile(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: configuration file not found (copy config.ini.example or run 'make config.ini')")
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
+    raw = path.read_bytes()
     try:
-        parser.read(path, encoding="utf-8")
-    except (configparser.Error, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: malformed ({str(exc).splitlines()[0]})") from None
+        parser.read_string(raw.decode("utf-8"), source=str(path))
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: malformed: not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+    except configparser.Error as exc:
+        raise ConfigError(describeIniError(path, exc)) from None
     return {section.lower(): dict(parser.items(section)) for section in parser.sections()}
+
+
+def describeIniError(path: Path, exc: configparser.Error) -> str:
+    """configparser's error as '<file>, line <n>: malformed: <what>' (its own text puts the line on a second line)."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return (f"{path}, line {exc.lineno}: malformed: no section header before {exc.line.strip()[:60]!r} "
+                "(settings follow a [section] line)")
+    if isinstance(exc, configparser.ParsingError) and exc.errors:
+        line, text = exc.errors[0]
+        return f"{path}, line {line}: malformed: {text.strip()[:60]!r} is not 'key = value', a [section] or a comment"
+    if isinstance(exc, configparser.DuplicateSectionError | configparser.DuplicateOptionError) and exc.lineno:
+        return f"{path}, line {exc.lineno}: malformed: {str(exc).split(']: ', 1)[-1]}"
+    return f"{path}: malformed: {str(exc).splitlines()[0]}"

@@ -40,7 +40,7 @@ def test_missing_config_file_names_the_file(testIni: Path, monkeypatch: pytest.M
 
 def test_malformed_config_file_names_the_file(testIni: Path) -> None:
     testIni.write_text("this is not = an ini file\n[auth\n")
-    with pytest.raises(ConfigError, match=r"config.ini: malformed"):
+    with pytest.raises(ConfigError, match=r"config.ini, line 1: malformed"):
         loadSettings()
 
 

@@ -37,6 +37,8 @@ WORKERS = 2
 RENDER_TIMEOUT_SECONDS = 10.0
 CASE_SECONDS = 2 * RENDER_TIMEOUT_SECONDS + 10
 """Longest a case may take: a render timeout, or a crash, a fresh pool and one retry."""
+WARM_UP_SECONDS = 120.0
+"""The first request waits for the render workers to start (slow on a busy shared machine)."""
 PIXEL_BUDGET, MAX_PAGES, MAX_IMAGE_PIXELS = 60_000, 3, 50_000_000
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts" / "fuzz"
 SEEDS = seedDocuments()
@@ -118,6 +120,8 @@ def test_mutatedDocumentsThroughTheRealPreviewRoute(serviceFactory) -> None:
                               "PRIVATE_LLM_RATELIMIT__API_BURST": str(10 * HTTP_CASES)})
     failures, statuses = [], collections.Counter()
     with httpx.Client(base_url=service.baseUrl, headers={"X-API-Key": API_KEY}, timeout=CASE_SECONDS) as client:
+        warmUp = client.post("/api/preview", files={"file": ("ok.pdf", makePdf(1))}, timeout=WARM_UP_SECONDS)
+        assert warmUp.status_code == 200, "the render workers start before the cases are timed"
         for name, data in fuzzCases(FUZZ_SEED + 1, HTTP_CASES):
             fields = {"password": "fuzz"} if "encrypted" in name else {}
             try:
