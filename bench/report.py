@@ -364,6 +364,8 @@ def renderReport(results: dict[str, Any]) -> str:
     lines += memoryTable(results) + [""]
     lines += extraSection("benchPdf", "PDF analysis (`/api/analyze`)", (results.get("extra") or {}).get("pdf"))
     lines += extraSection("benchStt", "Speech to text", (results.get("extra") or {}).get("stt"))
+    lines += extraSection("benchAdmission", "Admission control and fair sharing (one GPU, 2 slots)",
+                          (results.get("extra") or {}).get("admission"))
     lines += HOT_PATH_HISTORY.splitlines() + [""]
     lines += _notesLines(results)
     return "\n".join(lines).rstrip() + "\n"

@@ -41,6 +41,16 @@ export class AnswerView {
 
   markFirst() {
     if (this.firstAt === null) this.firstAt = performance.now();
+    this.queued?.remove();
+  }
+
+  // The request waits in the service for a model slot (the stream's ": queued, position N" comments).
+  setQueued(position) {
+    if (!this.queued) {
+      this.queued = element("div", "note queued");
+      this.root.insertBefore(this.queued, this.text);
+    }
+    this.queued.textContent = `queued (position ${position})`;
   }
 
   addText(piece) {
@@ -77,6 +87,7 @@ export class AnswerView {
   // usage: {promptTokens, completionTokens} or null
   finish(usage) {
     this.root.classList.remove("streaming");
+    this.queued?.remove();
     const { ttft, total, generationMs } = this.timings();
     const parts = [`${this.firstLabel} ${ttft === null ? "–" : formatMs(ttft)}`, `total ${formatMs(total)}`];
     if (usage) {

@@ -102,10 +102,16 @@ export function postForm(path, keyClass, form, signal) {
   return callApi(path, keyClass, { method: "POST", body: form, signal, headers: { Accept: "text/event-stream" } });
 }
 
+const QUEUED_COMMENT = /^: ?queued, position (\d+)/;
+
+// A block is one event; the service's ": queued, position N" comment (a stream waiting for a model slot) becomes
+// a "queued" event with {type, position}, other comments are skipped.
 function parseEvent(block) {
   const data = [];
   let name = "message";
   for (const line of block.split("\n")) {
+    const queued = QUEUED_COMMENT.exec(line);
+    if (queued) return { event: "queued", data: JSON.stringify({ type: "queued", position: Number(queued[1]) }) };
     if (line.startsWith(":")) continue;
     const colon = line.indexOf(":");
     const field = colon < 0 ? line : line.slice(0, colon);

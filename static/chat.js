@@ -28,6 +28,10 @@ async function streamAnswer(request, answer, signal) {
   const result = { usage: null, note: "" };
   for await (const event of readSse(response)) {
     if (event.data === "[DONE]") return result;
+    if (event.event === "queued") {
+      answer.setQueued(JSON.parse(event.data).position);
+      continue;
+    }
     applyChunk(answer, JSON.parse(event.data), result);
   }
   throw new ApiError("The answer broke off: the stream ended without [DONE].");

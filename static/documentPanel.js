@@ -42,6 +42,7 @@ function applyEvent(answer, event, result) {
     answer.addNote(`Analysing page(s) ${pageList(event.pagesAnalysed)} of ${event.pageCount} · rendered in `
       + `${Math.round(event.durations.renderMs)} ms`);
   }
+  if (event.type === "queued") answer.setQueued(event.position);
   if (event.type === "page") answer.addText(`${answer.content() ? "\n\n" : ""}${event.marker}\n`);
   if (event.type === "thinking") answer.addThinking(event.text);
   if (event.type === "delta") answer.addText(event.text);

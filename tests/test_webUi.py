@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from playwright.sync_api import BrowserContext, Page, Playwright, Route, expect,
 from bench.sttLanguages import UMLAUT_RATE, UMLAUT_TEXT, UMLAUT_WORDS, speakIn
 from bench.whisperBaseModel import whisperBaseDir
 from config import MODEL_MAPPING
-from tests.conftest import API_KEY, OPENAI_KEY, REPO_ROOT, ServiceProcess
+from tests.conftest import API_KEY, OPENAI_KEY, OTHER_OPENAI_KEY, REPO_ROOT, ServiceProcess
 from tests.ollamaStub import PROMPT_ECHO_CHARS, REPLY_TEMPLATE, StubServer
 from tests.whisperSupport import MAX_WORD_ERROR_RATE, SHORT_TEXT, WhisperProcess, speak, wordErrorRate
 
@@ -536,3 +537,29 @@ def test_apiReferenceShowsTheDocumentReadWithTheTabsKey(serviceFactory, stub, op
     fetched = [headers for method, path, headers in browser.guard.requests if path == "/openapi.json"]
     assert fetched and all(headers.get("x-api-key") == API_KEY for headers in fetched)
 
+
+
+def test_aChatWaitingForAModelSlotShowsItsPlaceInTheQueue(serviceFactory, stub, openBrowser) -> None:
+    """One Ollama slot, held by another key's slow stream: the browser's chat shows "queued (position 1)" from the
+    stream's queue comments, then the answer (and the note goes)."""
+    service = startService(serviceFactory, stub, PRIVATE_LLM_OLLAMA__NUM_PARALLEL="1",
+                           PRIVATE_LLM_OLLAMA__QUEUE_NOTICE_SECONDS="0.2")
+    page = openPage(openBrowser(), service, "poweron-text-general")
+    httpx.post(stub.baseUrl + "/_stub/config", json={"chunks": 30, "chunkDelayMs": 150}).raise_for_status()
+    body = {"model": "poweron-text-general", "stream": True, "messages": [{"role": "user", "content": "hold"}]}
+    holder = threading.Thread(target=lambda: httpx.post(
+        service.baseUrl + "/v1/chat/completions", json=body, timeout=60,
+        headers={"Authorization": f"Bearer {OTHER_OPENAI_KEY}"}))
+    holder.start()
+    try:
+        waitForHealth(service, lambda health: any(q["slotsBusy"] == 1 for q in health.get("queues", [])))
+        sendChat(page, "Am I queued?")
+        answer = lastAnswer(page)
+        expect(answer.locator(".queued")).to_have_text("queued (position 1)", timeout=WAIT_MS)
+        shoot(page, "17-chat-queued")
+        waitUntilDone(answer, timeout=30_000)
+        expect(answer.locator(".queued")).to_have_count(0)
+        assert answer.locator(".answerText").text_content().startswith(STUB_REPLY_START)
+    finally:
+        holder.join(60)
+        httpx.post(stub.baseUrl + "/_stub/reset")
