@@ -83,6 +83,7 @@ class Rig:
         self.stub: BenchProcess | None = None
         self.service: BenchProcess | None = None
         self.baseUrl = ""
+        self.logPath = workDir / "service.log"
 
     def startStub(self) -> str:
         port = freePort()
@@ -93,11 +94,12 @@ class Rig:
         self.stub.waitForHttp(f"http://127.0.0.1:{port}/api/version", START_TIMEOUT_SECONDS)
         return f"http://127.0.0.1:{port}"
 
-    def startService(self, stubUrl: str, order: str, maxQueue: int) -> None:
+    def startService(self, stubUrl: str, order: str, maxQueue: int, logLevel: str = "warning") -> None:
         port = freePort()
         ini = self.workDir / f"service-{order}-{maxQueue}.ini"
+        self.logPath = self.workDir / f"service-{order}-{maxQueue}.log"
         ini.write_text(
-            f"[server]\nhost = 127.0.0.1\nport = {port}\nlog_level = warning\ngraceful_shutdown_seconds = 1\n\n"
+            f"[server]\nhost = 127.0.0.1\nport = {port}\nlog_level = {logLevel}\ngraceful_shutdown_seconds = 1\n\n"
             f"[ollama]\nbase_url = {stubUrl}\nnum_parallel = {SLOTS}\nmax_queue = {maxQueue}\n"
             f"max_queue_wait_seconds = 600\nqueue_order = {order}\n\n"
             f"[auth]\napi_keys = gateway={secrets.token_urlsafe(32)}\n"
@@ -106,8 +108,8 @@ class Rig:
             f"[whisper]\nenabled = false\n\n[warmup]\nmodels =\n", encoding="utf-8")
         env = {key: value for key, value in os.environ.items() if not key.startswith("PRIVATE_LLM_")}
         env["PRIVATE_LLM_CONFIG"] = str(ini)
-        self.service = BenchProcess(f"service-{order}", [sys.executable, "app.py"], env, 0,
-                                    self.workDir / f"service-{order}-{maxQueue}.log", REPO_ROOT).start()
+        self.service = BenchProcess(f"service-{order}", [sys.executable, "app.py"], env, 0, self.logPath,
+                                    REPO_ROOT).start()
         self.baseUrl = f"http://127.0.0.1:{port}"
         self.service.waitForHttp(self.baseUrl + "/health/liveliness", START_TIMEOUT_SECONDS)
         waitForModel(self.baseUrl, self.keys["A"])
@@ -250,6 +252,19 @@ async def _timedPost(http: httpx.AsyncClient, token: str) -> tuple[int, float, s
     return response.status_code, (time.monotonic() - started) * 1000, response.headers.get("retry-after", "")
 
 
+def refusalDurations(logPath: Path) -> dict[str, Any]:
+    """durationMs of the 503 queue_full answers in the service's access log: the time inside the service, from the
+    request's first byte to the end of its response, without the client's and the machine's queueing."""
+    durations = []
+    for line in logPath.read_text(encoding="utf-8", errors="replace").splitlines():
+        if '"queue_full"' in line and line.startswith("{"):
+            record = orjson.loads(line)
+            if record.get("status") == 503 and record.get("durationMs") is not None:
+                durations.append(record["durationMs"])
+    return {"requests": len(durations), "p50Ms": percentile(durations, 50), "p99Ms": percentile(durations, 99),
+            "maxMs": max(durations, default=0.0)}
+
+
 def runAll(setup: Setup) -> dict[str, Any]:
     results: dict[str, Any] = {"slots": SLOTS, "tokens": setup.tokens, "tokenMs": setup.tokenMs,
                                "flood": setup.flood, "generationSeconds": setup.generationSeconds, "fairness": []}
@@ -261,8 +276,10 @@ def runAll(setup: Setup) -> dict[str, Any]:
                 rig.startService(stubUrl, order, setup.flood + 16)
                 results["fairness"].append(asyncio.run(fairnessRun(rig, order, count)))
                 rig.stopService()
-            rig.startService(stubUrl, "fair", OVERLOAD_QUEUE)
+            rig.startService(stubUrl, "fair", OVERLOAD_QUEUE, logLevel="info")
             results["overload"] = asyncio.run(overloadRun(rig, stubUrl))
+            rig.stopService()
+            results["overload"]["serviceSide"] = refusalDurations(rig.logPath)
         finally:
             rig.stop()
     return results
@@ -296,6 +313,11 @@ def reportMarkdown(results: dict[str, Any]) -> str:
         if floor:
             lines[-1] += (f" For comparison, `GET /v1/models` {label} in the same run: p50 {floor['p50Ms']:.1f} ms, "
                           f"p99 {floor['p99Ms']:.1f} ms, max {floor['maxMs']:.1f} ms.")
+    inside = (results.get("overload") or {}).get("serviceSide")
+    if inside and inside["requests"]:
+        lines += ["", f"Inside the service (access log `durationMs` of the {inside['requests']} `queue_full` answers, "
+                  f"both runs): p50 {inside['p50Ms']:.1f} ms, p99 {inside['p99Ms']:.1f} ms, max {inside['maxMs']:.1f} "
+                  f"ms (goal {OVERLOAD_GOAL_MS:g} ms: {'met' if inside['maxMs'] <= OVERLOAD_GOAL_MS else 'missed'})."]
     return "\n".join(lines)
 
 
