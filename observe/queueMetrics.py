@@ -70,7 +70,9 @@ class QueueLabels:
         self.keys = frozenset(settings.apiKeys) | frozenset(settings.openAiKeys)
 
     def model(self, name: str) -> str:
-        return name if name in self.models else NO_LABEL
+        """The Ollama name as called (the registry may add the ``:latest`` tag Ollama lists) if configured."""
+        known = name in self.models or name.removesuffix(":latest") in self.models
+        return name if known else NO_LABEL
 
     def key(self, name: str) -> str:
         return name if name in self.keys else NO_LABEL

@@ -159,3 +159,11 @@ async def test_healthAndMetricsShowTheQueues(service: Service) -> None:
     assert f'poweron_queue_refused_total{{key="cursor",model="{model}",reason="queue_full",upstream="default"}} 1.0' \
         in metrics
     assert "poweron_queue_wait_seconds_bucket" in metrics
+
+
+async def test_queueMetricLabelsComeFromTheConfiguration(service: Service) -> None:
+    from observe.queueMetrics import QueueLabels
+
+    labels = QueueLabels(service.app.state.settings)
+    assert labels.model("nomic-embed-text:latest") == "nomic-embed-text:latest" and labels.model("x:1b") == "none"
+    assert labels.key("cursor") == "cursor" and labels.key("somebodyElse") == "none"
