@@ -173,3 +173,30 @@ async def test_previewAnswersEveryHostileUploadWithA4xxAndARequestId(client: htt
     assert tall.status_code == 200 and all(max(thumbnail["width"], thumbnail["height"]) <= 65_500
                                            for thumbnail in tall.json()["thumbnails"])
     assert (await client.post("/api/preview", files={"file": ("ok.pdf", makePdf(1))})).status_code == 200
+
+
+@pytest.fixture
+async def analysisClient(makeSettings, stub) -> AsyncIterator[httpx.AsyncClient]:
+    """The service in-process with the Ollama stub, so /api/analyze gets as far as rendering."""
+    app = createApp(makeSettings(ollama={"base_url": stub.baseUrl}))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://service", headers={"X-API-Key": API_KEY},
+            timeout=60.0) as http:
+        yield http
+
+
+async def test_analyzeAnswersEveryHostileUploadWithA4xxAndRendersLongThinPages(
+        analysisClient: httpx.AsyncClient) -> None:
+    """/api/analyze renders at the model's budget (2 MP for poweron-vision-general): a 1 x 10^7 point page would be
+    a 1 x 5 million pixel image there, beyond JPEG's 65,500 px (was a 500); now it is drawn within it."""
+    async def analyze(data: bytes) -> httpx.Response:
+        return await analysisClient.post("/api/analyze", files={"file": ("upload.pdf", data)},
+                                         data={"prompt": "What is the total?"})
+
+    for name, data in HOSTILE_UPLOADS.items():
+        response = await analyze(data)
+        assert response.status_code in (413, 422), (name, response.status_code, response.text)
+        assert response.json()["code"] in ("damaged_pdf", "image_too_large"), name
+    tall = await analyze(makeRawPagesPdf(mediaBox=b"[0 0 1 1e7]"))
+    assert tall.status_code == 200, tall.text
+    assert all(max(image["width"], image["height"]) <= 65_500 for image in tall.json()["images"])
