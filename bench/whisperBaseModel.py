@@ -42,9 +42,16 @@ def packageParts() -> tuple[Path, Path]:
 
 
 def cacheRoot() -> Path:
+    """$POWERON_MODEL_CACHE, else the user's cache directory; the temporary directory when that is not writable
+    (a CI runner with a read-only home)."""
     if configured := os.environ.get(CACHE_ENV):
         return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "poweron"
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "poweron"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"poweron-{os.getuid()}"
+    return root if os.access(root, os.W_OK) else Path(tempfile.gettempdir()) / f"poweron-{os.getuid()}"
 
 
 def isComplete(modelDir: Path) -> bool:

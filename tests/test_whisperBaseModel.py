@@ -4,6 +4,7 @@ checked (size and SHA-256 when built; size and the verification stamp when reuse
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,18 @@ def test_partsThatDoNotMakeThePinnedHashAreRefused(fakeParts: Path, monkeypatch:
     with pytest.raises(ModelAssemblyError, match="expected 38 bytes, 0000"):
         assemble(fakeParts)
     assert not fakeParts.exists() and list(fakeParts.parent.iterdir()) == []
+
+
+def test_theCacheFallsBackToTheTemporaryDirectoryWhenHomeIsUnusable(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(whisperBaseModel.CACHE_ENV, raising=False)
+    notADirectory = tmp_path / "home-cache"
+    notADirectory.write_text("a file where the cache directory would go", encoding="utf-8")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(notADirectory))
+    monkeypatch.setattr(whisperBaseModel.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert whisperBaseModel.cacheRoot() == tmp_path / "tmp" / f"poweron-{os.getuid()}"
+    monkeypatch.setenv(whisperBaseModel.CACHE_ENV, str(tmp_path / "chosen"))
+    assert whisperBaseModel.cacheRoot() == tmp_path / "chosen"
 
 
 def test_theInstalledPackagesMakeTheRealModel() -> None:
