@@ -17,7 +17,7 @@ function fileNameFor(blob) {
 }
 
 // The done event names the language as verbose_json does ("german"): detected, or the one the form gave.
-export function languageNote(name, given) {
+function languageNote(name, given) {
   const shown = name ? name.charAt(0).toUpperCase() + name.slice(1) : "unknown";
   return `Language: ${shown} (${given ? "as given" : "detected"})`;
 }

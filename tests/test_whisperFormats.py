@@ -67,7 +67,10 @@ def test_verboseJsonNamesTheLanguageAsOpenAiDoes() -> None:
     translated = Transcript(task="translate", language="de", duration=2.0, segments=[])
     assert renderTranscript(translated, "verbose_json")["language"] == "english"
     assert languageName("haw") == "hawaiian" and languageName("yue") == "cantonese" and languageName("xx") == "xx"
-    assert len(LANGUAGE_NAMES) == 100
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    assert set(LANGUAGE_NAMES) == set(_LANGUAGE_CODES), "a name for every language faster-whisper can report"
+    assert len(set(LANGUAGE_NAMES.values())) == len(LANGUAGE_NAMES)
 
 
 @pytest.mark.parametrize("value", ["de", "DE", " de ", "de-DE", "de_AT", "German"])
