@@ -205,3 +205,60 @@ async def test_a_connection_cut_while_the_server_works_is_not_replayed() -> None
     second, requests = await _secondRequestClosedAfter(0.8)
     assert isinstance(second, httpx.RemoteProtocolError)
     assert requests == 2
+
+
+async def _streamsOverSeparateWrites(streams: int) -> tuple[list[int], int, list[bytes]]:
+    """A server that streams NDJSON as Ollama does, one chunk per write and the chunked terminator in a write of its
+    own after the done line; returns the content lines per stream, the connections it saw and the request heads."""
+    connections: list[int] = []
+    heads: list[bytes] = []
+    lines = [b'{"message":{"content":"w%d "},"done":false}\n' % index for index in range(3)]
+    lines.append(b'{"message":{"content":""},"done":true,"eval_count":3}\n')
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                heads.append(head)
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+                for line in lines:
+                    writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    client = await clientFor(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    counts = []
+    for _ in range(streams):
+        stream = await client.openStream("/api/chat", HELLO, "poweron-text-general")
+        try:
+            counts.append(len([chunk async for chunk in stream.chunks()]))
+        finally:
+            await stream.aclose()
+    await client.http.aclose()
+    server.close()
+    return counts, len(connections), heads
+
+
+async def test_a_finished_stream_returns_its_connection_even_when_the_end_of_the_body_comes_later() -> None:
+    """Ollama writes the chunked body's terminator after the done line: the stream reads it (briefly) so the
+    connection is reused instead of closed, and the next stream needs no new connection."""
+    counts, connections, _ = await _streamsOverSeparateWrites(3)
+    assert counts == [4, 4, 4]
+    assert connections == 1
+
+
+async def test_calls_go_straight_to_the_transport_with_a_plain_request_head() -> None:
+    _, _, heads = await _streamsOverSeparateWrites(1)
+    head = heads[0].decode("latin-1").lower()
+    assert head.startswith("post /api/chat http/1.1\r\n")
+    assert "\r\nhost: 127.0.0.1:" in head and "\r\ncontent-type: application/json\r\n" in head
+    assert "user-agent" not in head and "accept-encoding" not in head  # not httpx's client layer

@@ -24,6 +24,10 @@ EMBED_PATHS = frozenset({"/api/embed", "/api/embeddings"})
 ADMITTED_PATHS = frozenset({"/api/chat", "/api/generate"}) | EMBED_PATHS
 """Calls that occupy one of Ollama's slots of the model named in the payload, so they pass admission control."""
 ANONYMOUS_KEY = "anonymous"
+LEAN_TRANSPORT_ATTRIBUTE = "poweronLeanTransport"
+"""The UpstreamTransport createHttpClient mounted: OllamaClient calls it directly, without httpx's client layer."""
+DONE_FINISH_SECONDS = 0.25
+"""After a stream's done line, how long to wait for the end of its HTTP body so the connection can be kept."""
 
 
 class UpstreamError(ServiceError):
@@ -39,11 +43,14 @@ def createHttpClient(connectTimeout: float, readTimeout: float, maxConnections: 
     limits = httpx.Limits(max_connections=maxConnections, max_keepalive_connections=maxConnections,
                           keepalive_expiry=60.0)
     pattern = mountPattern(fastUpstreamUrl) if fastUpstreamUrl else None
-    mounts = None
-    if pattern is not None:
-        fallback = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-        mounts = {pattern: UpstreamTransport(maxConnections, fallback, keepaliveExpiry=60.0)}
-    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, follow_redirects=False, mounts=mounts)
+    if pattern is None:
+        return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, follow_redirects=False)
+    fallback = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    transport = UpstreamTransport(maxConnections, fallback, keepaliveExpiry=60.0)
+    client = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, follow_redirects=False,
+                               mounts={pattern: transport})
+    setattr(client, LEAN_TRANSPORT_ATTRIBUTE, transport)
+    return client
 
 
 def _errorMessageOf(body: bytes) -> str:
@@ -133,6 +140,7 @@ class OllamaStream:
                     chunk = parseStreamLine(line)
                     yield chunk
                     if chunk.get("done"):
+                        await self.finishBody()
                         return
             if pending.strip():  # a last line without its newline
                 chunk = parseStreamLine(pending)
@@ -147,6 +155,13 @@ class OllamaStream:
             self.upstreamSeconds = time.perf_counter() - self.startedAt
             self.releaseSlot()
         raise UpstreamError(502, TRUNCATED_STREAM_MESSAGE, code="upstream_stream_error")
+
+    async def finishBody(self) -> None:
+        """Ollama ends the chunked body just after the done line: read that end (briefly) so the connection is
+        reused instead of closed (a lean response only; httpx's own responses close as before)."""
+        finish = getattr(self.response, "finish", None)
+        if finish is not None:
+            await finish(DONE_FINISH_SECONDS)
 
     def releaseSlot(self) -> None:
         if self.ticket is not None:
@@ -163,6 +178,7 @@ class OllamaClient:
     def __init__(self, http: httpx.AsyncClient, baseUrl: str, admission: Admission | None = None,
                  upstreamName: str = DEFAULT_UPSTREAM, queueNoticeSeconds: float = 3.0) -> None:
         self.http = http
+        self.lean: UpstreamTransport | None = getattr(http, LEAN_TRANSPORT_ATTRIBUTE, None)
         self.baseUrl = baseUrl.rstrip("/")
         self.urls: dict[str, httpx.URL] = {}
         """Parsed URL per path (httpx re-parses a URL string on every request)."""
@@ -232,6 +248,20 @@ class OllamaClient:
             raise
         return ticket
 
+    async def send(self, method: str, path: str, content: bytes | None, timeout: float | None, stream: bool) -> Any:
+        """One call to Ollama: straight through the lean transport when createHttpClient mounted one, else through
+        httpx. The response is read to the end unless ``stream``; httpx's exceptions either way."""
+        timeouts = httpx.Timeout(timeout).as_dict() if timeout else None
+        if self.lean is not None:
+            response = await self.lean.send(method, self.url(path), content, timeouts or self.http.timeout.as_dict())
+            if not stream:
+                await response.aread()
+            return response
+        request = self.http.build_request(method, self.url(path), content=content,
+                                          headers={"Content-Type": "application/json"} if content else None,
+                                          extensions={"timeout": timeouts} if timeouts else None)
+        return await self.http.send(request, stream=stream)
+
     def url(self, path: str) -> httpx.URL:
         parsed = self.urls.get(path)
         if parsed is None:
@@ -254,11 +284,8 @@ class OllamaClient:
     async def _requestJson(self, method: str, path: str, payload: dict[str, Any] | None,
                            externalName: str | None, timeout: float | None) -> Any:
         content = orjson.dumps(payload) if payload is not None else None
-        extensions = {"timeout": httpx.Timeout(timeout).as_dict()} if timeout else None
         try:
-            response = await self.http.request(method, self.url(path), content=content,
-                                               headers={"Content-Type": "application/json"} if content else None,
-                                               extensions=extensions)
+            response = await self.send(method, path, content, timeout, stream=False)
         except httpx.HTTPError as exc:
             raise mapTransportError(exc, self.baseUrl) from None
         if response.status_code != 200:
@@ -291,10 +318,8 @@ class OllamaClient:
     async def _openStream(self, path: str, payload: dict[str, Any], externalName: str,
                           ticket: Ticket | None) -> OllamaStream:
         startedAt = time.perf_counter()
-        request = self.http.build_request("POST", self.url(path), content=orjson.dumps({**payload, "stream": True}),
-                                          headers={"Content-Type": "application/json"})
         try:
-            response = await self.http.send(request, stream=True)
+            response = await self.send("POST", path, orjson.dumps({**payload, "stream": True}), None, stream=True)
         except httpx.HTTPError as exc:
             raise mapTransportError(exc, self.baseUrl) from None
         if response.status_code != 200:

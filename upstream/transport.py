@@ -168,6 +168,41 @@ class UpstreamResponseStream(httpx.AsyncByteStream):
             self.pool.release(self.connection, self.key)
 
 
+class LeanResponse:
+    """A response read straight from the pool, without httpx's client and response layers (measured at 64
+    concurrent calls: 0.08 ms of CPU per call instead of 0.41 through httpx.AsyncClient, bench/transportAb.py).
+    The parts OllamaClient uses of httpx.Response: ``status_code``, ``headers``, ``url``, ``aiter_bytes()``,
+    ``aread()``/``content``, ``aclose()``; closing it before the end of the body closes the connection."""
+
+    def __init__(self, url: httpx.URL, connection: UpstreamConnection, stream: UpstreamResponseStream) -> None:
+        self.url, self.stream = url, stream
+        self.status_code = connection.status
+        self.headers = connection.headers
+        self.content = b""
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return self.stream.__aiter__()
+
+    async def aread(self) -> bytes:
+        try:
+            self.content = b"".join([chunk async for chunk in self.stream])
+        finally:
+            await self.stream.aclose()
+        return self.content
+
+    async def finish(self, timeout: float) -> None:
+        """After the last line the caller needs: read what is left of the body (the chunked terminator, which
+        Ollama writes after its done line) for at most ``timeout`` s, so that the connection can be kept."""
+        try:
+            while await self.stream.connection.nextChunk(timeout) is not None:
+                pass
+        except httpx.HTTPError:  # not in time or broken: the connection is closed when the response is
+            pass
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 def _requestHead(request: httpx.Request) -> bytes:
     parts = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
     for name, value in request.headers.raw:
@@ -198,6 +233,17 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         return httpx.Response(connection.status, headers=connection.headers,
                               stream=UpstreamResponseStream(self, connection, key, timeouts.get("read")),
                               extensions={"http_version": b"HTTP/1.1"})
+
+    async def send(self, method: str, url: httpx.URL, content: bytes | None,
+                   timeouts: dict[str, Any]) -> LeanResponse:
+        """One call without httpx's client layer: ``Host``, and for a body ``Content-Type: application/json`` and
+        ``Content-Length``; same pool, timeouts and httpx exceptions as ``handle_async_request``."""
+        key = (url.host, url.port or 80)
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode("ascii"), url.raw_path, url.netloc)
+        if content is not None:
+            head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(content)
+        connection = await self._exchange(key, head + b"\r\n" + (content or b""), timeouts)
+        return LeanResponse(url, connection, UpstreamResponseStream(self, connection, key, timeouts.get("read")))
 
     async def _exchange(self, key: ConnectionKey, data: bytes, timeouts: dict[str, Any]) -> UpstreamConnection:
         """Send the request and wait for the response head; once more on a fresh connection when a pooled one
