@@ -9,6 +9,7 @@ import threading
 from collections.abc import AsyncIterator
 
 import httpx
+import pymupdf
 import pytest
 
 from app import createApp
@@ -64,6 +65,16 @@ def test_inlineImagePixelBombIsRefusedBeforeRendering(inForm: bool) -> None:
     error = renderError(makePdfWithInlineImage(30000, 30000, inForm=inForm))
     assert (error.status, error.code) == (413, "image_too_large")
     assert "inline image of 30000x30000 pixels" in error.message and "max_image_pixels" in error.message
+
+
+@pytest.mark.parametrize("saveArgs", [{"deflate": True, "use_objstms": 1},
+                                      {"encryption": pymupdf.PDF_ENCRYPT_AES_256, "user_pw": "pw", "owner_pw": "o"}],
+                         ids=["compressed-object-streams", "encrypted"])
+def test_inlineImageIsFoundInCompressedAndEncryptedPdfs(saveArgs: dict) -> None:
+    data = pymupdf.open(stream=makePdfWithInlineImage(30000, 30000, inForm=True)).tobytes(**saveArgs)
+    with pytest.raises(DocumentError) as caught:
+        renderDocument(RenderJob(data, (), 5, BUDGET, MAX_PIXELS, "pw" if "user_pw" in saveArgs else None))
+    assert caught.value.code == "image_too_large"
 
 
 def test_inlineImageJustOverTheLimitIsRefusedAndOneAtTheLimitRenders() -> None:
