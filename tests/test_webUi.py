@@ -43,6 +43,7 @@ STUB_CHUNK_DELAY_MS = 40
 """Paces the stub's answers like a fast GPU (8 pieces in about a third of a second), so rates are measurable."""
 STUB_REPLY_START = "This is a deterministic reply from the Ollama stub to:"
 WAIT_MS = 15_000
+expect.set_options(timeout=WAIT_MS)  # assertions wait as long as actions: renders take seconds on a loaded machine
 RECORD_MS = 7_500
 """Recording time: the espeak-ng clip Chromium's fake microphone plays lasts about 6 s."""
 METRICS_WITH_USAGE = re.compile(r"TTFT [\d.]+ (?:ms|s) · total [\d.]+ (?:ms|s) · [\d.]+ tokens/s · \d+ prompt \+ "
