@@ -20,7 +20,8 @@ STATUS_MEANINGS = {
     429: "The key's rate or concurrency limit is reached; retry after Retry-After seconds",
     501: "Translation needs a translation model on the speech-to-text service",
     502: "The upstream (Ollama or the speech-to-text service) failed",
-    503: "The upstream is unreachable or busy, or every render worker is busy; retry after Retry-After seconds",
+    503: "The upstream is unreachable or busy, the model's queue in the service is full or the wait for a slot ran "
+         "out (queue_full, queue_timeout), or every render worker is busy; retry after Retry-After seconds",
     504: "The upstream did not answer in time",
 }
 RETRY_AFTER_HEADER = {"Retry-After": {"description": "Seconds to wait before retrying",
