@@ -607,7 +607,8 @@ def test_caddyLogsNoKeyForAHostInOtherLetterCase(tmp_path: Path):
         (tmp_path / "Caddyfile").write_text(caddySite(sink.port, port, logPath, host="llm.example.org"))
         home = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)}
         caddy = subprocess.Popen(["caddy", "run", "--config", str(tmp_path / "Caddyfile"), "--adapter", "caddyfile"],
-                                 cwd=tmp_path, env={**os.environ, **home}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 cwd=tmp_path, env={**os.environ, **home}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
         try:
             keys = {"llm.example.org": "key-lower-case-0123456789", "LLM.EXAMPLE.ORG": "key-upper-case-0123456789",
                     "Llm.Example.Org": "key-mixed-case-0123456789"}
