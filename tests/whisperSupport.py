@@ -111,7 +111,8 @@ def parseCues(subtitles: str) -> list[tuple[float, float, str]]:
 
 
 class WhisperProcess:
-    """``python -m whisperServer`` on 127.0.0.1 with tiny.en on cpu/int8, offline, with the network guard."""
+    """``python -m whisperServer`` on 127.0.0.1 with tiny.en (or ``model=`` another model directory, e.g. the
+    multilingual base from bench/whisperBaseModel.py) on cpu/int8, offline, with the network guard."""
 
     def __init__(self, workDir: Path, **whisperSettings: str) -> None:
         self.port = freePort()
