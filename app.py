@@ -22,7 +22,8 @@ import routeWeb
 from apidoc import openApi
 from config import ConfigError, Settings, loadSettings
 from core.clientDisconnect import installDisconnectHandler
-from core.errors import installErrorHandlers
+from core.errors import installErrorHandlers, sendInternalError
+from core.offload import OffloadPool
 from core.requestContext import RequestContextMiddleware, RequestObserver
 from documents.renderWorkers import RenderPool
 from guard.security import fastApiTelemetryOff, installSecurity, requireApiKey, requireOpenAiKey
@@ -49,6 +50,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                             settings.ollama.max_connections,
                             settings.ollama.base_url if settings.ollama.fast_transport else None)
     app.state.http = http
+    app.state.offload = OffloadPool(settings.limits.worker_threads)
     app.state.ollama = OllamaClient(http, settings.ollama.base_url, app.state.admission,
                                     queueNoticeSeconds=settings.ollama.queue_notice_seconds)
     app.state.registry = registry = ModelRegistry(settings, app.state.ollama, http)
@@ -75,11 +77,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await renderPool.close()
         await http.aclose()
         await lagMonitor.stop()
+        app.state.offload.close()
 
 
 def createApp(settings: Settings) -> FastAPI:
     """Build the service for the given settings."""
-    app = FastAPI(title="PowerOn private LLM service", version="1.0.0", lifespan=lifespan,
+    app = FastAPI(title="PowerOn private LLM service", version="1.0.0", lifespan=lifespan, redirect_slashes=False,
                   docs_url=None, redoc_url=None, openapi_url=None, **fastApiTelemetryOff())
     app.state.settings = settings
     app.state.admission = Admission(policyFromSettings(settings))
@@ -97,7 +100,7 @@ def createApp(settings: Settings) -> FastAPI:
     app.include_router(whisperProxy.router, dependencies=[Depends(requireOpenAiKey)])
     observers.append(logAccess)
     installSecurity(app, settings)
-    app.add_middleware(RequestContextMiddleware, observers=observers)
+    app.add_middleware(RequestContextMiddleware, observers=observers, renderError=sendInternalError)
     return app
 
 

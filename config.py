@@ -356,7 +356,7 @@ def writeInitialConfig(target: Path, example: Path = EXAMPLE_CONFIG_PATH) -> lis
     lines = example.read_text(encoding="utf-8").splitlines(keepends=True)
     filled: list[str] = []
     for index, line in enumerate(lines):
-        while PLACEHOLDER_MARKER in line:
+        while PLACEHOLDER_MARKER in line and not line.lstrip().startswith((";", "#")):
             start = line.index(PLACEHOLDER_MARKER)
             end = start + len(PLACEHOLDER_MARKER)
             while end < len(line) and (line[end].isalnum() or line[end] in "-_"):

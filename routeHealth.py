@@ -1,37 +1,54 @@
-"""Public health probes: /health (details), /health/liveliness and /health/readiness (LiteLLM/F13 convention)."""
+"""Health probes: /health, /health/liveliness and /health/readiness (LiteLLM/F13 convention).
+
+Without a key they say reachable/unreachable only; with a key of either class /health and /health/readiness add the
+details (Ollama's version, why it is unreachable, the available models, the admission queues). Internal URLs are never shown.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from core.requestContext import getMeta
+from guard.security import presentsValidKey
 from observe import healthSchemas
 from upstream.dependencies import RegistryDep
+from upstream.modelRegistry import ModelRegistry
 
 router = APIRouter(tags=["health"])
 
 
 def _queues(request: Request) -> list[dict]:
-    """Per upstream and model with traffic so far: slots busy / slots / queued (no key names: /health is public)."""
+    """Per upstream and model with traffic so far: slots busy / slots / queued (no key names)."""
     admission = getattr(request.app.state, "admission", None)
     return [{"upstream": entry["upstream"], "model": entry["model"], "slotsBusy": entry["slotsBusy"],
              "slots": entry["slots"], "queued": entry["queued"]} for entry in admission.snapshot()] if admission else []
 
 
+def _withDetails(request: Request) -> bool:
+    return presentsValidKey(request.scope, request.app.state.keyRings)
+
+
+def _healthBody(request: Request, registry: ModelRegistry, details: bool) -> dict:
+    ollama: dict = {"reachable": registry.ollamaReachable}
+    body: dict = {
+        "status": "ok" if registry.ollamaReachable else "degraded",
+        "ollama": ollama,
+        "whisper": {"enabled": registry.settings.whisper.enabled, "reachable": registry.whisperReachable},
+    }
+    if details:
+        available = registry.availableModels()
+        ollama.update(version=registry.ollamaVersion, reason=registry.ollamaError)
+        body["models"] = {"available": len(available), "configured": len(registry.settings.modelMapping),
+                          "names": [spec.externalName for spec in available]}
+        body["queues"] = _queues(request)
+    return body
+
+
 @router.get("/health", **healthSchemas.healthDoc())
 async def health(request: Request, registry: RegistryDep) -> JSONResponse:
-    """Overall status: ok while Ollama answers, degraded (with the reason) otherwise. No secrets."""
-    available = registry.availableModels()
-    body = {
-        "status": "ok" if registry.ollamaReachable else "degraded",
-        "ollama": {"reachable": registry.ollamaReachable, "version": registry.ollamaVersion,
-                   "reason": registry.ollamaError},
-        "whisper": {"enabled": registry.settings.whisper.enabled, "reachable": registry.whisperReachable},
-        "models": {"available": len(available), "configured": len(registry.settings.modelMapping),
-                   "names": [spec.externalName for spec in available]},
-        "queues": _queues(request),
-    }
-    return JSONResponse(body)
+    """Overall status: ok while Ollama answers, degraded otherwise; the details need a key of either class."""
+    return JSONResponse(_healthBody(request, registry, _withDetails(request)))
 
 
 @router.get("/health/liveliness", response_class=PlainTextResponse, **healthSchemas.livelinessDoc())
@@ -42,8 +59,13 @@ async def liveliness() -> PlainTextResponse:
 
 
 @router.get("/health/readiness", **healthSchemas.readinessDoc())
-async def readiness(registry: RegistryDep) -> JSONResponse:
-    """200 while Ollama is reachable, 503 otherwise."""
+async def readiness(request: Request, registry: RegistryDep) -> JSONResponse:
+    """200 while Ollama is reachable, 503 otherwise; Ollama's version or the reason need a key of either class."""
+    details = _withDetails(request)
     if registry.ollamaReachable:
-        return JSONResponse({"status": "healthy", "ollama_version": registry.ollamaVersion})
-    return JSONResponse({"status": "unhealthy", "reason": registry.ollamaError}, status_code=503)
+        return JSONResponse({"status": "healthy", **({"ollama_version": registry.ollamaVersion} if details else {})})
+    meta = getMeta(request)
+    if meta is not None:
+        meta.errorCode = "upstream_unavailable"
+    return JSONResponse({"status": "unhealthy", **({"reason": registry.ollamaError} if details else {})},
+                        status_code=503)

@@ -20,7 +20,9 @@ from starlette.responses import Response
 
 from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, UpstreamSseResponse, untilDisconnect
 from core.errors import ServiceError
+from core.offload import offloadOf
 from core.requestContext import RequestMeta, getMeta
+from guard.jsonBody import parseJsonBody
 from openaiCompat import wireSchemas
 from openaiCompat.basics import invalid, requireModelName
 from openaiCompat.chatRequest import ChatPlan, buildChatPlan
@@ -51,13 +53,14 @@ def _metaOf(request: Request) -> RequestMeta:
 
 
 async def readJsonObject(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    """The request body as a JSON object (within [limits]; large ones parsed off the event loop), or a 400 saying
+    what is wrong with it."""
     raw = await request.body()
     if not raw:
         raise invalid("The request body is empty; send a JSON object")
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        body = await parseJsonBody(raw, request.app.state.settings.limits, offloadOf(request))
+    except ValueError as exc:
         raise invalid(f"The request body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object")

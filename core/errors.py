@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from core.requestContext import getMeta
 
@@ -95,9 +96,18 @@ async def _handleHttpException(request: Request, exc: Exception) -> Response:
     return errorResponse(request, ServiceError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
 
 
+def internalError() -> ServiceError:
+    return ServiceError(500, "Internal error; the request id in the logs tells more", errorType="api_error",
+                        code="internal_error")
+
+
 async def _handleUnexpected(request: Request, exc: Exception) -> Response:
-    return errorResponse(request, ServiceError(500, "Internal error; the request id in the logs tells more",
-                                               errorType="api_error", code="internal_error"))
+    return errorResponse(request, internalError())
+
+
+async def sendInternalError(scope: Scope, receive: Receive, send: Send) -> None:
+    """The 500 answer for an exception that escaped the app (RequestContextMiddleware's ``renderError``)."""
+    await errorResponse(Request(scope, receive), internalError())(scope, receive, send)
 
 
 def installErrorHandlers(app: FastAPI) -> None:

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import logging
 import re
+import string
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 META_SCOPE_KEY = "poweron.meta"
 PARAMETER = re.compile(r"\{[^}/]+\}")
 REQUEST_ID_HEADER = b"x-request-id"
+REQUEST_ID_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_.")
+"""An incoming X-Request-ID made of anything else (Latin-1 letters included) is replaced by a fresh id."""
+INTERNAL_ERROR_CODE = "internal_error"
 logger = logging.getLogger("poweron.request")
 
 
@@ -52,6 +56,8 @@ class RequestMeta:
 
 
 RequestObserver = Callable[[RequestMeta], None]
+ErrorRenderer = Callable[[Scope, Receive, Send], Awaitable[None]]
+"""Sends the 500 answer for an exception that escaped the app before its response started."""
 
 
 def getMeta(request: Any) -> RequestMeta | None:
@@ -64,7 +70,7 @@ def _incomingRequestId(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == REQUEST_ID_HEADER:
             candidate = value.decode("latin-1")[:64]
-            if candidate and all(c.isalnum() or c in "-_." for c in candidate):
+            if candidate and all(c in REQUEST_ID_CHARACTERS for c in candidate):
                 return candidate
     return uuid.uuid4().hex
 
@@ -93,11 +99,16 @@ def _routeTemplateOf(scope: Scope) -> str | None:
 
 
 class RequestContextMiddleware:
-    """Pure ASGI middleware: creates RequestMeta, returns X-Request-ID, notifies observers at the end."""
+    """Pure ASGI middleware: creates RequestMeta, returns X-Request-ID, notifies observers at the end.
 
-    def __init__(self, app: ASGIApp, observers: list[RequestObserver]) -> None:
+    An exception that escapes the app is answered here (500 with the request id, via ``renderError``) and logged
+    with the request id, so every response carries X-Request-ID and every 5xx access line an error code."""
+
+    def __init__(self, app: ASGIApp, observers: list[RequestObserver],
+                 renderError: ErrorRenderer | None = None) -> None:
         self.app = app
         self.observers = observers
+        self.renderError = renderError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,14 +126,30 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, sendWithId)
+        except Exception:
+            if not await self._answerUnexpected(meta, scope, receive, sendWithId):
+                raise
         except BaseException:
             meta.status = meta.status or 500
             raise
         finally:
             meta.durationSeconds = time.perf_counter() - meta.startTime
             meta.route = getattr(scope.get("route"), "path_format", None) or _routeTemplateOf(scope)
+            if meta.status is not None and meta.status >= 500 and not meta.errorCode:
+                meta.errorCode = f"status_{meta.status}"
             self._finish(meta)
             self._notify(meta)
+
+    async def _answerUnexpected(self, meta: RequestMeta, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Log the exception with the request id and answer 500; False when the response has started already (the
+        caller re-raises: the server cuts the connection, the only way left to tell the client)."""
+        logger.exception("unexpected error (request %s)", meta.requestId)
+        meta.errorCode = meta.errorCode or INTERNAL_ERROR_CODE
+        if meta.status is not None or self.renderError is None:
+            meta.status = meta.status or 500
+            return False
+        await self.renderError(scope, receive, send)
+        return True
 
     @staticmethod
     def _finish(meta: RequestMeta) -> None:

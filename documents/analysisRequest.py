@@ -7,7 +7,6 @@ import base64
 import binascii
 from typing import Any, Literal
 
-import orjson
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,6 +14,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from config import Settings
 from core.errors import ServiceError
+from core.offload import offloadOf
+from guard.jsonBody import parseJsonBody
 from guard.requestLimits import checkFileSize, describeBytes
 
 DEFAULT_VISION_MODEL = "poweron-vision-general"
@@ -89,10 +90,10 @@ def parseFields(modelClass: type[RequestFields], data: Any) -> Any:
 
 
 async def readJsonBody(request: Request) -> Any:
-    """The body parsed as JSON (400 with the parser's reason when it is not)."""
+    """The body parsed as JSON within [limits] (400 with the parser's reason when it is not)."""
     try:
-        return orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
+        return await parseJsonBody(await request.body(), request.app.state.settings.limits, offloadOf(request))
+    except ValueError as exc:
         raise ServiceError(400, f"The body is not valid JSON ({exc})", code="invalid_json") from None
 
 

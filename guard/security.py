@@ -30,7 +30,7 @@ KEY_CLASS_BY_PREFIX = (("/api/", KEY_CLASS_API), ("/v1/", KEY_CLASS_OPENAI))
 HOW_TO_SEND = MappingProxyType({KEY_CLASS_API: "an analysis key in the X-API-Key header",
                                 KEY_CLASS_OPENAI: "an OpenAI key as 'Authorization: Bearer <key>'"})
 CLASS_ROUTES = MappingProxyType({KEY_CLASS_API: "/api/*", KEY_CLASS_OPENAI: "/v1/*"})
-OPTIONS_HEADERS = ((b"allow", b"GET, POST, DELETE, OPTIONS"), (b"content-length", b"0"))
+OPTIONS_HEADERS = ((b"allow", b"GET, POST, OPTIONS"), (b"content-length", b"0"))
 """Answer to a plain OPTIONS on /api/* and /v1/* (no key needed; CORS preflights from allowed origins are answered
 by the CORS middleware before this)."""
 CORS_EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining")
@@ -82,11 +82,18 @@ def _header(scope: Scope, wanted: bytes) -> str:
 
 
 def presentedKey(scope: Scope, keyClass: str) -> str:
-    """The key a request presents for a class: X-API-Key for analysis keys, the Bearer token for OpenAI keys."""
+    """The key a request presents for a class: X-API-Key for analysis keys, the Bearer token for OpenAI keys (after
+    any whitespace, a tab included)."""
     if keyClass == KEY_CLASS_API:
         return _header(scope, b"x-api-key")
-    scheme, _, token = _header(scope, b"authorization").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+    scheme, *token = _header(scope, b"authorization").split(None, 1)[:2] or [""]
+    return token[0].strip() if scheme.lower() == "bearer" and token else ""
+
+
+def presentsValidKey(scope: Scope, keyRings: dict[str, KeyRing]) -> bool:
+    """True when the request carries a valid key of either class (for details on otherwise public routes)."""
+    return any((presented := presentedKey(scope, keyClass)) and keyRings[keyClass].match(presented) is not None
+               for keyClass in (KEY_CLASS_API, KEY_CLASS_OPENAI))
 
 
 def _authError(keyClass: str, presented: str, keyRings: dict[str, KeyRing]) -> ServiceError:
@@ -219,6 +226,6 @@ def installSecurity(app: FastAPI, settings: Settings, clock: Clock = time.monoto
     app.add_middleware(KeyGateMiddleware)
     app.add_middleware(BodyLimitMiddleware, maxBytes=settings.limits.max_body_bytes)
     if settings.corsOrigins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.corsOrigins, allow_methods=["GET", "POST", "DELETE"],
+        app.add_middleware(CORSMiddleware, allow_origins=settings.corsOrigins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=list(CORS_EXPOSED_HEADERS), allow_credentials=False,
                            max_age=600)

@@ -19,8 +19,9 @@ from core.wire import (
 
 class OllamaHealth(WireModel):
     reachable: bool
-    version: str | None
-    reason: str | None = Field(description="Why Ollama counts as unreachable (null while it answers)")
+    version: str | None = Field(None, description="Ollama's version (only with a key of either class)")
+    reason: str | None = Field(None, description="Why Ollama counts as unreachable (null while it answers; only with "
+                                                 "a key of either class)")
 
 
 class WhisperHealth(WireModel):
@@ -45,24 +46,25 @@ class ModelQueue(WireModel):
 
 
 class Health(WireModel):
-    """Overall status; no secrets."""
+    """Overall status; without a key only whether Ollama and whisper are reachable, with a key of either class the
+    details too. Never internal URLs or secrets."""
 
     status: Literal["ok", "degraded"]
     ollama: OllamaHealth
     whisper: WhisperHealth
-    models: ModelCounts
-    queues: list[ModelQueue] = Field(description="Per model that had requests since the start: slots busy / slots "
-                                     "/ queued")
+    models: ModelCounts | None = Field(None, description="Only with a key of either class")
+    queues: list[ModelQueue] | None = Field(None, description="Per model that had requests since the start: slots "
+                                            "busy / slots / queued (only with a key of either class)")
 
 
 class Ready(WireModel):
     status: Literal["healthy"]
-    ollama_version: str | None
+    ollama_version: str | None = Field(None, description="Only with a key of either class")
 
 
 class NotReady(WireModel):
     status: Literal["unhealthy"]
-    reason: str | None
+    reason: str | None = Field(None, description="Only with a key of either class")
 
 
 def healthDoc() -> dict[str, Any]:

@@ -29,6 +29,17 @@ class ServerSettings(Section):
     """Allow Ollama/whisper URLs that are not loopback or private addresses (off: refuse to start)."""
     graceful_shutdown_seconds: float = Field(30.0, ge=0)
     """On SIGTERM, how long running streams may take to finish before the process closes."""
+    max_header_bytes: int = Field(64 * 1024, ge=4096)
+    """Largest request line plus headers of one request; more is refused with 431 and the connection closed."""
+    max_header_count: int = Field(100, ge=16)
+    """Most header fields in one request; more is refused with 431."""
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    """Time a client has to send a request's line and headers (from connecting, or from the first byte of a further
+    request on a kept-alive connection); then 408 and the connection is closed (slowloris guard)."""
+    keep_alive_seconds: float = Field(5.0, gt=0)
+    """How long an idle kept-alive connection stays open between requests."""
+    max_connections: int = Field(1000, ge=1)
+    """Open client connections at once; a connection beyond it gets 503 and is closed at once."""
 
 
 class OllamaSettings(Section):
@@ -107,6 +118,19 @@ class LimitsSettings(Section):
     """Largest single uploaded file."""
     max_image_pixels: int = Field(50_000_000, ge=10_000)
     """Largest image (width x height) accepted before decoding; bigger ones are refused as pixel bombs."""
+    max_request_pixels: int = Field(100_000_000, ge=10_000)
+    """Most image pixels (all images of one /v1 chat request together); more is refused with 413."""
+    max_messages: int = Field(10_000, ge=1)
+    """Most messages (or Responses input items) in one /v1 chat request; more is refused with 413."""
+    max_tools: int = Field(512, ge=1)
+    """Most tools in one /v1 chat request; more is refused with 413."""
+    max_json_items: int = Field(1_000_000, ge=1000)
+    """Most items in a JSON body, counted by its commas before parsing; more is refused with 413."""
+    max_json_depth: int = Field(128, ge=8, le=240)
+    """Deepest nesting of objects and arrays in a JSON body; deeper is refused with 400."""
+    worker_threads: int = Field(2, ge=1)
+    """Threads that parse large JSON bodies and decode images off the event loop; at most this many such jobs run
+    at once (the rest wait), which bounds their memory."""
 
 
 class DocumentSettings(Section):

@@ -211,16 +211,16 @@ class ModelRegistry:
             raise self.unknownModelError(externalName)
         if spec.backend == "whisper":
             if not self.whisperReachable:
-                raise UpstreamError(503, f"The speech-to-text service is not reachable at "
-                                    f"{self.settings.whisper.base_url}", code="upstream_unavailable",
+                raise UpstreamError(503, "The speech-to-text service is not reachable", code="upstream_unavailable",
                                     headers={"Retry-After": "5"})
             return ResolvedModel(spec, "", frozenset({"stt"}))
         if not self.ollamaReachable:
-            raise UpstreamError(503, f"Ollama is not reachable at {self.ollama.baseUrl}",
+            raise UpstreamError(503, "Ollama is not reachable",
                                 code="upstream_unavailable", headers={"Retry-After": "2"})
         pulledName = self.pulledNameFor(spec)
         if pulledName is None:
-            raise ServiceError(404, f"The model `{externalName}` is configured ({spec.ollamaName}) but not pulled "
-                               f"in Ollama; pull it with `ollama pull {spec.ollamaName}`",
+            logger.warning("%s is configured but not pulled: ollama pull %s", externalName, spec.ollamaName)
+            raise ServiceError(404, f"The model `{externalName}` is configured but not available yet (its Ollama "
+                               "model is not pulled); the operator's log names what to pull",
                                code="model_not_found", param="model")
         return ResolvedModel(spec, pulledName, await self.capabilitiesOf(pulledName))

@@ -18,23 +18,38 @@ ANY_JSON = "json"
 """``schema: "json"`` asks for any JSON value (Ollama's ``format: "json"``), validated only for being JSON."""
 REF_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
 MAX_ERROR_CHARS = 300
+MAX_SCHEMA_DEPTH = 64
+"""Deepest nesting of objects and arrays in a schema (a property level is two: ``properties`` and the property);
+deeper schemas are a 400 before the schema checker, which recurses per level, sees them."""
+MAX_SCHEMA_NODES = 10_000
+"""Most objects, arrays and values in a schema."""
 
 
 def _schemaError(message: str) -> ServiceError:
     return ServiceError(400, f"schema: {message}", code="invalid_schema", param="schema")
 
 
-def _remoteRefs(node: Any, found: list[str]) -> list[str]:
-    """Every reference in the schema that points outside it (anything not starting with '#')."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in REF_KEYWORDS and isinstance(value, str) and not value.startswith("#"):
-                found.append(value)
-            else:
-                _remoteRefs(value, found)
-    elif isinstance(node, list):
-        for item in node:
-            _remoteRefs(item, found)
+def _remoteRefs(schema: dict[str, Any]) -> list[str]:
+    """Every reference in the schema that points outside it (anything not starting with '#'); 400 when the schema
+    is nested deeper than MAX_SCHEMA_DEPTH or has more than MAX_SCHEMA_NODES parts (walked without recursion)."""
+    found: list[str] = []
+    pending: list[tuple[Any, int]] = [(schema, 1)]
+    nodes = 0
+    while pending:
+        node, depth = pending.pop()
+        nodes += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise _schemaError(f"nested deeper than {MAX_SCHEMA_DEPTH} levels; flatten it (e.g. with $defs)")
+        if nodes > MAX_SCHEMA_NODES:
+            raise _schemaError(f"has more than {MAX_SCHEMA_NODES:,} parts; send a smaller schema")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in REF_KEYWORDS and isinstance(value, str) and not value.startswith("#"):
+                    found.append(value)
+                else:
+                    pending.append((value, depth + 1))
+        elif isinstance(node, list):
+            pending.extend((item, depth + 1) for item in node)
     return found
 
 
@@ -58,7 +73,7 @@ def parseSchema(raw: Any) -> dict[str, Any] | str | None:
 
 def checkSchema(schema: dict[str, Any]) -> None:
     """400 unless the schema is valid for its draft (2020-12 by default) and refers only to itself."""
-    remote = _remoteRefs(schema, [])
+    remote = _remoteRefs(schema)
     if remote:
         raise _schemaError(f"reference '{remote[0][:80]}' points outside the schema; only local references "
                            "(#/$defs/...) are allowed, nothing is fetched")
@@ -92,7 +107,10 @@ def validateAnswer(text: str, schema: dict[str, Any] | str) -> tuple[Any, str | 
     validatorClass = validator_for(schema, default=Draft202012Validator)
     validator = validatorClass(schema, registry=referencing.Registry(),
                                format_checker=validatorClass.FORMAT_CHECKER)
-    error = _firstError(validator, value)
+    try:
+        error = _firstError(validator, value)
+    except RecursionError:  # an answer nested deeper than the checker can follow (a recursive $ref)
+        return None, "the answer is nested too deeply"
     return (value, None) if error is None else (None, error)
 
 
