@@ -1,6 +1,6 @@
 // The browser test UI: keys (sessionStorage only), health, tabs and the model picker; the panels do the calls.
 
-import { KEY_CLASSES, storedKey, storeKey } from "./api.js";
+import { KEY_CLASSES, authHeaders, storedKey, storeKey } from "./api.js";
 import { setupAudio } from "./audioPanel.js";
 import { setupChat } from "./chat.js";
 import { setupDocument } from "./documentPanel.js";
@@ -32,10 +32,13 @@ function unreachableText(reason) {
 async function readHealth() {
   const pill = document.getElementById("health");
   try {
-    const health = await (await fetch("/health", { cache: "no-store", credentials: "omit" })).json();
+    const keyClass = ["api", "openai"].find((name) => storedKey(name));
+    const headers = keyClass ? authHeaders(keyClass) : {};  // the details (version, models) need a key
+    const health = await (await fetch("/health", { cache: "no-store", credentials: "omit", headers })).json();
     const reachable = health.ollama && health.ollama.reachable;
+    const models = health.models ? ` · ${health.models.available} of ${health.models.configured} models` : "";
     pill.textContent = reachable
-      ? `Ollama ${health.ollama.version || ""} · ${health.models.available} of ${health.models.configured} models`
+      ? (health.models ? `Ollama ${health.ollama.version || ""}${models}` : "Ollama reachable")
       : unreachableText(health.ollama.reason);
     pill.className = `pill ${reachable ? "ok" : "bad"}`;
     return health;

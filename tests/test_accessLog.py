@@ -104,7 +104,7 @@ def _pngWithText(marker: str) -> bytes:
 def _waitForModels(baseUrl: str) -> None:
     waitForHttp(baseUrl + "/health/readiness")
     for _ in range(200):
-        names = httpx.get(baseUrl + "/health").json()["models"]["names"]
+        names = httpx.get(baseUrl + "/health", headers={"X-API-Key": API_KEY}).json()["models"]["names"]
         if "poweron-text-general" in names and "poweron-vision-general" in names:
             return
         __import__("time").sleep(0.05)

@@ -44,7 +44,7 @@ def test_offers_exactly_the_pulled_models_and_picks_up_a_pull(serviceFactory) ->
         waited = waitUntil(lambda: "poweron-embed" in offeredModels(service.baseUrl), timeout=5)
         assert waited <= 2.5  # within the 1 s TTL plus one refresh
         assert sorted(offeredModels(service.baseUrl)) == ["poweron-embed", "poweron-text-general"]
-        health = httpx.get(service.baseUrl + "/health").json()
+        health = httpx.get(service.baseUrl + "/health", headers={"X-API-Key": API_KEY}).json()
         assert health["status"] == "ok" and health["ollama"]["version"] == "0.33.0"
 
 
@@ -89,7 +89,7 @@ MODEL_BACKED_CALLS = [
 
 def test_without_ollama_starts_degraded_and_model_calls_fail_fast(serviceFactory) -> None:
     service = serviceFactory()
-    health = httpx.get(service.baseUrl + "/health").json()
+    health = httpx.get(service.baseUrl + "/health", headers={"X-API-Key": API_KEY}).json()
     assert health["status"] == "degraded" and "not reachable" in health["ollama"]["reason"]
     assert httpx.get(service.baseUrl + "/health/readiness").status_code == 503
     with httpx.Client(base_url=service.baseUrl, timeout=5) as client:

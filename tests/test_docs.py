@@ -484,7 +484,8 @@ def waitUntilModelsAreListed(service: ServiceProcess) -> None:
     deadline = time.monotonic() + 30
     names: list[str] = []
     while time.monotonic() < deadline:
-        names = httpx.get(service.baseUrl + "/health", timeout=5).json()["models"]["names"]
+        names = httpx.get(service.baseUrl + "/health", timeout=5,
+                          headers={"X-API-Key": API_KEY}).json()["models"]["names"]
         if {"poweron-transcribe", "poweron-vision-deep", "poweron-embed"} <= set(names):
             return
         time.sleep(0.1)

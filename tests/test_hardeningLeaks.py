@@ -21,7 +21,7 @@ from upstream.ollamaClient import mapStatusError, midStreamError
 
 BEARER = {"Authorization": f"Bearer {OPENAI_KEY}"}
 API = {"X-API-Key": API_KEY}
-BLOB_PATH = "/usr/share/ollama/.ollama/models/blobs/sha256-6a0746a1ec1aef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de94ca2aa"
+BLOB_PATH = "/usr/share/ollama/.ollama/models/blobs/sha256-6a0746a1ec1aef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de"
 HELLO = [{"role": "user", "content": "Hallo"}]
 
 
@@ -111,7 +111,8 @@ async def test_schema_depth_limit_is_a_400_below_the_body_limit(client) -> None:
 async def test_deep_schema_is_400_on_v1_response_format(stubClient) -> None:
     for levels in (40, 100):
         body = {"model": "poweron-text-general", "messages": HELLO,
-                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": nestedSchema(levels)}}}
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "x", "schema": nestedSchema(levels)}}}
         response = await stubClient.post("/v1/chat/completions", headers=BEARER, json=body)
         assert response.status_code == 400, response.text
         assert "nested" in response.json()["error"]["message"]

@@ -297,7 +297,8 @@ async def test_midstream_failure_raises_in_the_sdk_stream(client: AsyncOpenAI) -
     with pytest.raises(openai.APIError) as info:
         async for chunk in stream:
             received.append(chunk)
-    assert MIDSTREAM_ERROR in info.value.message and len(received) >= 2
+    assert "failed while generating" in info.value.message and MIDSTREAM_ERROR not in info.value.message
+    assert len(received) >= 2
 
 
 async def test_truncated_upstream_stream_is_an_error_not_a_clean_end(client: AsyncOpenAI) -> None:
@@ -312,7 +313,7 @@ async def test_truncated_upstream_stream_is_an_error_not_a_clean_end(client: Asy
 async def test_upstream_failure_without_stream_is_502(client: AsyncOpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as info:
         await client.chat.completions.create(model=TEXT, messages=[{"role": "user", "content": "[[midstream-error]]"}])
-    assert info.value.status_code == 502 and MIDSTREAM_ERROR in info.value.message
+    assert info.value.status_code == 502 and MIDSTREAM_ERROR not in info.value.message
 
 
 async def test_busy_ollama_is_503_with_retry_after(client: AsyncOpenAI) -> None:
