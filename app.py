@@ -26,6 +26,7 @@ from core.errors import installErrorHandlers, sendInternalError
 from core.offload import OffloadPool
 from core.requestContext import RequestContextMiddleware, RequestObserver
 from documents.renderWorkers import RenderPool
+from guard.connectionGuard import protocolFor
 from guard.security import fastApiTelemetryOff, installSecurity, requireApiKey, requireOpenAiKey
 from observe.accessLog import configureLogging, logAccess
 from observe.loopLag import LoopLagMonitor
@@ -129,7 +130,8 @@ def main() -> None:
     service.openapi()  # built now, not on the event loop at the first request refused before routing (~0.25 s)
     freezeStartupObjects()
     uvicorn.run(service, host=settings.server.host, port=settings.server.port, loop=EVENT_LOOP,
-                http="httptools", access_log=False, server_header=False, log_level=settings.server.log_level,
+                http=protocolFor(settings.server), timeout_keep_alive=settings.server.keep_alive_seconds,
+                access_log=False, server_header=False, log_level=settings.server.log_level,
                 timeout_graceful_shutdown=settings.server.graceful_shutdown_seconds)  # type: ignore[arg-type]
 
 
