@@ -23,10 +23,12 @@ from core.errors import ServiceError
 from core.offload import offloadOf
 from core.requestContext import RequestMeta, getMeta
 from guard.jsonBody import parseJsonBody
+from guard.requestLimits import checkChatBudget
 from openaiCompat import wireSchemas
 from openaiCompat.basics import invalid, requireModelName
 from openaiCompat.chatRequest import ChatPlan, buildChatPlan
 from openaiCompat.chatResponse import DONE_FRAME, ChatStreamTranslator, chatCompletion, errorFrame, usageOf
+from openaiCompat.images import carriesImages
 from openaiCompat.embeddings import embeddingInputs, embeddingOptions, embeddingResponse
 from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
 from upstream.modelRegistry import ResolvedModel
@@ -86,10 +88,14 @@ async def chatCompletions(request: Request, settings: SettingsDep, registry: Reg
                           ollama: OllamaDep) -> Response:
     """OpenAI Chat Completions (streaming or not) on Ollama's native /api/chat."""
     body = await readJsonObject(request)
+    checkChatBudget(body, settings)
     resolved = await registry.resolve(requireModelName(body))
     meta = _metaOf(request)
     meta.externalModel = resolved.externalName
-    plan = buildChatPlan(body, resolved, settings)
+    if carriesImages(body):  # decoding and re-encoding images on a worker thread, not on the event loop
+        plan = await offloadOf(request).run(buildChatPlan, body, resolved, settings)
+    else:
+        plan = buildChatPlan(body, resolved, settings)
     try:
         if plan.stream:
             return await _streamChat(request, ollama, plan, resolved, meta)

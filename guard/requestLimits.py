@@ -127,6 +127,42 @@ def checkImagePixels(width: int, height: int, settings: Settings, param: str | N
                            "([limits] max_image_pixels)", code="image_too_large", param=param)
 
 
+class PixelBudget:
+    """The image pixels one request may still spend ([limits] max_request_pixels), counted from image headers."""
+
+    __slots__ = ("limit", "spent")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.spent = 0
+
+    def spend(self, pixels: int, param: str | None = None) -> None:
+        self.spent += pixels
+        if self.spent > self.limit:
+            raise ServiceError(413, f"The images of this request have more than {self.limit:,} pixels together "
+                               "([limits] max_request_pixels); send fewer or smaller images per request",
+                               code="request_pixels_too_large", param=param)
+
+
+def _countOf(body: dict, field: str) -> int:
+    value = body.get(field)
+    return len(value) if isinstance(value, list) else 0
+
+
+def checkChatBudget(body: dict, settings: Settings) -> None:
+    """413 when a chat body has more messages (or Responses ``input`` items) or tools than [limits] allows; checked
+    right after parsing, before any per-message work."""
+    limits = settings.limits
+    messages = max(_countOf(body, "messages"), _countOf(body, "input"))
+    if messages > limits.max_messages:
+        raise ServiceError(413, f"The request has {messages:,} messages; the limit is {limits.max_messages:,} "
+                           "([limits] max_messages)", code="too_many_messages", param="messages")
+    tools = _countOf(body, "tools")
+    if tools > limits.max_tools:
+        raise ServiceError(413, f"The request has {tools:,} tools; the limit is {limits.max_tools:,} "
+                           "([limits] max_tools)", code="too_many_tools", param="tools")
+
+
 def rejectRemoteImageUrl(url: str, param: str | None = None) -> None:
     """400 unless ``url`` is a data: URL; the service never fetches remote (or file:) URLs."""
     scheme = urlsplit(url.strip()[:64]).scheme.lower()

@@ -24,6 +24,7 @@ from openaiCompat.basics import (
     logger,
     stopList,
 )
+from guard.requestLimits import PixelBudget
 from openaiCompat.images import ImageRules
 from openaiCompat.messages import fromResponsesShape, translateMessages
 from upstream.modelRegistry import ResolvedModel
@@ -238,6 +239,6 @@ def buildChatPlan(body: dict[str, Any], resolved: ResolvedModel, settings: Setti
         payload["think"] = think
     stream = flagOf(body, "stream")
     rules = ImageRules(resolved.externalName, "vision" in resolved.capabilities, settings,
-                       resolved.spec.imagesPerMessage)
+                       resolved.spec.imagesPerMessage, PixelBudget(settings.limits.max_request_pixels))
     payload["messages"], _ = translateMessages(body.get("messages"), rules)
     return ChatPlan(payload, stream, stream and _includeUsage(body))

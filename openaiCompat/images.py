@@ -6,14 +6,14 @@ import base64
 import binascii
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from config import Settings
 from core.errors import ServiceError
-from guard.requestLimits import checkImagePixels, rejectRemoteImageUrl
+from guard.requestLimits import PixelBudget, checkImagePixels, rejectRemoteImageUrl
 from openaiCompat.basics import invalid
 
 OLLAMA_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
@@ -22,6 +22,8 @@ OLLAMA_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 """Formats Ollama decodes itself; other formats Pillow reads are re-encoded as PNG."""
 
 
+IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "file"})
+"""Content parts that may carry an image to decode."""
 PDF_HINT = ("PDF files are not accepted on /v1/chat/completions; send them to POST /api/analyze "
             "(it renders the pages for a vision model), or send the pages as image_url parts")
 
@@ -34,6 +36,8 @@ class ImageRules:
     visionAllowed: bool
     settings: Settings
     perMessage: int
+    budget: PixelBudget | None = field(default=None, compare=False)
+    """The pixels the whole request may still spend ([limits] max_request_pixels)."""
 
 
 def _openImage(raw: bytes, param: str) -> Image.Image:
@@ -59,9 +63,10 @@ def _asPng(image: Image.Image, param: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decodeImageDataUrl(url: Any, param: str, settings: Settings) -> str:
+def decodeImageDataUrl(url: Any, param: str, settings: Settings, budget: PixelBudget | None = None) -> str:
     """Raw base64 for Ollama from a ``data:image/...;base64,`` URL, checked as a real image within
-    ``[limits] max_image_pixels`` (read from the header, the pixels are not decoded). Remote URLs are refused."""
+    ``[limits] max_image_pixels`` and the request's pixel ``budget`` (read from the header before any pixel is
+    decoded). Remote URLs are refused. Formats Ollama cannot read are re-encoded: call this off the event loop."""
     if not isinstance(url, str) or not url:
         raise invalid(f"`{param}` needs an image URL", param)
     rejectRemoteImageUrl(url, param)
@@ -74,6 +79,8 @@ def decodeImageDataUrl(url: Any, param: str, settings: Settings) -> str:
         raise invalid(f"`{param}` is not valid base64", param) from None
     image = _openImage(raw, param)
     checkImagePixels(*image.size, settings, param)
+    if budget is not None:
+        budget.spend(image.size[0] * image.size[1], param)
     return data if image.format in OLLAMA_IMAGE_FORMATS else _asPng(image, param)
 
 
@@ -85,7 +92,7 @@ def _imagePart(part: dict[str, Any], param: str, rules: ImageRules | None) -> st
                       "choose a poweron-vision-* model from GET /v1/models", param, code="model_not_vision_capable")
     imageUrl = part.get("image_url")
     url = imageUrl.get("url") if isinstance(imageUrl, dict) else imageUrl
-    return decodeImageDataUrl(url, f"{param}.image_url.url", rules.settings)
+    return decodeImageDataUrl(url, f"{param}.image_url.url", rules.settings, rules.budget)
 
 
 def _filePart(part: dict[str, Any], param: str, rules: ImageRules | None) -> str:
@@ -98,6 +105,19 @@ def _filePart(part: dict[str, Any], param: str, rules: ImageRules | None) -> str
         raise invalid(f"`{param}`: {PDF_HINT}", param, code="unsupported_file_type")
     raise invalid(f"`{param}`: only images (data:image/...) are accepted as files; file ids are not supported",
                   param, code="unsupported_file_type")
+
+
+def carriesImages(body: dict[str, Any]) -> bool:
+    """True when a chat body (messages or Responses ``input``) has a part that may carry an image: such bodies are
+    translated on a worker thread, since decoding and re-encoding an image can take seconds."""
+    for key in ("messages", "input"):
+        items = body.get(key)
+        for item in items if isinstance(items, list) else ():
+            content = item.get("content") if isinstance(item, dict) else None
+            if isinstance(content, list) and any(isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES
+                                                 for part in content):
+                return True
+    return False
 
 
 def contentParts(content: Any, param: str, rules: ImageRules | None) -> tuple[str, list[str]]:
