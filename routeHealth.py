@@ -1,7 +1,8 @@
 """Health probes: /health, /health/liveliness and /health/readiness (LiteLLM/F13 convention).
 
 Without a key they say reachable/unreachable only; with a key of either class /health and /health/readiness add the
-details (Ollama's version, why it is unreachable, the available models, the admission queues). Internal URLs are never shown.
+details (Ollama's version, why it is unreachable, the available models, the admission queues). Internal URLs are
+never shown.
 """
 
 from __future__ import annotations
