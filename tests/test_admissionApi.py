@@ -150,7 +150,8 @@ async def test_healthAndMetricsShowTheQueues(service: Service) -> None:
     await service.hold(count=3)
     refused = await service.http.post("/v1/chat/completions", json=HELLO, headers=BEARER)
     assert refused.status_code == 503
-    health = (await service.http.get("/health")).json()
+    health = (await service.http.get("/health", headers=API)).json()  # the queues are details: they need a key
+    assert "queues" not in (await service.http.get("/health")).json()
     model = await service.ollamaName(TEXT)
     assert {"upstream": "default", "model": model, "slotsBusy": 1, "slots": 1, "queued": 2} in health["queues"]
     metrics = (await service.http.get("/metrics", headers=BEARER)).text
