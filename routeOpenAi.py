@@ -28,8 +28,8 @@ from openaiCompat import wireSchemas
 from openaiCompat.basics import invalid, requireModelName
 from openaiCompat.chatRequest import ChatPlan, buildChatPlan
 from openaiCompat.chatResponse import DONE_FRAME, ChatStreamTranslator, chatCompletion, errorFrame, usageOf
-from openaiCompat.images import carriesImages
 from openaiCompat.embeddings import embeddingInputs, embeddingOptions, embeddingResponse
+from openaiCompat.images import carriesImages
 from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
 from upstream.modelRegistry import ResolvedModel
 from upstream.fairQueue import Ticket

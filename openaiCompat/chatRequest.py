@@ -13,6 +13,7 @@ from typing import Any
 
 from config import Settings
 from core.errors import ServiceError
+from guard.requestLimits import PixelBudget
 from openaiCompat.basics import (
     MAX_TOKENS_RANGE,
     SEED_RANGE,
@@ -24,7 +25,6 @@ from openaiCompat.basics import (
     logger,
     stopList,
 )
-from guard.requestLimits import PixelBudget
 from openaiCompat.images import ImageRules
 from openaiCompat.messages import fromResponsesShape, translateMessages
 from upstream.modelRegistry import ResolvedModel
