@@ -79,6 +79,11 @@ class ModelSpec:
     """Pixel budget per image for vision models (0 = not a vision model)."""
     imagesPerMessage: int = 0
     """How many images one message may carry (0 = any number)."""
+    numCtx: int = 0
+    """Context window (options.num_ctx) for every request and the warm-up of this model (0 = [ollama] num_ctx);
+    capped at the model's own context length from /api/show."""
+    numPredict: int = 0
+    """Default answer budget (options.num_predict) on /api/analyze and /api/text (0 = [ollama] num_predict)."""
 
 
 MODEL_MAPPING: Mapping[str, ModelSpec] = MappingProxyType({
@@ -86,14 +91,20 @@ MODEL_MAPPING: Mapping[str, ModelSpec] = MappingProxyType({
     for spec in (
         ModelSpec("poweron-text-general", "qwen2.5:7b", "text",
                   "General text: chat, summaries, neutralisation of personal data", 6.0),
+        # qwen2.5vl: Ollama downscales every image to 2<<20 px from v0.13.4 (model/models/qwen25vl/process_image.go,
+        # commit 971d62595: `vision.max_pixels` default) and to 28*28*1280 = 1,003,520 px up to v0.13.3;
+        # upstream/ollamaVersion.imagePixelBudget picks the number by the daemon's version (this is the newer one;
+        # from v0.30 the model runs on llama-server, whose limit is not read from source here)
         ModelSpec("poweron-vision-general", "qwen2.5vl:7b", "vision",
                   "Invoices, receipts, handwriting, screenshots (OCR and extraction)", 9.0,
                   maxImagePixels=2_097_152),
+        # granite3.2-vision: a budget of this service (not from Ollama's source); one image per message
         ModelSpec("poweron-vision-deep", "granite3.2-vision", "vision",
                   "Document understanding: tables, charts, forms", 5.0,
                   maxImagePixels=1_500_000, imagesPerMessage=1),
         ModelSpec("poweron-text-reasoning", "deepseek-r1:70b", "reasoning",
                   "Multi-step reasoning, analysis of long documents (planned, RTX PRO 6000)", 45.0),
+        # llama4: 1120 x 1120 px, a budget of this service (Ollama's llama4 processor tiles larger images itself)
         ModelSpec("poweron-vision-multimodal", "llama4:scout", "vision",
                   "Multimodal analysis of several pages at once (planned, RTX PRO 6000)", 67.0,
                   maxImagePixels=1_254_400),
@@ -141,6 +152,8 @@ def _specFromFields(externalName: str, fields: dict[str, str], base: ModelSpec |
             backend="whisper" if modelType == "stt" else "ollama",
             maxImagePixels=int(fields.get("max_image_pixels", base.maxImagePixels if base else 0)),
             imagesPerMessage=int(fields.get("images_per_message", base.imagesPerMessage if base else 0)),
+            numCtx=int(fields.get("num_ctx", base.numCtx if base else 0)),
+            numPredict=int(fields.get("num_predict", base.numPredict if base else 0)),
         )
     except ValueError as exc:
         raise ConfigError(f"[models] {externalName}: {exc}") from None

@@ -39,9 +39,12 @@ from documents.documentAnalysis import (
     textCall,
 )
 from documents.documentRender import RenderedDocument, RenderJob, detectFileType, parsePageRanges
+from upstream.contextWindow import TokenEstimator, checkEmbedInputs, embedPayload, observeEmbed
 from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
 from upstream.modelRegistry import ModelRegistry, ResolvedModel
 from upstream.ollamaClient import OllamaClient
+from upstream.ollamaVersion import imagePixelBudget
+from upstream.schemaGrammar import checkGrammar
 from upstream.structuredOutput import parseSchema
 
 router = APIRouter(prefix="/api", tags=["analysis"])
@@ -75,7 +78,8 @@ def _modelEntry(registry: ModelRegistry, spec: ModelSpec) -> dict[str, Any]:
         "capabilitiesSource": "ollama" if cached is not None and spec.backend == "ollama" else "configured",
     }
     if spec.maxImagePixels or "vision" in entry["capabilities"]:
-        budget = spec.maxImagePixels or registry.settings.documents.default_pixel_budget
+        budget = imagePixelBudget(spec.maxImagePixels or registry.settings.documents.default_pixel_budget,
+                                  spec.ollamaName, registry.features)
         entry["vision"] = {"maxImagePixels": budget, "imagesPerMessage": spec.imagesPerMessage}
     return entry
 
@@ -261,7 +265,7 @@ def _analysisBody(facts: dict[str, Any], document: RenderedDocument, maxPages: i
 async def _render(request: Request, settings: Settings, resolved: ResolvedModel, data: bytes,
                   fields: AnalyzeFields) -> tuple[RenderedDocument, float]:
     job = RenderJob(data, parsePageRanges(fields.pages), settings.documents.max_pdf_pages,
-                    resolved.spec.maxImagePixels or settings.documents.default_pixel_budget,
+                    resolved.pixelBudget(settings.documents.default_pixel_budget),
                     settings.limits.max_image_pixels, fields.password)
     startedAt = time.perf_counter()
     document = await request.app.state.renderPool.render(job, _metaOf(request).keyName)
@@ -280,12 +284,13 @@ async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep
     # the model (and Ollama) before rendering: a dead upstream is a 503 at once, never after a render
     resolved = await _resolveWith(registry, fields.model, "vision", "read images or PDFs (no vision capability)")
     meta.externalModel = resolved.externalName
+    checkGrammar(schema, resolved.features.label)
     try:  # a client gone while its document renders stops the render (the worker is replaced)
         document, renderSeconds = await untilDisconnect(request, _render(request, settings, resolved, data, fields))
     except ClientDisconnected:
         meta.errorCode = "client_disconnected"
         return Response(status_code=CLIENT_CLOSED_STATUS)
-    calls = documentCalls(settings, resolved, document, fields, schema)
+    calls = documentCalls(settings, resolved, document, fields, schema, registry.tokens)
     facts = _documentFacts(resolved, document, calls, renderSeconds)
     usage = Usage()
     bodyOf = partial(_analysisBody, facts, document, settings.documents.max_pdf_pages, usage, startedAt)
@@ -301,9 +306,11 @@ async def text(request: Request, settings: SettingsDep, registry: RegistryDep, o
     schema = _checkSchemaAndStream(fields.schema_, mode)
     resolved = await _resolveWith(registry, fields.model, "completion", "generate text (it is not a chat model)")
     meta.externalModel = resolved.externalName
+    checkGrammar(schema, resolved.features.label)
+    call = textCall(settings, resolved, fields, schema, registry.tokens)
     usage = Usage()
     bodyOf = partial(_textBody, resolved, usage, startedAt)
-    return await _respond(request, ollama, resolved, [textCall(settings, resolved, fields, schema)], schema, mode,
+    return await _respond(request, ollama, resolved, [call], schema, mode,
                           {"type": "start", "model": resolved.externalName}, bodyOf, usage)
 
 
@@ -323,16 +330,17 @@ def _checkTexts(texts: list[str]) -> None:
 
 
 async def _embedBatches(ollama: OllamaClient, resolved: ResolvedModel, fields: EmbedBody,
-                        keepAlive: str) -> tuple[list[list[float]], int]:
+                        keepAlive: str, tokens: TokenEstimator) -> tuple[list[list[float]], int]:
     vectors: list[list[float]] = []
     promptTokens = 0
     for start in range(0, len(fields.texts), EMBED_BATCH_SIZE):
         batch = fields.texts[start:start + EMBED_BATCH_SIZE]
-        payload: dict[str, Any] = {"model": resolved.ollamaName, "input": batch, "truncate": fields.truncate,
-                                   "keep_alive": keepAlive}
+        payload = {**embedPayload(resolved.ollamaName, batch, resolved.window, fields.truncate),
+                   "keep_alive": keepAlive}
         if fields.dimensions:
             payload["dimensions"] = fields.dimensions
         answer = await ollama.postJson("/api/embed", payload, resolved.externalName)
+        observeEmbed(tokens, resolved.ollamaName, batch, resolved.window, answer)
         embeddings = answer.get("embeddings") if isinstance(answer, dict) else None
         if not isinstance(embeddings, list) or len(embeddings) != len(batch):
             raise ServiceError(502, "Ollama returned a different number of embeddings than texts sent",
@@ -350,10 +358,13 @@ async def embed(request: Request, settings: SettingsDep, registry: RegistryDep, 
     _checkTexts(fields.texts)
     resolved = await _resolveWith(registry, fields.model, "embedding", "compute embeddings")
     meta.externalModel = resolved.externalName
+    if not fields.truncate:
+        checkEmbedInputs(registry.tokens, resolved.ollamaName, resolved.window, fields.texts, "texts",
+                         resolved.externalName)
     startedAt = time.perf_counter()
     try:
         vectors, promptTokens = await untilDisconnect(
-            request, _embedBatches(ollama, resolved, fields, settings.ollama.keep_alive))
+            request, _embedBatches(ollama, resolved, fields, settings.ollama.keep_alive, registry.tokens))
     except ClientDisconnected:
         meta.errorCode = "client_disconnected"
         return Response(status_code=CLIENT_CLOSED_STATUS)

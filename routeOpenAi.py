@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -30,8 +32,9 @@ from openaiCompat.chatRequest import ChatPlan, buildChatPlan
 from openaiCompat.chatResponse import DONE_FRAME, ChatStreamTranslator, chatCompletion, errorFrame, usageOf
 from openaiCompat.embeddings import embeddingInputs, embeddingOptions, embeddingResponse
 from openaiCompat.images import carriesImages
+from upstream.contextWindow import checkEmbedInputs, observeEmbed
 from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
-from upstream.modelRegistry import ResolvedModel
+from upstream.modelRegistry import ModelRegistry, ResolvedModel
 from upstream.fairQueue import Ticket
 from upstream.ollamaClient import OllamaClient, OllamaStream
 
@@ -93,26 +96,34 @@ async def chatCompletions(request: Request, settings: SettingsDep, registry: Reg
     meta = _metaOf(request)
     meta.externalModel = resolved.externalName
     if carriesImages(body):  # decoding and re-encoding images on a worker thread, not on the event loop
-        plan = await offloadOf(request).run(buildChatPlan, body, resolved, settings)
+        plan = await offloadOf(request).run(buildChatPlan, body, resolved, settings, registry.tokens)
     else:
-        plan = buildChatPlan(body, resolved, settings)
+        plan = buildChatPlan(body, resolved, settings, registry.tokens)
+    onDone = partial(_observePrompt, plan, registry)
     try:
         if plan.stream:
-            return await _streamChat(request, ollama, plan, resolved, meta)
-        return await _answerChat(request, ollama, plan, resolved, meta)
+            return await _streamChat(request, ollama, plan, resolved, meta, onDone)
+        return await _answerChat(request, ollama, plan, resolved, meta, onDone)
     except ClientDisconnected:
         meta.errorCode = "client_disconnected"
         return Response(status_code=CLIENT_CLOSED_STATUS)
 
 
+def _observePrompt(plan: ChatPlan, registry: ModelRegistry, done: dict[str, Any]) -> None:
+    """Calibrate the prompt-token estimate with the count Ollama reports."""
+    if plan.measure is not None:
+        plan.measure.observe(registry.tokens, done)
+
+
 async def _answerChat(request: Request, ollama: OllamaClient, plan: ChatPlan, resolved: ResolvedModel,
-                      meta: RequestMeta) -> Response:
+                      meta: RequestMeta, onDone: Callable[[dict[str, Any]], None]) -> Response:
     started = time.perf_counter()
     try:
         answer = await untilDisconnect(request, ollama.chat(plan.payload, resolved.externalName))
     finally:
         meta.upstreamSeconds = time.perf_counter() - started
     _recordUsage(meta, answer)
+    onDone(answer)
     return _jsonResponse(chatCompletion(answer, resolved.externalName))
 
 
@@ -122,7 +133,7 @@ def _recordUsage(meta: RequestMeta, done: dict[str, Any]) -> None:
 
 
 async def _streamChat(request: Request, ollama: OllamaClient, plan: ChatPlan, resolved: ResolvedModel,
-                      meta: RequestMeta) -> Response:
+                      meta: RequestMeta, onDone: Callable[[dict[str, Any]], None]) -> Response:
     """Wait for the admission slot and open the upstream stream first (so errors keep their status), then relay
     it as SSE. A request still queued after ``[ollama] queue_notice_seconds`` starts its stream with ``: queued,
     position N`` comment lines (one as often) instead; then errors become error frames."""
@@ -134,7 +145,7 @@ async def _streamChat(request: Request, ollama: OllamaClient, plan: ChatPlan, re
     except BaseException:
         await positions.aclose()
         raise
-    translator = ChatStreamTranslator(resolved.externalName)
+    translator = ChatStreamTranslator(resolved.externalName, onDone)
     if first is None:
         stream = await untilDisconnect(request, ollama.openStream("/api/chat", plan.payload, resolved.externalName,
                                                                   ticket=ticket))
@@ -241,14 +252,17 @@ async def embeddings(request: Request, settings: SettingsDep, registry: Registry
     meta.externalModel = resolved.externalName
     inputs = embeddingInputs(body.get("input"))
     asBase64, dimensions = embeddingOptions(body)
+    checkEmbedInputs(registry.tokens, resolved.ollamaName, resolved.window, inputs, "input", resolved.externalName)
     started = time.perf_counter()
     try:
         answer = await untilDisconnect(request, ollama.embed(resolved.ollamaName, inputs, resolved.externalName,
-                                                             dimensions, settings.ollama.keep_alive))
+                                                             dimensions, settings.ollama.keep_alive,
+                                                             window=resolved.window))
     except ClientDisconnected:
         meta.errorCode = "client_disconnected"
         return Response(status_code=CLIENT_CLOSED_STATUS)
     finally:
         meta.upstreamSeconds = time.perf_counter() - started
     meta.promptTokens = int(answer.get("prompt_eval_count") or 0)
+    observeEmbed(registry.tokens, resolved.ollamaName, inputs, resolved.window, answer)
     return _jsonResponse(embeddingResponse(answer, resolved.externalName, asBase64, dimensions))

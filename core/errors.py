@@ -59,9 +59,12 @@ def errorResponse(request: Request, error: ServiceError) -> Response:
     if meta is not None:
         meta.errorCode = error.code or error.errorType
     requestId = meta.requestId if meta is not None else None
-    body = openAiErrorBody(error) if isOpenAiPath(request.url.path) else apiErrorBody(error, requestId)
-    return Response(orjson.dumps(body), status_code=error.status, headers=error.headers,
-                    media_type="application/json")
+    openAi = isOpenAiPath(request.url.path)
+    body = openAiErrorBody(error) if openAi else apiErrorBody(error, requestId)
+    status = error.status
+    if error.code == "context_length_exceeded" and not openAi:
+        status = 413  # the analysis API's status for input too large; /v1 keeps OpenAI's 400
+    return Response(orjson.dumps(body), status_code=status, headers=error.headers, media_type="application/json")
 
 
 def _describeValidation(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -76,7 +76,9 @@ class EmbedBody(RequestFields):
     texts: list[str] = Field(min_length=1, max_length=MAX_EMBED_TEXTS)
     model: str = DEFAULT_EMBED_MODEL
     dimensions: int | None = Field(None, ge=1, le=16384)
-    truncate: bool = True
+    truncate: bool = False
+    """False (default): a text longer than the model's window is refused with 400 naming its index; true: Ollama
+    embeds only its beginning."""
 
 
 def parseFields(modelClass: type[RequestFields], data: Any) -> Any:

@@ -4,7 +4,6 @@ answered one after another and combined with page markers, and structured output
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,16 +11,14 @@ from typing import Any
 from config import Settings
 from core.errors import ServiceError
 from documents.documentRender import PageImage, RenderedDocument
+from upstream.contextWindow import PromptMeasure, TokenEstimator, checkFits, imageTokens, messageChars, runnerOptions
 from upstream.modelRegistry import ResolvedModel
 from upstream.ollamaClient import OllamaClient, OllamaStream
 from upstream.structuredOutput import repairPrompt, validateAnswer
+from upstream.thinkSplit import ThinkSplitter, splitThinking
 
 DEFAULT_TEMPERATURE = 0.0
 """Document extraction and neutralisation should give the same answer for the same input."""
-PIXELS_PER_IMAGE_TOKEN = 28 * 28
-CHARS_PER_TOKEN = 3
-DEFAULT_ANSWER_TOKENS = 2048
-OLLAMA_DEFAULT_CONTEXT = 4096
 
 
 @dataclass(slots=True)
@@ -47,6 +44,7 @@ class ModelCall:
 
     pages: list[int]
     payload: dict[str, Any]
+    measure: PromptMeasure | None = None
 
 
 @dataclass(slots=True)
@@ -58,6 +56,7 @@ class Answer:
     thinkingParts: list[str] = field(default_factory=list)
     doneReason: str = "stop"
     value: Any = None
+    splitter: ThinkSplitter = field(default_factory=ThinkSplitter)
 
     @property
     def text(self) -> str:
@@ -68,35 +67,48 @@ class Answer:
         return "".join(self.thinkingParts)
 
 
-def contextSize(settings: Settings, estimatedTokens: int) -> int | None:
-    """``num_ctx`` for a request: the configured window, or a multiple of it when the images and text need more
-    (multiples, so Ollama reloads the model for a new window size rarely). None = Ollama's default."""
-    configured = settings.ollama.num_ctx
-    step = configured or OLLAMA_DEFAULT_CONTEXT
-    if estimatedTokens <= step:
-        return configured or None
-    return math.ceil(estimatedTokens / step) * step
+def answerBudget(settings: Settings, resolved: ResolvedModel, maxTokens: int | None) -> int:
+    """num_predict of a call: the caller's maxTokens, else the model's num_predict, else [ollama] num_predict
+    (without one Ollama may generate up to 10 x num_ctx tokens)."""
+    return maxTokens or resolved.spec.numPredict or settings.ollama.num_predict
 
 
-def estimateTokens(texts: list[str], images: list[PageImage], maxTokens: int | None) -> int:
-    imageTokens = sum(math.ceil(image.width * image.height / PIXELS_PER_IMAGE_TOKEN) + 8 for image in images)
-    return sum(len(text) for text in texts) // CHARS_PER_TOKEN + imageTokens + (maxTokens or DEFAULT_ANSWER_TOKENS)
+def thinkFor(resolved: ResolvedModel) -> bool | str | None:
+    """``think`` sent explicitly to thinking models (before Ollama v0.12.4 the trace lands in the content)."""
+    if "thinking" not in resolved.capabilities:
+        return None
+    return "medium" if resolved.ollamaName.lower().startswith("gpt-oss") else True
 
 
 def chatPayload(settings: Settings, resolved: ResolvedModel, messages: list[dict[str, Any]], *,
-                temperature: float | None, maxTokens: int | None, schema: Any, estimatedTokens: int) -> dict[str, Any]:
-    """Ollama /api/chat body for one call."""
-    options: dict[str, Any] = {"temperature": DEFAULT_TEMPERATURE if temperature is None else temperature}
-    numCtx = contextSize(settings, estimatedTokens)
-    if numCtx:
-        options["num_ctx"] = numCtx
-    if maxTokens:
-        options["num_predict"] = maxTokens
+                temperature: float | None, maxTokens: int | None, schema: Any) -> dict[str, Any]:
+    """Ollama /api/chat body for one call: the model's one window, a bounded answer, explicit think, truncate off."""
+    options: dict[str, Any] = {"temperature": DEFAULT_TEMPERATURE if temperature is None else temperature,
+                               **runnerOptions(resolved.window),
+                               "num_predict": answerBudget(settings, resolved, maxTokens)}
     payload: dict[str, Any] = {"model": resolved.ollamaName, "messages": messages, "options": options,
                                "keep_alive": settings.ollama.keep_alive}
     if schema is not None:
         payload["format"] = schema
+    think = thinkFor(resolved)
+    if think is not None:
+        payload["think"] = think
+    if resolved.features.truncateFlag:
+        payload["truncate"] = False
     return payload
+
+
+def measuredCall(tokens: TokenEstimator, resolved: ResolvedModel, pages: list[int], payload: dict[str, Any],
+                 images: list[PageImage]) -> ModelCall:
+    """A call with its prompt estimate, refused (413) when prompt + answer budget cannot fit the window."""
+    imageCost = sum(imageTokens(resolved.ollamaName, image.width * image.height, image.width * image.height)
+                    for image in images)
+    messages = payload["messages"]
+    measure = PromptMeasure(tokens, resolved.ollamaName, messageChars(messages), len(messages), imageCost,
+                            resolved.window)
+    checkFits(resolved.window, measure.tokens, payload["options"]["num_predict"], resolved.externalName,
+              openAi=False)
+    return ModelCall(pages, payload, measure)
 
 
 def pageGroups(images: list[PageImage], imagesPerMessage: int) -> list[list[PageImage]]:
@@ -117,17 +129,17 @@ def pageNote(group: list[PageImage], document: RenderedDocument) -> str:
 
 
 def documentCalls(settings: Settings, resolved: ResolvedModel, document: RenderedDocument, fields: Any,
-                  schema: Any) -> list[ModelCall]:
+                  schema: Any, tokens: TokenEstimator | None = None) -> list[ModelCall]:
     """The Ollama calls for an analysis: one per page group."""
+    tokens = tokens or TokenEstimator()
     system = [{"role": "system", "content": fields.system}] if fields.system else []
     calls = []
     for group in pageGroups(document.images, resolved.spec.imagesPerMessage):
         content = pageNote(group, document) + fields.prompt
         message = {"role": "user", "content": content, "images": [image.base64Jpeg for image in group]}
-        estimate = estimateTokens([content, fields.system or ""], group, fields.maxTokens)
         payload = chatPayload(settings, resolved, [*system, message], temperature=fields.temperature,
-                              maxTokens=fields.maxTokens, schema=schema, estimatedTokens=estimate)
-        calls.append(ModelCall([image.page for image in group], payload))
+                              maxTokens=fields.maxTokens, schema=schema)
+        calls.append(measuredCall(tokens, resolved, [image.page for image in group], payload, group))
     return calls
 
 
@@ -136,17 +148,33 @@ def textContent(prompt: str, text: str) -> str:
     return f"{prompt}\n\n<text>\n{text}\n</text>" if text else prompt
 
 
-def textCall(settings: Settings, resolved: ResolvedModel, fields: Any, schema: Any) -> ModelCall:
+def textCall(settings: Settings, resolved: ResolvedModel, fields: Any, schema: Any,
+             tokens: TokenEstimator | None = None) -> ModelCall:
     system = [{"role": "system", "content": fields.system}] if fields.system else []
     content = textContent(fields.prompt, fields.text)
-    estimate = estimateTokens([content, fields.system or ""], [], fields.maxTokens)
     payload = chatPayload(settings, resolved, [*system, {"role": "user", "content": content}],
-                          temperature=fields.temperature, maxTokens=fields.maxTokens, schema=schema,
-                          estimatedTokens=estimate)
-    return ModelCall([], payload)
+                          temperature=fields.temperature, maxTokens=fields.maxTokens, schema=schema)
+    return measuredCall(tokens or TokenEstimator(), resolved, [], payload, [])
 
 
-async def readStream(stream: OllamaStream, usage: Usage, answer: Answer) -> AsyncIterator[tuple[str, str]]:
+def _contentPieces(answer: Answer, content: str, done: bool) -> list[tuple[str, str]]:
+    """Content with a leading <think>...</think> moved to the reasoning (upstream/thinkSplit.py)."""
+    reasoning, text = answer.splitter.feed(content)
+    if done:
+        lateReasoning, lateText = answer.splitter.flush()
+        reasoning, text = reasoning + lateReasoning, text + lateText
+    pieces = []
+    if reasoning:
+        answer.thinkingParts.append(reasoning)
+        pieces.append(("thinking", reasoning))
+    if text:
+        answer.parts.append(text)
+        pieces.append(("content", text))
+    return pieces
+
+
+async def readStream(stream: OllamaStream, usage: Usage, answer: Answer,
+                     call: ModelCall | None = None) -> AsyncIterator[tuple[str, str]]:
     """("content" | "thinking", text) pieces of one Ollama stream; fills the answer and the usage."""
     try:
         async for chunk in stream.chunks():
@@ -154,12 +182,13 @@ async def readStream(stream: OllamaStream, usage: Usage, answer: Answer) -> Asyn
             if message.get("thinking"):
                 answer.thinkingParts.append(message["thinking"])
                 yield "thinking", message["thinking"]
-            if message.get("content"):
-                answer.parts.append(message["content"])
-                yield "content", message["content"]
+            for kind, piece in _contentPieces(answer, message.get("content") or "", bool(chunk.get("done"))):
+                yield kind, piece
             if chunk.get("done"):
                 answer.doneReason = str(chunk.get("done_reason") or "stop")
                 usage.add(chunk)
+                if call is not None and call.measure is not None:
+                    call.measure.observe(call.measure.estimator, chunk)
     finally:
         usage.modelSeconds += stream.upstreamSeconds or 0.0
 
@@ -169,10 +198,14 @@ async def collectAnswer(ollama: OllamaClient, call: ModelCall, externalName: str
     answer = Answer(call.pages)
     stream = await ollama.openStream("/api/chat", call.payload, externalName)
     try:
-        async for _ in readStream(stream, usage, answer):
+        async for _ in readStream(stream, usage, answer, call):
             pass
     finally:
         await stream.aclose()
+    leaked, text = splitThinking(answer.text, leaked=True)  # deepseek-r1's lone </think> (ollama#10964)
+    if leaked:
+        answer.thinkingParts.append(leaked)
+        answer.parts = [text]
     return answer
 
 
@@ -259,7 +292,7 @@ async def streamCalls(ollama: OllamaClient, calls: list[ModelCall], externalName
                 yield {"type": "ready"}
             if grouped:
                 yield {"type": "page", "pages": call.pages, "marker": pageMarker(call.pages)}
-            async for kind, piece in readStream(stream, usage, answer):
+            async for kind, piece in readStream(stream, usage, answer, call):
                 yield {"type": "delta" if kind == "content" else "thinking", "text": piece}
         finally:
             await stream.aclose()

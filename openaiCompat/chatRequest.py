@@ -27,7 +27,9 @@ from openaiCompat.basics import (
 )
 from openaiCompat.images import ImageRules
 from openaiCompat.messages import fromResponsesShape, translateMessages
+from upstream.contextWindow import PromptMeasure, TokenEstimator, checkFits, imageTokens, messageChars
 from upstream.modelRegistry import ResolvedModel
+from upstream.schemaGrammar import checkGrammar
 from upstream.structuredOutput import checkSchema
 
 KNOWN_CHAT_FIELDS = frozenset({
@@ -56,6 +58,10 @@ THINK_LEVEL_MODEL_PREFIXES = ("gpt-oss",)
 
 
 """Ollama models that take ``think`` as a level and cannot switch thinking off."""
+
+
+ANSWER_RESERVE_TOKENS = 256
+"""Room kept for the answer when a /v1 request sets no max_tokens (the prompt alone must leave this free)."""
 
 
 def buildOptions(body: dict[str, Any], numCtx: int) -> dict[str, Any]:
@@ -162,9 +168,13 @@ def usesThinkLevels(ollamaName: str) -> bool:
 
 
 def thinkValue(effort: Any, resolved: ResolvedModel) -> bool | str | None:
-    """Ollama's ``think`` for ``reasoning_effort``; None (not sent) when absent or the model cannot think."""
+    """Ollama's ``think`` for ``reasoning_effort``, always explicit for a thinking model (Ollama before v0.12.4
+    otherwise leaves ``<think>`` in the content): true, or "medium" for level-only models, when absent; None (not
+    sent) when the model cannot think."""
     if effort is None:
-        return None
+        if "thinking" not in resolved.capabilities:
+            return None
+        return "medium" if usesThinkLevels(resolved.ollamaName) else True
     if not isinstance(effort, str) or effort not in REASONING_EFFORTS:
         raise invalid(f"`reasoning_effort` must be one of {', '.join(REASONING_EFFORTS)}", "reasoning_effort")
     if "thinking" not in resolved.capabilities:
@@ -183,6 +193,7 @@ class ChatPlan:
     payload: dict[str, Any]
     stream: bool
     includeUsage: bool
+    measure: PromptMeasure | None = None
 
 
 def checkChatModel(resolved: ResolvedModel) -> None:
@@ -215,14 +226,16 @@ def _includeUsage(body: dict[str, Any]) -> bool:
     return flagOf(options, "include_usage")
 
 
-def buildChatPlan(body: dict[str, Any], resolved: ResolvedModel, settings: Settings) -> ChatPlan:
-    """Validate an OpenAI chat body for its resolved model and build the Ollama /api/chat payload."""
+def buildChatPlan(body: dict[str, Any], resolved: ResolvedModel, settings: Settings,
+                  tokens: TokenEstimator | None = None) -> ChatPlan:
+    """Validate an OpenAI chat body for its resolved model and build the Ollama /api/chat payload (the model's one
+    context window; refused with context_length_exceeded when the prompt cannot fit it)."""
     body = fromResponsesShape(body)
     checkChatModel(resolved)
     _checkSupported(body)
     payload: dict[str, Any] = {"model": resolved.ollamaName, "messages": None,
                                "keep_alive": settings.ollama.keep_alive}
-    options = buildOptions(body, settings.ollama.num_ctx)
+    options = buildOptions(body, resolved.window)
     if options:
         payload["options"] = options
     tools = selectTools(body.get("tools"), body.get("tool_choice"))
@@ -233,6 +246,7 @@ def buildChatPlan(body: dict[str, Any], resolved: ResolvedModel, settings: Setti
         payload["tools"] = tools
     responseFormat = ollamaFormat(body.get("response_format"))
     if responseFormat is not None:
+        checkGrammar(responseFormat, resolved.features.label, "response_format.json_schema.schema")
         payload["format"] = responseFormat
     think = thinkValue(body.get("reasoning_effort"), resolved)
     if think is not None:
@@ -241,4 +255,20 @@ def buildChatPlan(body: dict[str, Any], resolved: ResolvedModel, settings: Setti
     rules = ImageRules(resolved.externalName, "vision" in resolved.capabilities, settings,
                        resolved.spec.imagesPerMessage, PixelBudget(settings.limits.max_request_pixels))
     payload["messages"], _ = translateMessages(body.get("messages"), rules)
-    return ChatPlan(payload, stream, stream and _includeUsage(body))
+    if resolved.features.truncateFlag:
+        payload["truncate"] = False  # Ollama refuses instead of dropping the oldest messages
+    measure = measureChat(payload, resolved, settings, tokens or TokenEstimator())
+    answerBudget = options.get("num_predict") or ANSWER_RESERVE_TOKENS
+    checkFits(resolved.window, measure.tokens, answerBudget, resolved.externalName, openAi=True)
+    return ChatPlan(payload, stream, stream and _includeUsage(body), measure)
+
+
+def measureChat(payload: dict[str, Any], resolved: ResolvedModel, settings: Settings,
+                tokens: TokenEstimator) -> PromptMeasure:
+    """The prompt estimate of an Ollama chat payload: messages, tool definitions, images at the model's budget."""
+    messages = payload["messages"]
+    chars = messageChars(messages) + (len(str(payload["tools"])) if payload.get("tools") else 0)
+    budget = resolved.pixelBudget(settings.documents.default_pixel_budget)
+    images = sum(len(message.get("images") or ()) for message in messages)
+    return PromptMeasure(tokens, resolved.ollamaName, chars, len(messages),
+                         images * imageTokens(resolved.ollamaName, None, budget), resolved.window)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from core.errors import ServiceError, openAiErrorBody
 from openaiCompat.basics import newCompletionId, newToolCallId
+from upstream.thinkSplit import ThinkSplitter, splitThinking
 
 DONE_FRAME = b"data: [DONE]\n\n"
 
@@ -40,12 +42,13 @@ def chatCompletion(answer: dict[str, Any], externalName: str) -> dict[str, Any]:
     """A non-streaming ``chat.completion`` from Ollama's single answer."""
     message = answer.get("message") or {}
     toolCalls = [openAiToolCall(call) for call in message.get("tool_calls") or ()]
-    content = message.get("content") or ""
+    inlineReasoning, content = splitThinking(message.get("content") or "")
     converted: dict[str, Any] = {"role": "assistant", "content": content if content or not toolCalls else None}
     if toolCalls:
         converted["tool_calls"] = toolCalls
-    if message.get("thinking"):
-        converted["reasoning_content"] = message["thinking"]
+    reasoning = "\n\n".join(part for part in (message.get("thinking"), inlineReasoning) if part)
+    if reasoning:
+        converted["reasoning_content"] = reasoning
     return {"id": newCompletionId(), "object": "chat.completion", "created": int(time.time()), "model": externalName,
             "choices": [{"index": 0, "message": converted, "logprobs": None,
                          "finish_reason": finishReason(answer.get("done_reason"), bool(toolCalls))}],
@@ -64,13 +67,17 @@ def errorFrame(error: ServiceError) -> bytes:
 class ChatStreamTranslator:
     """Turns Ollama's NDJSON chunks into OpenAI ``chat.completion.chunk`` SSE frames, one frame per chunk."""
 
-    __slots__ = ("completionId", "created", "model", "toolCallCount")
+    __slots__ = ("completionId", "created", "model", "toolCallCount", "splitter", "onDone")
 
-    def __init__(self, externalName: str) -> None:
+    def __init__(self, externalName: str, onDone: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.onDone = onDone
+        """Called with Ollama's final line (prompt-token calibration)."""
         self.completionId = newCompletionId()
         self.created = int(time.time())
         self.model = externalName
         self.toolCallCount = 0
+        self.splitter = ThinkSplitter()
+        """A leading <think>...</think> in content goes to reasoning_content (upstream/thinkSplit.py)."""
 
     def _frame(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return sseFrame({"id": self.completionId, "object": "chat.completion.chunk", "created": self.created,
@@ -86,10 +93,15 @@ class ChatStreamTranslator:
         if not message:
             return None
         delta: dict[str, Any] = {}
-        if message.get("thinking"):
-            delta["reasoning_content"] = message["thinking"]
-        if message.get("content"):
-            delta["content"] = message["content"]
+        reasoning, content = self.splitter.feed(message.get("content") or "")
+        if chunk.get("done"):
+            lateReasoning, lateContent = self.splitter.flush()
+            reasoning, content = reasoning + lateReasoning, content + lateContent
+        reasoning = (message.get("thinking") or "") + reasoning
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if content:
+            delta["content"] = content
         if message.get("tool_calls"):
             delta["tool_calls"] = [self._toolCallDelta(call) for call in message["tool_calls"]]
         return self._frame(delta) if delta else None
@@ -101,6 +113,8 @@ class ChatStreamTranslator:
         return converted
 
     def finishFrame(self, done: dict[str, Any]) -> bytes:
+        if self.onDone is not None:
+            self.onDone(done)
         return self._frame({}, finishReason(done.get("done_reason"), self.toolCallCount > 0))
 
     def usageFrame(self, done: dict[str, Any]) -> bytes:

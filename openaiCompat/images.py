@@ -16,10 +16,11 @@ from core.errors import ServiceError
 from guard.requestLimits import PixelBudget, checkImagePixels, rejectRemoteImageUrl
 from openaiCompat.basics import invalid
 
-OLLAMA_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+OLLAMA_IMAGE_FORMATS = frozenset({"JPEG", "PNG"})
 
 
-"""Formats Ollama decodes itself; other formats Pillow reads are re-encoded as PNG."""
+"""Formats every Ollama version decodes for every model; others Pillow reads (WebP, GIF, ...) are re-encoded as PNG
+(granite3.2-vision on v0.12 and every model from v0.30 to v0.32.13 cannot decode WebP, upstream/ollamaVersion.py)."""
 
 
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "file"})

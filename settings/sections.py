@@ -52,7 +52,10 @@ class OllamaSettings(Section):
     keep_alive: str = "30m"
     """How long Ollama keeps a model loaded after a request (Ollama's keep_alive; a bare number means seconds)."""
     num_ctx: int = Field(8192, ge=0)
-    """Context window sent as options.num_ctx (0 = Ollama's default)."""
+    """Context window (options.num_ctx) of every model without its own num_ctx in [models]; the same for every
+    route and the warm-up, capped at the model's context length (0 = Ollama's default, not recommended)."""
+    num_predict: int = Field(2048, ge=1)
+    """Default answer budget (options.num_predict) on /api/analyze and /api/text when maxTokens is not sent."""
     discovery_ttl: float = Field(10.0, gt=0)
     """Seconds between refreshes of the list of pulled models (/api/tags)."""
     max_connections: int = Field(256, ge=1)

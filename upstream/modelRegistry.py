@@ -13,7 +13,9 @@ import httpx
 
 from config import ModelSpec, Settings, isCloudModelName, resolveModel
 from core.errors import ServiceError
+from upstream.contextWindow import TokenEstimator, modelWindow
 from upstream.ollamaClient import OllamaClient, UpstreamError
+from upstream.ollamaVersion import OllamaFeatures, imagePixelBudget
 
 logger = logging.getLogger("poweron.models")
 PROBE_TIMEOUT_SECONDS = 2.0
@@ -36,10 +38,20 @@ class ResolvedModel:
     spec: ModelSpec
     ollamaName: str
     capabilities: frozenset[str]
+    contextLength: int = 0
+    """The model's own context length from /api/show (0 = unknown)."""
+    window: int = 0
+    """The num_ctx every request and the warm-up send for this model (upstream/contextWindow.py)."""
+    features: OllamaFeatures = OllamaFeatures((0, 0, 0))
+    """What the daemon's version can do (upstream/ollamaVersion.py)."""
 
     @property
     def externalName(self) -> str:
         return self.spec.externalName
+
+    def pixelBudget(self, default: int) -> int:
+        """Pixels per image for this model on this daemon version."""
+        return imagePixelBudget(self.spec.maxImagePixels or default, self.ollamaName, self.features)
 
 
 def normaliseModelName(name: str) -> str:
@@ -71,6 +83,17 @@ def _isModelAvailableInOllama(pulled: dict[str, PulledModel], ollamaName: str) -
     return None
 
 
+def contextLengthOf(shown: dict[str, Any]) -> int:
+    """``<family>.context_length`` from /api/show's model_info (0 when absent)."""
+    info = shown.get("model_info")
+    if not isinstance(info, dict):
+        return 0
+    for key, value in info.items():
+        if key.endswith(".context_length") and isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
+
+
 def parsePulledModels(entries: list[dict[str, Any]]) -> dict[str, PulledModel]:
     pulled: dict[str, PulledModel] = {}
     for entry in entries:
@@ -96,6 +119,8 @@ class ModelRegistry:
         self.http = http
         self.pulled: dict[str, PulledModel] = {}
         self.capabilityCache: dict[tuple[str, str], frozenset[str]] = {}
+        self.contextCache: dict[tuple[str, str], int] = {}
+        self.tokens = TokenEstimator()
         self.ollamaReachable = False
         self.ollamaVersion: str | None = None
         self.ollamaError: str | None = "not checked yet"
@@ -174,20 +199,38 @@ class ModelRegistry:
     def availableModels(self) -> list[ModelSpec]:
         return [spec for spec in self.settings.modelMapping.values() if self.isAvailable(spec)]
 
+    @property
+    def features(self) -> OllamaFeatures:
+        return OllamaFeatures.of(self.ollamaVersion)
+
     async def capabilitiesOf(self, pulledName: str) -> frozenset[str]:
         """Capabilities from /api/tags when it lists them, else /api/show, cached per name and digest."""
         entry = self.pulled.get(normaliseModelName(pulledName))
+        cacheKey = (pulledName, entry.digest if entry else "")
+        if cacheKey not in self.contextCache:
+            try:
+                await self._show(pulledName, cacheKey)
+            except ServiceError:
+                if entry is None or entry.capabilities is None:
+                    raise  # without /api/show nothing is known; with /api/tags' list the window stays uncapped
         if entry is not None and entry.capabilities is not None:
             return entry.capabilities
-        cacheKey = (pulledName, entry.digest if entry else "")
-        cached = self.capabilityCache.get(cacheKey)
-        if cached is None:
-            shown = await self.ollama.show(pulledName, PROBE_TIMEOUT_SECONDS * 5)
-            listed = shown.get("capabilities")
-            cached = frozenset(c for c in listed if isinstance(c, str)) if isinstance(listed, list) else frozenset(
-                {"completion"})
-            self.capabilityCache[cacheKey] = cached
-        return cached
+        return self.capabilityCache.get(cacheKey) or frozenset({"completion"})
+
+    async def _show(self, pulledName: str, cacheKey: tuple[str, str]) -> None:
+        """/api/show once per name and digest: capabilities and the model's own context length."""
+        shown = await self.ollama.show(pulledName, PROBE_TIMEOUT_SECONDS * 5)
+        listed = shown.get("capabilities")
+        self.capabilityCache[cacheKey] = frozenset(c for c in listed if isinstance(c, str)) if isinstance(
+            listed, list) else frozenset({"completion"})
+        self.contextCache[cacheKey] = contextLengthOf(shown)
+
+    async def windowOf(self, spec: ModelSpec, pulledName: str) -> int:
+        """The num_ctx for this model (the same on every route and in the warm-up)."""
+        capabilities = await self.capabilitiesOf(pulledName)
+        entry = self.pulled.get(normaliseModelName(pulledName))
+        contextLength = self.contextCache.get((pulledName, entry.digest if entry else ""), 0)
+        return modelWindow(self.settings, spec, contextLength, "vision" in capabilities)
 
     def cachedCapabilities(self, spec: ModelSpec) -> frozenset[str] | None:
         """Capabilities without any upstream call (None when not known yet)."""
@@ -223,4 +266,8 @@ class ModelRegistry:
             raise ServiceError(404, f"The model `{externalName}` is configured but not available yet (its Ollama "
                                "model is not pulled); the operator's log names what to pull",
                                code="model_not_found", param="model")
-        return ResolvedModel(spec, pulledName, await self.capabilitiesOf(pulledName))
+        capabilities = await self.capabilitiesOf(pulledName)
+        entry = self.pulled.get(normaliseModelName(pulledName))
+        contextLength = self.contextCache.get((pulledName, entry.digest if entry else ""), 0)
+        window = modelWindow(self.settings, spec, contextLength, "vision" in capabilities)
+        return ResolvedModel(spec, pulledName, capabilities, contextLength, window, self.features)

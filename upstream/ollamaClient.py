@@ -17,6 +17,7 @@ import orjson
 from core.errors import ServiceError
 from core.requestContext import RequestMeta
 from upstream.admission import DEFAULT_UPSTREAM, Admission, Kind
+from upstream.contextWindow import embedPayload
 from upstream.fairQueue import Ticket
 from upstream.transport import UpstreamTransport, mountPattern
 
@@ -113,6 +114,9 @@ def mapStatusError(status: int, body: bytes, externalName: str | None, service: 
     if status == 503:
         return UpstreamError(503, f"{service} is busy ({words or 'server busy'}); retry shortly",
                              code="upstream_busy", headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+    if status == 400 and "context length" in (raw := _errorMessageOf(body).lower()) and "exceed" in raw:
+        return UpstreamError(400, f"The input does not fit the context window of {modelText} ({service} refused "
+                             "it rather than cut it); shorten it", code="context_length_exceeded")
     if status in (400, 422):
         if words and service == OLLAMA:
             return UpstreamError(400, f"{service} rejected the request: the model {modelText} {words}",
@@ -364,8 +368,8 @@ class OllamaClient:
         return OllamaStream(response, startedAt, ticket)
 
     async def embed(self, ollamaName: str, inputs: list[str], externalName: str, dimensions: int | None = None,
-                    keepAlive: str | None = None, meta: RequestMeta | None = None) -> dict[str, Any]:
-        payload: dict[str, Any] = {"model": ollamaName, "input": inputs}
+                    keepAlive: str | None = None, meta: RequestMeta | None = None, window: int = 0) -> dict[str, Any]:
+        payload = embedPayload(ollamaName, inputs, window, truncate=False)  # too long: refused, never cut
         if dimensions:
             payload["dimensions"] = dimensions
         if keepAlive:

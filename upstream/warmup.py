@@ -2,7 +2,8 @@
 unreachable (a restart), in the background, so the first user does not pay the cold load.
 
 A chat model gets Ollama's load request (``/api/chat`` with ``messages: []``), an embedding model a one-word
-``/api/embed``; both carry ``[ollama] keep_alive``. Only metadata (model names, timings) is logged.
+``/api/embed``; both carry ``[ollama] keep_alive`` and the model's ``num_ctx`` (the same runner options as every
+request, or Ollama would reload the model at the first request). Only metadata (model names, timings) is logged.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from config import ModelSpec, Settings, resolveModel
 from core.errors import ServiceError
+from upstream.contextWindow import runnerOptions
 from upstream.modelRegistry import ModelRegistry
 from upstream.ollamaClient import OllamaClient
 
@@ -22,11 +24,14 @@ logger = logging.getLogger("poweron.warmup")
 WARMUP_EMBED_INPUT = "warm-up"
 
 
-def warmupRequest(spec: ModelSpec, pulledName: str, keepAlive: str) -> tuple[str, dict[str, Any]]:
-    """Path and payload that load ``pulledName`` into memory without generating anything."""
+def warmupRequest(spec: ModelSpec, pulledName: str, keepAlive: str, window: int = 0) -> tuple[str, dict[str, Any]]:
+    """Path and payload that load ``pulledName`` into memory (with the model's window) without generating."""
+    options = runnerOptions(window)
     if spec.type == "embedding":
-        return "/api/embed", {"model": pulledName, "input": WARMUP_EMBED_INPUT, "keep_alive": keepAlive}
-    return "/api/chat", {"model": pulledName, "messages": [], "keep_alive": keepAlive}
+        payload = {"model": pulledName, "input": WARMUP_EMBED_INPUT, "keep_alive": keepAlive}
+        return "/api/embed", {**payload, "options": options} if options else payload
+    payload = {"model": pulledName, "messages": [], "keep_alive": keepAlive}
+    return "/api/chat", {**payload, "options": options} if options else payload
 
 
 class ModelWarmup:
@@ -65,7 +70,8 @@ class ModelWarmup:
         if pulledName is None:
             logger.warning("warm-up: %s (%s) is not pulled in Ollama; skipped", externalName, spec.ollamaName)
             return False
-        path, payload = warmupRequest(spec, pulledName, self.settings.ollama.keep_alive)
+        window = await registry.windowOf(spec, pulledName)
+        path, payload = warmupRequest(spec, pulledName, self.settings.ollama.keep_alive, window)
         startedAt = time.perf_counter()
         await self.ollama.postJson(path, payload, externalName)
         logger.info("warm-up: %s (%s) loaded in %.1f s", externalName, pulledName, time.perf_counter() - startedAt)
