@@ -60,10 +60,12 @@ async def test_refresh_offers_only_pulled_mapped_models(registry: ModelRegistry)
     respx.get(f"{OLLAMA}/api/version").respond(json={"version": "0.33.0"})
     respx.get(f"{OLLAMA}/api/tags").respond(json={"models": [tagEntry("qwen2.5:7b", capabilities=["completion",
                                                                                                   "tools"])]})
+    respx.post(f"{OLLAMA}/api/show").respond(json={"model_info": {"qwen2.context_length": 4096}})
     await registry.refresh()
     assert [spec.externalName for spec in registry.availableModels()] == ["poweron-text-general"]
     resolved = await registry.resolve("poweron-text-general")
     assert (resolved.ollamaName, resolved.capabilities) == ("qwen2.5:7b", frozenset({"completion", "tools"}))
+    assert (resolved.contextLength, resolved.window) == (4096, 4096)  # [ollama] num_ctx capped by the model
 
 
 @respx.mock

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import struct
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -19,15 +20,19 @@ from openaiCompat.images import ImageRules, decodeImageDataUrl
 from openaiCompat.messages import translateMessages
 from upstream.modelRegistry import ResolvedModel
 
-TEXT = ResolvedModel(MODEL_MAPPING["poweron-text-general"], "qwen2.5:7b", frozenset({"completion", "tools"}))
-VISION = ResolvedModel(MODEL_MAPPING["poweron-vision-general"], "qwen2.5vl:7b", frozenset({"completion", "vision"}))
+WINDOW = 8192  # what the registry resolves with [ollama] num_ctx = 8192 (upstream/contextWindow.py)
+TEXT = ResolvedModel(MODEL_MAPPING["poweron-text-general"], "qwen2.5:7b", frozenset({"completion", "tools"}),
+                     window=WINDOW)
+VISION = ResolvedModel(MODEL_MAPPING["poweron-vision-general"], "qwen2.5vl:7b", frozenset({"completion", "vision"}),
+                       window=WINDOW)
 ONE_IMAGE = ResolvedModel(MODEL_MAPPING["poweron-vision-deep"], "granite3.2-vision:latest",
-                          frozenset({"completion", "vision", "tools"}))
+                          frozenset({"completion", "vision", "tools"}), window=WINDOW)
 THINKER = ResolvedModel(MODEL_MAPPING["poweron-text-reasoning"], "deepseek-r1:70b",
-                        frozenset({"completion", "thinking"}))
+                        frozenset({"completion", "thinking"}), window=WINDOW)
 GPT_OSS = ResolvedModel(MODEL_MAPPING["poweron-text-reasoning"], "gpt-oss:20b",
-                        frozenset({"completion", "tools", "thinking"}))
-EMBED = ResolvedModel(MODEL_MAPPING["poweron-embed"], "nomic-embed-text:latest", frozenset({"embedding"}))
+                        frozenset({"completion", "tools", "thinking"}), window=WINDOW)
+EMBED = ResolvedModel(MODEL_MAPPING["poweron-embed"], "nomic-embed-text:latest", frozenset({"embedding"}),
+                      window=2048)
 USER = [{"role": "user", "content": "Hallo"}]
 TOOL = {"type": "function", "function": {"name": "getWeather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -85,7 +90,8 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
 
 
 def test_num_ctx_zero_sends_no_num_ctx() -> None:
-    payload = buildChatPlan({"model": "x", "messages": USER}, TEXT, settingsWith(numCtx=0, keepAlive="5m")).payload
+    payload = buildChatPlan({"model": "x", "messages": USER}, replace(TEXT, window=0),
+                            settingsWith(numCtx=0, keepAlive="5m")).payload
     assert "options" not in payload and payload["keep_alive"] == "5m"
 
 
@@ -110,7 +116,9 @@ def test_oversized_integers_are_400_naming_the_parameter_and_its_range(field: st
 
 
 def test_integers_at_the_documented_bounds_pass_and_serialise() -> None:
-    options = plan({"messages": USER, "seed": 2**63 - 1, "max_tokens": 1_000_000, "top_k": 1000}).payload["options"]
+    huge = replace(TEXT, window=2_000_000)  # a window the bound's answer budget fits into
+    options = plan({"messages": USER, "seed": 2**63 - 1, "max_tokens": 1_000_000, "top_k": 1000},
+                   huge).payload["options"]
     assert (options["seed"], options["num_predict"], options["top_k"]) == (2**63 - 1, 1_000_000, 1000)
     assert plan({"messages": USER, "seed": -1}).payload["options"]["seed"] == -1
     orjson.dumps(options)
@@ -218,8 +226,10 @@ def test_roles_map_developer_to_system_and_bad_roles_are_400() -> None:
 # ------------------------------------------------------------------------------ reasoning
 
 
-def test_reasoning_effort_maps_to_think_only_when_sent() -> None:
-    assert "think" not in plan({"messages": USER}, THINKER).payload
+def test_reasoning_effort_maps_to_think_and_thinking_models_always_get_one() -> None:
+    assert plan({"messages": USER}, THINKER).payload["think"] is True  # explicit: Ollama < 0.12.4 defaults off
+    assert plan({"messages": USER}, GPT_OSS).payload["think"] == "medium"
+    assert "think" not in plan({"messages": USER}, TEXT).payload
     assert plan({"messages": USER, "reasoning_effort": "high"}, THINKER).payload["think"] is True
     assert plan({"messages": USER, "reasoning_effort": "none"}, THINKER).payload["think"] is False
 

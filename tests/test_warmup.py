@@ -43,15 +43,17 @@ def stub():
     server.stop()
 
 
-def test_chatModelsGetOllamasLoadRequest():
-    path, payload = warmupRequest(MODEL_MAPPING["poweron-vision-general"], "qwen2.5vl:7b", "30m")
-    assert (path, payload) == ("/api/chat", {"model": "qwen2.5vl:7b", "messages": [], "keep_alive": "30m"})
+def test_chatModelsGetOllamasLoadRequestWithTheModelsWindow():
+    path, payload = warmupRequest(MODEL_MAPPING["poweron-vision-general"], "qwen2.5vl:7b", "30m", 8192)
+    assert (path, payload) == ("/api/chat", {"model": "qwen2.5vl:7b", "messages": [], "keep_alive": "30m",
+                                             "options": {"num_ctx": 8192}})
 
 
 def test_embeddingModelsGetATinyEmbedRequest():
-    path, payload = warmupRequest(MODEL_MAPPING["poweron-embed"], "nomic-embed-text:latest", "24h")
+    path, payload = warmupRequest(MODEL_MAPPING["poweron-embed"], "nomic-embed-text:latest", "24h", 2048)
     assert path == "/api/embed"
-    assert payload == {"model": "nomic-embed-text:latest", "input": "warm-up", "keep_alive": "24h"}
+    assert payload == {"model": "nomic-embed-text:latest", "input": "warm-up", "keep_alive": "24h",
+                       "options": {"num_ctx": 2048}}
 
 
 async def test_startupPreloadsTheConfiguredModelsThatArePulled(stub, makeSettings):
@@ -63,8 +65,10 @@ async def test_startupPreloadsTheConfiguredModelsThatArePulled(stub, makeSetting
         await asyncio.wait_for(app.state.warmup.task, WAIT_SECONDS)
     chats = [r["body"] for r in stubRequests(stub, "/api/chat")]
     embeds = [r["body"] for r in stubRequests(stub, "/api/embed")]
-    assert chats == [{"model": "qwen2.5:7b", "messages": [], "keep_alive": "45m"}]
-    assert embeds == [{"model": "nomic-embed-text:latest", "input": "warm-up", "keep_alive": "45m"}]
+    assert chats == [{"model": "qwen2.5:7b", "messages": [], "keep_alive": "45m", "options": {"num_ctx": 8192}}]
+    # nomic-embed-text's own context length (2048 in /api/show) caps [ollama] num_ctx
+    assert embeds == [{"model": "nomic-embed-text:latest", "input": "warm-up", "keep_alive": "45m",
+                       "options": {"num_ctx": 2048}}]
     assert [event["model"] for event in stubEvents(stub, "load")] == ["qwen2.5:7b"]
 
 
@@ -79,6 +83,9 @@ async def test_noWarmupWhenTheListIsEmpty(stub, makeSettings):
 class FakeRegistry:
     def pulledNameFor(self, spec: Any) -> str:
         return spec.ollamaName
+
+    async def windowOf(self, spec: Any, pulledName: str) -> int:
+        return 8192
 
 
 class BlockingOllama:
@@ -102,7 +109,8 @@ async def test_warmupRunsInTheBackgroundAndOnlyWhenOllamaCameBack(makeSettings):
     await warmup.onRefresh(FakeRegistry(), cameBack=True)  # type: ignore[arg-type]
     assert warmup.task is not None and not warmup.task.done()  # the listener returned while the load is pending
     await asyncio.sleep(0)
-    assert ollama.calls == [("/api/chat", {"model": "qwen2.5:7b", "messages": [], "keep_alive": "30m"})]
+    assert ollama.calls == [("/api/chat", {"model": "qwen2.5:7b", "messages": [], "keep_alive": "30m",
+                                           "options": {"num_ctx": 8192}})]
     ollama.release.set()
     await asyncio.wait_for(warmup.task, WAIT_SECONDS)
 
@@ -136,4 +144,4 @@ def test_serviceWarmsUpAtStartAndAgainAfterOllamaRestarts(stub, serviceFactory):
     events = waitFor(lambda: stubEvents(stub, "load"), "the warm-up after the restart")
     assert [event["model"] for event in events] == ["qwen2.5:7b"]
     body = stubRequests(stub, "/api/chat")[-1]["body"]
-    assert body == {"model": "qwen2.5:7b", "messages": [], "keep_alive": "30m"}
+    assert body == {"model": "qwen2.5:7b", "messages": [], "keep_alive": "30m", "options": {"num_ctx": 8192}}
