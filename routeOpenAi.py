@@ -124,7 +124,7 @@ async def _answerChat(request: Request, ollama: OllamaClient, plan: ChatPlan, re
         meta.upstreamSeconds = time.perf_counter() - started
     _recordUsage(meta, answer)
     onDone(answer)
-    return _jsonResponse(chatCompletion(answer, resolved.externalName))
+    return _jsonResponse(chatCompletion(answer, resolved.externalName, plan.leakedThink))
 
 
 def _recordUsage(meta: RequestMeta, done: dict[str, Any]) -> None:
@@ -145,7 +145,7 @@ async def _streamChat(request: Request, ollama: OllamaClient, plan: ChatPlan, re
     except BaseException:
         await positions.aclose()
         raise
-    translator = ChatStreamTranslator(resolved.externalName, onDone)
+    translator = ChatStreamTranslator(resolved.externalName, onDone, plan.leakedThink)
     if first is None:
         stream = await untilDisconnect(request, ollama.openStream("/api/chat", plan.payload, resolved.externalName,
                                                                   ticket=ticket))

@@ -11,7 +11,15 @@ from typing import Any
 from config import Settings
 from core.errors import ServiceError
 from documents.documentRender import PageImage, RenderedDocument
-from upstream.contextWindow import PromptMeasure, TokenEstimator, checkFits, imageTokens, messageChars, runnerOptions
+from upstream.contextWindow import (
+    CONTEXT_EXCEEDED,
+    PromptMeasure,
+    TokenEstimator,
+    checkFits,
+    imageTokens,
+    messageChars,
+    runnerOptions,
+)
 from upstream.modelRegistry import ResolvedModel
 from upstream.ollamaClient import OllamaClient, OllamaStream
 from upstream.structuredOutput import repairPrompt, validateAnswer
@@ -130,11 +138,24 @@ def pageNote(group: list[PageImage], document: RenderedDocument) -> str:
 
 def documentCalls(settings: Settings, resolved: ResolvedModel, document: RenderedDocument, fields: Any,
                   schema: Any, tokens: TokenEstimator | None = None) -> list[ModelCall]:
-    """The Ollama calls for an analysis: one per page group."""
+    """The Ollama calls for an analysis: one per page group. Pages that do not fit the model's window together
+    are sent in smaller groups (halved until each fits; a single page that does not fit is a 413)."""
     tokens = tokens or TokenEstimator()
+    size = resolved.spec.imagesPerMessage or max(len(document.images), 1)
+    while True:
+        try:
+            return _groupCalls(settings, resolved, document, fields, schema, tokens, size)
+        except ServiceError as exc:
+            if exc.code != CONTEXT_EXCEEDED or size <= 1:
+                raise
+            size = (size + 1) // 2
+
+
+def _groupCalls(settings: Settings, resolved: ResolvedModel, document: RenderedDocument, fields: Any,
+                schema: Any, tokens: TokenEstimator, size: int) -> list[ModelCall]:
     system = [{"role": "system", "content": fields.system}] if fields.system else []
     calls = []
-    for group in pageGroups(document.images, resolved.spec.imagesPerMessage):
+    for group in pageGroups(document.images, size):
         content = pageNote(group, document) + fields.prompt
         message = {"role": "user", "content": content, "images": [image.base64Jpeg for image in group]}
         payload = chatPayload(settings, resolved, [*system, message], temperature=fields.temperature,

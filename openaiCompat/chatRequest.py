@@ -194,6 +194,8 @@ class ChatPlan:
     stream: bool
     includeUsage: bool
     measure: PromptMeasure | None = None
+    leakedThink: bool = False
+    """think false on a thinking model: its trace may still arrive in content, ending in </think>."""
 
 
 def checkChatModel(resolved: ResolvedModel) -> None:
@@ -260,7 +262,8 @@ def buildChatPlan(body: dict[str, Any], resolved: ResolvedModel, settings: Setti
     measure = measureChat(payload, resolved, settings, tokens or TokenEstimator())
     answerBudget = options.get("num_predict") or ANSWER_RESERVE_TOKENS
     checkFits(resolved.window, measure.tokens, answerBudget, resolved.externalName, openAi=True)
-    return ChatPlan(payload, stream, stream and _includeUsage(body), measure)
+    leaked = payload.get("think") is False
+    return ChatPlan(payload, stream, stream and _includeUsage(body), measure, leaked)
 
 
 def measureChat(payload: dict[str, Any], resolved: ResolvedModel, settings: Settings,

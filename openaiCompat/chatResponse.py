@@ -38,11 +38,11 @@ def openAiToolCall(call: dict[str, Any]) -> dict[str, Any]:
             "function": {"name": function.get("name", ""), "arguments": arguments}}
 
 
-def chatCompletion(answer: dict[str, Any], externalName: str) -> dict[str, Any]:
-    """A non-streaming ``chat.completion`` from Ollama's single answer."""
+def chatCompletion(answer: dict[str, Any], externalName: str, leaked: bool = False) -> dict[str, Any]:
+    """A non-streaming ``chat.completion`` from Ollama's single answer (reasoning left in content moved out)."""
     message = answer.get("message") or {}
     toolCalls = [openAiToolCall(call) for call in message.get("tool_calls") or ()]
-    inlineReasoning, content = splitThinking(message.get("content") or "")
+    inlineReasoning, content = splitThinking(message.get("content") or "", leaked)
     converted: dict[str, Any] = {"role": "assistant", "content": content if content or not toolCalls else None}
     if toolCalls:
         converted["tool_calls"] = toolCalls
@@ -69,14 +69,15 @@ class ChatStreamTranslator:
 
     __slots__ = ("completionId", "created", "model", "toolCallCount", "splitter", "onDone")
 
-    def __init__(self, externalName: str, onDone: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, externalName: str, onDone: Callable[[dict[str, Any]], None] | None = None,
+                 leaked: bool = False) -> None:
         self.onDone = onDone
         """Called with Ollama's final line (prompt-token calibration)."""
         self.completionId = newCompletionId()
         self.created = int(time.time())
         self.model = externalName
         self.toolCallCount = 0
-        self.splitter = ThinkSplitter()
+        self.splitter = ThinkSplitter(leaked)
         """A leading <think>...</think> in content goes to reasoning_content (upstream/thinkSplit.py)."""
 
     def _frame(self, delta: dict[str, Any], finish: str | None = None) -> bytes:

@@ -11,6 +11,8 @@ OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
 LEAK_SCAN_CHARS = 20000
 """A lone ``</think>`` further into the answer than this is taken as the answer's own text."""
+LEAK_HOLD_CHARS = 4000
+"""Streaming with a possible leak: content is held back until ``</think>`` or this many characters."""
 
 
 def splitThinking(text: str, leaked: bool = False) -> tuple[str, str]:
@@ -33,9 +35,11 @@ class ThinkSplitter:
     """Streaming version for a leading ``<think>`` block: feed content pieces, get (reasoning, content) pieces.
     Content is held back only while it could still be the start of ``<think>``."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaked: bool = False) -> None:
         self.state = "start"  # start -> thinking -> after (strip leading whitespace once) -> plain
         self.pending = ""
+        self.leaked = leaked
+        """think was false on a thinking model: a trace ending in a lone </think> may come first (ollama#10964)."""
 
     def feed(self, piece: str) -> tuple[str, str]:
         if self.state == "plain":
@@ -49,6 +53,8 @@ class ThinkSplitter:
 
     def _atStart(self) -> tuple[str, str]:
         head = self.pending.lstrip()
+        if self.leaked and not OPEN_TAG.startswith(head[:len(OPEN_TAG)]):
+            return self._leakScan()
         if head.startswith(OPEN_TAG):
             self.pending = head[len(OPEN_TAG):]
             self.state = "thinking"
@@ -57,6 +63,18 @@ class ThinkSplitter:
             return "", ""
         self.state, text, self.pending = "plain", self.pending, ""
         return "", text
+
+    def _leakScan(self) -> tuple[str, str]:
+        end = self.pending.find(CLOSE_TAG)
+        if end != -1:
+            reasoning, self.pending = self.pending[:end].strip(), self.pending[end + len(CLOSE_TAG):]
+            self.state = "after"
+            _, content = self._afterThinking()
+            return reasoning, content
+        if len(self.pending) > LEAK_HOLD_CHARS:
+            self.state, text, self.pending = "plain", self.pending, ""
+            return "", text
+        return "", ""
 
     def _inThinking(self) -> tuple[str, str]:
         end = self.pending.find(CLOSE_TAG)
