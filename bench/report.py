@@ -366,6 +366,8 @@ def renderReport(results: dict[str, Any]) -> str:
     lines += extraSection("benchStt", "Speech to text", (results.get("extra") or {}).get("stt"))
     lines += extraSection("benchAdmission", "Admission control and fair sharing (one GPU, 2 slots)",
                           (results.get("extra") or {}).get("admission"))
+    lines += extraSection("benchMixed", "Mixed traffic on a realistic Ollama stand-in (model reloads must be 0)",
+                          (results.get("extra") or {}).get("mixed"))
     lines += HOT_PATH_HISTORY.splitlines() + [""]
     lines += _notesLines(results)
     return "\n".join(lines).rstrip() + "\n"

@@ -54,7 +54,7 @@ HARDENING = {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": 
              "Restart": "on-failure", "User": "poweron", "KillMode": "mixed", "CapabilityBoundingSet": "",
              "IPAddressDeny": "any", "IPAddressAllow": "localhost"}
 OLLAMA_VARIABLES = ("OLLAMA_HOST", "OLLAMA_NUM_PARALLEL", "OLLAMA_MAX_LOADED_MODELS", "OLLAMA_KEEP_ALIVE",
-                    "OLLAMA_MAX_QUEUE", "OLLAMA_NO_CLOUD")
+                    "OLLAMA_MAX_QUEUE", "OLLAMA_NO_CLOUD", "OLLAMA_CONTEXT_LENGTH")
 MARKER = re.compile(r"^<!-- (tested|server|example|validated: [a-z0-9-]+) -->$|^<!-- [a-z]+-(example) -->$")
 FENCE = re.compile(r"^\s*```(\w*)\s*$")
 BLOCK_TIMEOUT_SECONDS = 180

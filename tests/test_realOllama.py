@@ -107,7 +107,8 @@ async def test_mixedTrafficAfterTheWarmupCausesNoReload(serviceFor, control):
             service.v1("/v1/embeddings", {"model": "poweron-embed", "input": ["three"]}),
         ]
         answers = await asyncio.gather(*calls)
-    assert [answer.status_code for answer in answers] == [200] * len(calls), [a.text[:300] for a in answers if a.status_code != 200]
+    statuses = [answer.status_code for answer in answers]
+    assert statuses == [200] * len(calls), [a.text[:300] for a in answers if a.status_code != 200]
     scheduler = control.get("/_stub/scheduler").json()
     assert (scheduler["loads"], scheduler["reloads"]) == (3, 0)
     windows = {entry["name"]: entry["context_length"] for entry in control.get("/api/ps").json()["models"]}
