@@ -109,7 +109,7 @@ def chatPayload(settings: Settings, resolved: ResolvedModel, messages: list[dict
 def measuredCall(tokens: TokenEstimator, resolved: ResolvedModel, pages: list[int], payload: dict[str, Any],
                  images: list[PageImage]) -> ModelCall:
     """A call with its prompt estimate, refused (413) when prompt + answer budget cannot fit the window."""
-    imageCost = sum(imageTokens(resolved.ollamaName, image.width * image.height, image.width * image.height)
+    imageCost = sum(imageTokens(resolved.ollamaName, image.width * image.height, resolved.features)
                     for image in images)
     messages = payload["messages"]
     measure = PromptMeasure(tokens, resolved.ollamaName, messageChars(messages), len(messages), imageCost,

@@ -271,7 +271,6 @@ def measureChat(payload: dict[str, Any], resolved: ResolvedModel, settings: Sett
     """The prompt estimate of an Ollama chat payload: messages, tool definitions, images at the model's budget."""
     messages = payload["messages"]
     chars = messageChars(messages) + (len(str(payload["tools"])) if payload.get("tools") else 0)
-    budget = resolved.pixelBudget(settings.documents.default_pixel_budget)
     images = sum(len(message.get("images") or ()) for message in messages)
     return PromptMeasure(tokens, resolved.ollamaName, chars, len(messages),
-                         images * imageTokens(resolved.ollamaName, None, budget), resolved.window)
+                         images * imageTokens(resolved.ollamaName, None, resolved.features), resolved.window)

@@ -222,7 +222,7 @@ async def test_thinking_model_returns_reasoning_content(client: AsyncOpenAI, stu
     message = completion.choices[0].message
     assert "Hallo Welt" in message.model_extra["reasoning_content"]
     assert message.content == REPLY_TEMPLATE.format(prompt="Hallo Welt")
-    assert "think" not in upstreamChats(stubControl)[-1]["body"]
+    assert upstreamChats(stubControl)[-1]["body"]["think"] is True  # always explicit for a thinking model
     stream = await client.chat.completions.create(model=REASONING, messages=HELLO, stream=True,
                                                   reasoning_effort="high")
     deltas = [chunk.choices[0].delta async for chunk in stream if chunk.choices]

@@ -20,6 +20,7 @@ from typing import Any
 
 from config import ModelSpec, Settings
 from core.errors import ServiceError
+from upstream.ollamaVersion import OllamaFeatures, isQwen25vl, qwenKeptPixels
 
 MIN_VISION_CONTEXT = 2048
 FALLBACK_CONTEXT = 4096
@@ -91,13 +92,12 @@ class TokenEstimator:
         self.samples[ollamaName] = self.samples.get(ollamaName, 0) + 1
 
 
-def imageTokens(ollamaName: str, pixels: int | None, budget: int) -> int:
-    """Tokens one image costs: qwen2.5vl one per 28x28 px after its downscale to the budget (plus the vision
-    start/end markers); other models Ollama's own estimate of 768."""
-    if ollamaName.lower().rsplit("/", 1)[-1].startswith("qwen2.5vl"):
-        kept = min(pixels, budget) if pixels and budget else (pixels or budget)
-        if kept:
-            return math.ceil(kept / PIXELS_PER_QWEN_TOKEN) + 2
+def imageTokens(ollamaName: str, pixels: int | None, features: OllamaFeatures) -> int:
+    """Tokens one image costs: qwen2.5vl one per 28x28 px after Ollama's downscale (to its version's budget; plus
+    the vision start/end markers); other models Ollama's own estimate of 768. ``pixels`` None = unknown (the most)."""
+    if isQwen25vl(ollamaName):
+        kept = qwenKeptPixels(features)
+        return math.ceil(min(pixels or kept, kept) / PIXELS_PER_QWEN_TOKEN) + 2
     return DEFAULT_IMAGE_TOKENS
 
 

@@ -83,6 +83,11 @@ def isQwen25vl(ollamaName: str) -> bool:
     return ollamaName.lower().rsplit("/", 1)[-1].startswith("qwen2.5vl")
 
 
+def qwenKeptPixels(features: OllamaFeatures) -> int:
+    """The pixels qwen2.5vl keeps of any image on this daemon version (its downscale target)."""
+    return QWEN25VL_OLD_PIXELS if features.version < QWEN25VL_NEW_BUDGET_SINCE else 2 << 20
+
+
 def imagePixelBudget(configured: int, ollamaName: str, features: OllamaFeatures) -> int:
     """Pixels per image worth sending: the configured budget, lowered to what the daemon keeps (qwen2.5vl before
     v0.13.4 downscales to 1,003,520 px, so rendering more only costs time and an overestimated token count)."""
