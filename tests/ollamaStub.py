@@ -1476,7 +1476,7 @@ async def ctlRequests(ex: Exchange) -> None:
 async def ctlScheduler(ex: Exchange) -> None:
     """Counters (loads, reloads, busy, pending) and each runner's options, references, busy slots and waiters."""
     scheduler = ex.state.scheduler
-    runners = {name: {"options": runner.options, "refs": runner.refs, "busy": runner.busy,
+    runners = {name: {"options": runner.options, "slots": runner.slots, "refs": runner.refs, "busy": runner.busy,
                       "waiting": len(runner.slotWaiters)} for name, runner in scheduler.runners.items()}
     await _sendJson(ex, 200, {**scheduler.counters(), "runners": runners})
 

@@ -8,8 +8,8 @@ Modelled on Ollama's `server/sched.go` (v0.12.10 and HEAD fb307609, see shared/r
   queue (`pendingReqCh`, capacity OLLAMA_MAX_QUEUE) or is refused with 503 `server busy` when that queue is full.
 - `processPending` handles one pending request at a time: a reload waits until every request attached to the old
   runner is done (its refcount drops to 0), then loads; everyone pending behind it waits too.
-- A runner serves OLLAMA_NUM_PARALLEL requests at once; the rest of the attached requests wait for a slot
-  without limit and without a byte sent.
+- A runner serves OLLAMA_NUM_PARALLEL requests at once (embedding models and some architectures such as mllama
+  and qwen3vl one, `load`); the rest of the attached requests wait for a slot without limit and without a byte.
 - num_ctx: unset -> OLLAMA_CONTEXT_LENGTH, else 4096 before v0.20 (envconfig) and by VRAM from v0.20
   (<24 GiB 4k, 24-48 GiB 32k, >=48 GiB 256k); at least 4, at least 2048 for vision models (`getRunner`); capped at
   the model's trained context length (`effectiveContext`).
@@ -30,6 +30,18 @@ from typing import Any
 RUNNER_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
 DEFAULT_RUNNER = {"num_batch": 512, "num_gpu": -1, "main_gpu": 0, "use_mmap": None, "num_thread": 0}
 OLD_DEFAULT_NUM_CTX = 4096
+SINGLE_SLOT_FAMILIES = frozenset({"mllama", "qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe", "qwen3next", "lfm2",
+                                  "lfm2moe", "nemotron_h", "nemotron_h_moe", "nemotron_h_omni"})
+"""sched.go load (HEAD): architectures loaded with num_parallel 1 whatever OLLAMA_NUM_PARALLEL says."""
+
+
+def runnerSlots(model: Any, numParallel: int) -> int:
+    """sched.go load: embedding models (no completion capability) and some architectures get one slot."""
+    if numParallel <= 0:
+        return 0
+    if not model.supports("completion") or model.family in SINGLE_SLOT_FAMILIES:
+        return 1
+    return numParallel
 
 
 def versionTuple(text: str) -> tuple[int, int, int]:
@@ -72,8 +84,10 @@ def sameRunner(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
 class Runner:
     """One loaded model: its options, the requests attached to it (refs) and its parallel slots."""
 
-    def __init__(self, name: str, options: dict[str, Any], expires: float) -> None:
+    def __init__(self, name: str, options: dict[str, Any], expires: float, slots: int = 0) -> None:
         self.name = name
+        self.slots = slots
+        """Parallel requests this runner serves (0 = no limit, the kind stub)."""
         self.options = options
         self.expires = expires
         self.refs = 0
@@ -140,9 +154,9 @@ class Scheduler:
     def tryAcquire(self, model: Any, options: Any, keepAlive: float) -> Lease | None:
         """The fast path: a matching runner with a free slot (None = take the waiting path, acquire())."""
         runner = self.live(model.name)
-        limit = self.state.config.numParallel
         if runner is None or not sameRunner(runner.options, self.wantedOptions(model, options)):
             return None
+        limit = runner.slots
         if limit > 0 and (runner.busy >= limit or runner.slotWaiters):
             return None
         lease = self._attach(runner, keepAlive, False, 0.0)
@@ -192,7 +206,7 @@ class Scheduler:
         if delay > 0:
             await asyncio.sleep(delay)
         self._countLoad(model.name, runner, wanted)
-        fresh = Runner(model.name, wanted, math.inf)
+        fresh = Runner(model.name, wanted, math.inf, runnerSlots(model, self.state.config.numParallel))
         self.runners[model.name] = fresh
         return self._attach(fresh, keepAlive, True, time.monotonic() - started)
 
@@ -218,7 +232,7 @@ class Scheduler:
         return Lease(self, runner, cold, loadSeconds)
 
     async def _takeSlot(self, lease: Lease) -> None:
-        runner, limit = lease.runner, self.state.config.numParallel
+        runner, limit = lease.runner, lease.runner.slots
         if limit <= 0 or (runner.busy < limit and not runner.slotWaiters):
             runner.busy += 1
             lease.hasSlot = True

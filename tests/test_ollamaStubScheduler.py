@@ -131,6 +131,16 @@ def test_numParallelSlotsAndUnboundedWaitingForALoadedModel(client, stub):
     assert counters(client)["busy"] == 0
 
 
+def test_embeddingModelsAndSomeArchitecturesGetOneSlot(client):
+    """sched.go load: embedding models (no completion capability) and e.g. mllama load with num_parallel 1."""
+    client.post("/_stub/config", json={"numParallel": 4})
+    client.post("/api/embed", json={"model": "nomic-embed-text", "input": "x"})
+    client.post("/api/chat", json=chat("llama3.2-vision:latest"))
+    client.post("/api/chat", json=chat())
+    slots = {name: runner["slots"] for name, runner in counters(client)["runners"].items()}
+    assert slots == {"nomic-embed-text:latest": 1, "llama3.2-vision:latest": 1, "qwen2.5:7b": 4}
+
+
 def test_busyOnlyWhenTheLoadQueueIsFull(client, stub):
     """sched.go getRunner: `pendingReqCh <- req` or ErrMaxQueue; requests waiting for a load count."""
     client.post("/_stub/config", json={"maxQueue": 1, "loadDelayMs": 1500})
