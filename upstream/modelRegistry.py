@@ -212,7 +212,8 @@ class ModelRegistry:
                 await self._show(pulledName, cacheKey)
             except ServiceError:
                 if entry is None or entry.capabilities is None:
-                    raise  # without /api/show nothing is known; with /api/tags' list the window stays uncapped
+                    raise  # without /api/show nothing is known
+                self.contextCache[cacheKey] = 0  # /api/tags listed the capabilities: the window stays uncapped
         if entry is not None and entry.capabilities is not None:
             return entry.capabilities
         return self.capabilityCache.get(cacheKey) or frozenset({"completion"})
