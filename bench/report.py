@@ -368,6 +368,8 @@ def renderReport(results: dict[str, Any]) -> str:
                           (results.get("extra") or {}).get("admission"))
     lines += extraSection("benchMixed", "Mixed traffic on a realistic Ollama stand-in (model reloads must be 0)",
                           (results.get("extra") or {}).get("mixed"))
+    lines += extraSection("benchLoopStalls", "Event-loop stalls from heavy request work (issue 17)",
+                          (results.get("extra") or {}).get("stalls"))
     lines += HOT_PATH_HISTORY.splitlines() + [""]
     lines += _notesLines(results)
     return "\n".join(lines).rstrip() + "\n"
