@@ -3,7 +3,8 @@
 - request line plus headers over ``[server] max_header_bytes`` or more than ``max_header_count`` fields -> 431;
 - the head not complete ``header_timeout_seconds`` after connecting (or after the first byte of a further request on
   a kept-alive connection) -> 408 (slowloris); a connection that sent nothing is closed without an answer;
-- more than ``max_connections`` open connections -> 503 for the new one, closed at once.
+- more than ``max_connections`` open connections -> 503 for the new one, closed at once;
+- a request that is not valid HTTP -> 400 (uvicorn's own answer had no request id).
 
 Each refusal is answered in the analysis API's error shape with a fresh X-Request-ID and ``Connection: close``,
 logged with that id, and the connection is closed: no app code runs for it and nothing more of it is parsed.
@@ -117,6 +118,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if not self.refused:
             super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:  # noqa: N802 (uvicorn's name)
+        """uvicorn's answer to a request it cannot parse, in our shape and with a request id."""
+        self.refuse(400, "invalid_http_request", "The request is not valid HTTP/1.1")
 
     def refuse(self, status: int, code: str, message: str, retryAfter: bool = False) -> None:
         """Answer ``status`` with our error shape and a fresh request id, close the connection, parse no more."""

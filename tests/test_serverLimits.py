@@ -113,6 +113,14 @@ def test_a_huge_header_stream_is_cut_early(service: ServiceProcess) -> None:
     assertServesNormally(service)
 
 
+def test_a_malformed_request_is_400_with_a_request_id(service: ServiceProcess) -> None:
+    with connect(service) as sock:
+        sock.sendall(b"GET /health/liveliness HTTP/1.1\r\nHost x\r\n\r\n")
+        status, headers, body = statusAndBody(readAll(sock))
+    assert status == 400 and body["code"] == "invalid_http_request" and len(headers["x-request-id"]) == 32
+    assertServesNormally(service)
+
+
 def test_too_many_headers_are_431(service: ServiceProcess) -> None:
     fields = b"".join(b"X-F%d: 1\r\n" % index for index in range(40))
     with connect(service) as sock:
