@@ -25,7 +25,7 @@ from openaiCompat.basics import (
     logger,
     stopList,
 )
-from openaiCompat.images import ImageRules
+from openaiCompat.images import ImageRules, encodePendingImages
 from openaiCompat.messages import fromResponsesShape, translateMessages
 from upstream.contextWindow import PromptMeasure, TokenEstimator, checkFits, imageTokens, messageChars
 from upstream.modelRegistry import ResolvedModel
@@ -263,6 +263,7 @@ def buildChatPlan(body: dict[str, Any], resolved: ResolvedModel, settings: Setti
     answerBudget = options.get("num_predict") or ANSWER_RESERVE_TOKENS
     checkFits(resolved.window, measure.tokens, answerBudget, resolved.externalName, openAi=True)
     leaked = payload.get("think") is False
+    encodePendingImages(payload["messages"])  # only now: every image passed the pixel checks and the prompt fits
     return ChatPlan(payload, stream, stream and _includeUsage(body), measure, leaked)
 
 

@@ -64,10 +64,21 @@ def _asPng(image: Image.Image, param: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decodeImageDataUrl(url: Any, param: str, settings: Settings, budget: PixelBudget | None = None) -> str:
-    """Raw base64 for Ollama from a ``data:image/...;base64,`` URL, checked as a real image within
-    ``[limits] max_image_pixels`` and the request's pixel ``budget`` (read from the header before any pixel is
-    decoded). Remote URLs are refused. Formats Ollama cannot read are re-encoded: call this off the event loop."""
+class PendingImage:
+    """An image Ollama cannot read (GIF, BMP, TIFF, ...), re-encoded as PNG only once every image of the request has
+    passed the pixel checks (``encodePendingImages``), so a request over its budget costs no decoding at all."""
+
+    __slots__ = ("image", "param")
+
+    def __init__(self, image: Image.Image, param: str) -> None:
+        self.image = image
+        self.param = param
+
+    def encode(self) -> str:
+        return _asPng(self.image, self.param)
+
+
+def _checkedImage(url: Any, param: str, settings: Settings, budget: PixelBudget | None) -> str | PendingImage:
     if not isinstance(url, str) or not url:
         raise invalid(f"`{param}` needs an image URL", param)
     rejectRemoteImageUrl(url, param)
@@ -82,10 +93,26 @@ def decodeImageDataUrl(url: Any, param: str, settings: Settings, budget: PixelBu
     checkImagePixels(*image.size, settings, param)
     if budget is not None:
         budget.spend(image.size[0] * image.size[1], param)
-    return data if image.format in OLLAMA_IMAGE_FORMATS else _asPng(image, param)
+    return data if image.format in OLLAMA_IMAGE_FORMATS else PendingImage(image, param)
 
 
-def _imagePart(part: dict[str, Any], param: str, rules: ImageRules | None) -> str:
+def decodeImageDataUrl(url: Any, param: str, settings: Settings, budget: PixelBudget | None = None) -> str:
+    """Raw base64 for Ollama from a ``data:image/...;base64,`` URL, checked as a real image within
+    ``[limits] max_image_pixels`` and the request's pixel ``budget`` (read from the header before any pixel is
+    decoded). Remote URLs are refused. Formats Ollama cannot read are re-encoded: call this off the event loop."""
+    checked = _checkedImage(url, param, settings, budget)
+    return checked.encode() if isinstance(checked, PendingImage) else checked
+
+
+def encodePendingImages(messages: list[dict[str, Any]]) -> None:
+    """Re-encode the pending images of translated messages in place (after all of them passed the checks)."""
+    for message in messages:
+        if "images" in message:
+            message["images"] = [image.encode() if isinstance(image, PendingImage) else image
+                                 for image in message["images"]]
+
+
+def _imagePart(part: dict[str, Any], param: str, rules: ImageRules | None) -> str | PendingImage:
     if rules is None:
         raise invalid(f"`{param}`: images are only accepted in user messages", param)
     if not rules.visionAllowed:
@@ -93,10 +120,10 @@ def _imagePart(part: dict[str, Any], param: str, rules: ImageRules | None) -> st
                       "choose a poweron-vision-* model from GET /v1/models", param, code="model_not_vision_capable")
     imageUrl = part.get("image_url")
     url = imageUrl.get("url") if isinstance(imageUrl, dict) else imageUrl
-    return decodeImageDataUrl(url, f"{param}.image_url.url", rules.settings, rules.budget)
+    return _checkedImage(url, f"{param}.image_url.url", rules.settings, rules.budget)
 
 
-def _filePart(part: dict[str, Any], param: str, rules: ImageRules | None) -> str:
+def _filePart(part: dict[str, Any], param: str, rules: ImageRules | None) -> str | PendingImage:
     """LiteLLM's ``{"type":"file","file":{"file_data":"data:...;base64,..."}}``: images are read, PDFs refused."""
     file = part.get("file") if isinstance(part.get("file"), dict) else {}
     data = file.get("file_data")
@@ -121,8 +148,8 @@ def carriesImages(body: dict[str, Any]) -> bool:
     return False
 
 
-def contentParts(content: Any, param: str, rules: ImageRules | None) -> tuple[str, list[str]]:
-    """Text (parts joined by newlines) and raw-base64 images of a message's ``content``."""
+def contentParts(content: Any, param: str, rules: ImageRules | None) -> tuple[str, list[str | PendingImage]]:
+    """Text (parts joined by newlines) and images of a message's ``content``: raw base64, or pending re-encoding."""
     if isinstance(content, str):
         return content, []
     if content is None:
@@ -130,13 +157,14 @@ def contentParts(content: Any, param: str, rules: ImageRules | None) -> tuple[st
     if not isinstance(content, list):
         raise invalid(f"`{param}.content` must be a string or a list of content parts", f"{param}.content")
     texts: list[str] = []
-    images: list[str] = []
+    images: list[str | PendingImage] = []
     for index, part in enumerate(content):
         _readPart(part, f"{param}.content[{index}]", rules, texts, images)
     return "\n".join(texts), images
 
 
-def _readPart(part: Any, param: str, rules: ImageRules | None, texts: list[str], images: list[str]) -> None:
+def _readPart(part: Any, param: str, rules: ImageRules | None, texts: list[str],
+              images: list[str | PendingImage]) -> None:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind in ("text", "input_text", "output_text"):
         if not isinstance(part.get("text"), str):

@@ -98,7 +98,8 @@ async def test_liveliness_is_answered_while_an_image_is_re_encoded(service, monk
 async def test_liveliness_is_answered_while_a_large_body_is_parsed(service, monkeypatch) -> None:
     held = HeldCall(guard.jsonBody._parse)
     monkeypatch.setattr(guard.jsonBody, "_parse", held)
-    body = {"model": "poweron-text-general", "messages": [{"role": "user", "content": "x" * 400_000}]}
+    body = {"model": "poweron-text-general", "messages": [{"role": "user", "content": "Hallo"}],
+            "metadata": {"note": "x" * 400_000}}  # large, yet a prompt that fits the context window
     chat = service.post("/v1/chat/completions", headers=BEARER, json=body)
     probe, answer = await probeWhileHeld(service, held, chat)
     assert answer.status_code == 200 and probe.status_code == 200
@@ -212,3 +213,23 @@ async def test_too_many_json_items_are_413_before_parsing(stub, stubControl, mak
         answer = await http.post("/v1/chat/completions", headers=BEARER, json={
             "model": "poweron-text-general", "messages": [{"role": "user", "content": "x"}], "x": [1] * 1000})
     assert answer.status_code == 413 and answer.json()["error"]["code"] == "json_too_large"
+
+
+async def test_a_request_over_its_pixel_budget_decodes_nothing(stub, stubControl, makeSettings, monkeypatch) -> None:
+    """Every image's header is checked against the budget before any image is re-encoded."""
+    calls: list[str] = []
+    original = openaiCompat.images._asPng
+
+    def counted(image: Any, param: str) -> str:
+        calls.append(param)
+        return original(image, param)
+
+    monkeypatch.setattr(openaiCompat.images, "_asPng", counted)
+    gif = imageDataUrl(150, 150, "GIF")
+    async for http in budgetService(stub, makeSettings, max_request_pixels=30_000):
+        answer = await http.post("/v1/chat/completions", headers=BEARER, json={"model": VISION, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": gif}}]},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": gif}}]}]})
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_pixels_too_large"
+    assert calls == []
