@@ -142,8 +142,8 @@ def carriesImages(body: dict[str, Any]) -> bool:
         items = body.get(key)
         for item in items if isinstance(items, list) else ():
             content = item.get("content") if isinstance(item, dict) else None
-            if isinstance(content, list) and any(isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES
-                                                 for part in content):
+            if isinstance(content, list) and any(isinstance(part, dict) and isinstance(part.get("type"), str)
+                                                 and part["type"] in IMAGE_PART_TYPES for part in content):
                 return True
     return False
 

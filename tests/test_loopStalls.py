@@ -233,3 +233,12 @@ async def test_a_request_over_its_pixel_budget_decodes_nothing(stub, stubControl
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": gif}}]}]})
     assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_pixels_too_large"
     assert calls == []
+
+
+async def test_a_part_whose_type_is_not_a_string_is_400(service) -> None:
+    """Found by test_openApiFuzz: the image scan hashed the part's type (500 for ``"type": {}``)."""
+    for items in ({"messages": [{"role": "user", "content": [{"type": {}}]}]},
+                  {"input": [{"type": "message", "role": "user", "content": [{"type": {}, "refusal": None}]}]}):
+        answer = await service.post("/v1/chat/completions", headers=BEARER,
+                                    json={"model": "poweron-text-general", **items})
+        assert answer.status_code == 400, answer.text
