@@ -432,20 +432,26 @@ objects/request, gen2 GC 2.4 s per 15 s | 0.67-0.70 ms CPU/req, ~11 cyclic objec
 | `gc.freeze()` of the start-up objects in `python app.py` (full collections scan ~13k instead of ~85k \
 objects) | p99 116-321 ms, 0.67-0.70 ms CPU/req, gen2 GC 1.7 s per 15 s, pauses up to ~100-170 ms | p99 57-133 ms, \
 0.57-0.60 ms CPU/req, gen2 GC 0.24 s |
-
+| uvloop whose TCP server accepts every waiting connection at once (`core/eventLoop.py`; libuv >= 1.45 accepts one \
+per loop iteration, so the first request of the k-th new connection waited k busy iterations) | c=64, both builds in \
+one run alternating, busy machine: max 3.9-5.0 s, p99 3.0-4.3 s | max 0.6-1.8 s, p99 0.5-1.8 s (same noise) |
+| `OllamaClient` calls `upstream/transport.py` directly (`UpstreamTransport.send`) instead of through \
+`httpx.AsyncClient`; a stream reads the end of Ollama's chunked body after its done line so the connection is kept \
+| client alone at c=64 (`bench/transportAb.py`): 0.41-0.49 ms CPU per call, 0.78-0.87 per 32-line stream; a new \
+upstream connection per stream | 0.08 ms per call, 0.28-0.29 per stream (aiohttp's ClientSession: 0.27 / 0.43-0.48); \
+streams reuse their connection |
 | Ollama NDJSON stream read as raw bytes split on newlines instead of `httpx.Response.aiter_lines()` \
 (`upstream/ollamaClient.py`; no str decoding and no line-splitting state machine per chunk) | quick smoke: \
 ≈1.65 ms CPU per 32-chunk stream, 600 req/s streaming at c=1 | ≈1.27 ms CPU per stream, 786 req/s streaming at c=1 |
 
 Suggested next, not applied: sending the frames of all upstream lines that have already arrived in one write
 (nothing waits for more, so paced chunks are not coalesced; an earlier A/B at concurrency 16 cut the CPU per stream
-by about a third); calling the upstream transport directly instead of through httpx's client and response layers;
-merging the small middlewares (request context, access log, limits) into one. The current CPU per streamed request
-is in the streaming table above.
+by about a third); merging the small middlewares (request context, access log, limits) into one. The current CPU
+per streamed request is in the streaming table above.
 """
 
 
-KEPT_SECTIONS = ("## Soak",)
+KEPT_SECTIONS = ("## Stalls under load (issue 20)", "## Upstream client: our transport against aiohttp", "## Soak")
 """Sections of docu/performance.md written from other tools' runs (bench/soak.py) that a new report keeps."""
 
 
