@@ -74,6 +74,13 @@ class ApiError(WireModel):
     rawAnswer: str = omitted("422 schema_mismatch: the model's answer")
     validationError: str = omitted("422 schema_mismatch: why the answer does not match")
     doneReason: str = omitted("422 schema_mismatch: why the model stopped")
+    contextWindow: int = omitted("413 context_length_exceeded, 400 input_too_long: the model's window in tokens")
+    promptTokens: int = omitted("413 context_length_exceeded: the prompt's estimated tokens")
+    answerTokens: int = omitted("413 context_length_exceeded: the answer budget (maxTokens or num_predict)")
+    index: int = omitted("400 input_too_long: which text is too long")
+    estimatedTokens: int = omitted("400 input_too_long: that text's estimated tokens")
+    keyword: str = omitted("400 unsupported_schema: the schema keyword Ollama cannot constrain")
+    location: str = omitted("400 unsupported_schema: where it is (JSON pointer)")
 
 
 # ------------------------------------------------------------------------------------------------ route documentation
