@@ -168,3 +168,24 @@ async def test_queueMetricLabelsComeFromTheConfiguration(service: Service) -> No
     labels = QueueLabels(service.app.state.settings)
     assert labels.model("nomic-embed-text:latest") == "nomic-embed-text:latest" and labels.model("x:1b") == "none"
     assert labels.key("cursor") == "cursor" and labels.key("somebodyElse") == "none"
+
+
+FAULTY_CALLS = [
+    ("/v1/chat/completions", BEARER, {**HELLO, "stream": True}),
+    ("/v1/chat/completions", BEARER, HELLO),
+    ("/api/text", API, {"model": TEXT, "text": "x", "prompt": "y", "stream": True}),
+    ("/api/text", API, {"model": TEXT, "text": "x", "prompt": "y"}),
+    ("/v1/embeddings", BEARER, {"model": EMBED, "input": "Hallo"}),
+    ("/api/embed", API, {"texts": ["Hallo"]}),
+]
+
+
+@pytest.mark.parametrize("fault", ["midstreamError", "truncate", "malformedLine", "busy"])
+async def test_everyUpstreamFaultGivesItsSlotBack(service: Service, stubControl: httpx.Client, fault: str) -> None:
+    stubControl.post("/_stub/config", json={"fault": fault}).raise_for_status()
+    for path, headers, body in FAULTY_CALLS:
+        response = await service.http.post(path, json=body, headers=headers)
+        assert response.status_code in (200, 502, 503), (path, response.status_code, response.text[:200])
+    for queue in service.admission.snapshot():
+        assert (queue["slotsBusy"], queue["queued"]) == (0, 0), queue
+    assert sum(queue.limiter.admittedTotal for queue in service.admission.queues.values()) >= len(FAULTY_CALLS)

@@ -102,11 +102,19 @@ def accessLine(service: ServiceProcess, requestId: str) -> dict[str, Any]:
     pytest.fail(f"no access line for request {requestId}")
 
 
+def admissionIdle(service: ServiceProcess) -> bool:
+    """No model call holds or waits for an Ollama slot (``/health`` queues)."""
+    queues = httpx.get(service.baseUrl + "/health", timeout=5).json()["queues"]
+    return all(queue["slotsBusy"] == 0 and queue["queued"] == 0 for queue in queues)
+
+
 def assertFreed(service: ServiceProcess, headers: dict[str, str], requestId: str, status: int | None) -> None:
     """Nothing in flight any more; the key's single concurrency slot is free (its next request is served at once;
     a leaked slot would make it a 429); the departed request is logged as such."""
     waitUntil(lambda: otherRequestsInFlight(service) == 0, FREED_WITHIN_SECONDS,
               "a request of the departed client is still in flight")
+    waitUntil(lambda: admissionIdle(service), FREED_WITHIN_SECONDS,
+              "an Ollama slot (admission control) of the departed request is still held or queued")
     path = "/v1/models" if "Authorization" in headers else "/api/models"
     following = httpx.get(service.baseUrl + path, headers=headers, timeout=5)
     assert following.status_code == 200, following.text
@@ -353,3 +361,30 @@ async def test_anAbandonedRenderIsKilledWithoutFailingAnotherRequestsRender() ->
         assert (pool.abandoned, pool.restarts) == (1, 1)
     finally:
         await pool.close()
+
+
+def test_whileQueuedForAnOllamaSlot_thePlaceInTheQueueIsFreed(stub: StubServer, slowStub, tmp_path: Path) -> None:
+    """One Ollama slot, held by a slow stream of the OpenAI key; the analysis key's stream waits in the queue (it
+    already tells its place) and its client leaves: the place is given back, Ollama never sees the request."""
+    ini = tmp_path / "config.ini"
+    ini.write_text(TEST_INI, encoding="utf-8")
+    env = {"PRIVATE_LLM_OLLAMA__BASE_URL": stub.baseUrl, "PRIVATE_LLM_OLLAMA__NUM_PARALLEL": "1",
+           "PRIVATE_LLM_OLLAMA__QUEUE_NOTICE_SECONDS": "0.1"}
+    with ServiceProcess(ini, env) as service:
+        waitUntil(lambda: bool(httpx.get(service.baseUrl + "/v1/models", headers=OPENAI_HEADERS).json()["data"]),
+                  10.0, "the service never listed the stub's models")
+        holdBody = {"model": TEXT, "messages": [{"role": "user", "content": "Hallo"}], "stream": True}
+        with httpx.Client(base_url=service.baseUrl, timeout=10) as holder, \
+                holder.stream("POST", "/v1/chat/completions", json=holdBody, headers=OPENAI_HEADERS) as held:
+            readUntilFirstPiece(held.iter_lines(), lambda line: '"content":"' in line and '""' not in line)
+            chatsBefore = stubRequests(slowStub, "/api/chat")
+            with httpx.Client(base_url=service.baseUrl, timeout=10) as waiter, \
+                    waiter.stream("POST", "/api/text", headers=API_HEADERS,
+                                  json={"prompt": "Neutralise", "text": "Hans Muster", "stream": True}) as queued:
+                events = queued.iter_lines()
+                assert next(events).startswith('{"type":"start"')
+                assert next(events) == '{"type":"queued","position":1}'
+            waitUntil(lambda: httpx.get(service.baseUrl + "/health").json()["queues"][0]["queued"] == 0,
+                      FREED_WITHIN_SECONDS, "the departed request kept its place in the queue")
+            assert stubRequests(slowStub, "/api/chat") == chatsBefore
+        waitUntil(lambda: admissionIdle(service), FREED_WITHIN_SECONDS, "the held slot was not given back")
