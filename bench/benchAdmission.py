@@ -165,8 +165,9 @@ async def flood(http: httpx.AsyncClient, token: str, stop: asyncio.Event, done: 
         await streamOnce(http, "B", token, done)
 
 
-async def queuedNow(http: httpx.AsyncClient) -> int:
-    queues = (await http.get("/health")).json().get("queues") or [{}]
+async def queuedNow(http: httpx.AsyncClient, token: str) -> int:
+    """Calls waiting for a slot (the queues in /health are details: they need a key)."""
+    queues = (await http.get("/health", headers={"Authorization": f"Bearer {token}"})).json().get("queues") or [{}]
     return sum(queue.get("queued", 0) for queue in queues)
 
 
@@ -189,7 +190,7 @@ async def fairnessRun(rig: Rig, order: str, aRequests: int) -> dict[str, Any]:
         idle = [await streamOnce(http, "A", rig.keys["A"]) for _ in range(3 if setup.quick else 6)][1:]
         stop, bTimings = asyncio.Event(), []
         workers = [asyncio.create_task(flood(http, rig.keys["B"], stop, bTimings)) for _ in range(setup.flood)]
-        while await queuedNow(http) < setup.flood - SLOTS - 2:
+        while await queuedNow(http, rig.keys["A"]) < setup.flood - SLOTS - 2:
             await asyncio.sleep(0.05)
         windowStart = time.monotonic()
         aTimings = [await streamOnce(http, "A", rig.keys["A"]) for _ in range(aRequests)]
@@ -217,7 +218,7 @@ async def overloadRun(rig: Rig, stubUrl: str) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=rig.baseUrl, timeout=900, limits=limits, trust_env=False) as http:
         await asyncio.gather(*(http.get("/health/liveliness") for _ in range(OVERLOAD_EXTRA)))
         holders = [asyncio.create_task(streamOnce(http, "B", rig.keys["B"])) for _ in range(SLOTS + OVERLOAD_QUEUE)]
-        while await queuedNow(http) < OVERLOAD_QUEUE:
+        while await queuedNow(http, rig.keys["A"]) < OVERLOAD_QUEUE:
             await asyncio.sleep(0.02)
         sequential = [await _timedPost(http, rig.keys["A"]) for _ in range(OVERLOAD_EXTRA)]
         burst = await asyncio.gather(*(_timedPost(http, rig.keys["A"]) for _ in range(OVERLOAD_EXTRA)))

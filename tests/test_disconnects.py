@@ -104,7 +104,7 @@ def accessLine(service: ServiceProcess, requestId: str) -> dict[str, Any]:
 
 def admissionIdle(service: ServiceProcess) -> bool:
     """No model call holds or waits for an Ollama slot (``/health`` queues)."""
-    queues = httpx.get(service.baseUrl + "/health", timeout=5).json()["queues"]
+    queues = httpx.get(service.baseUrl + "/health", headers=API_HEADERS, timeout=5).json()["queues"]
     return all(queue["slotsBusy"] == 0 and queue["queued"] == 0 for queue in queues)
 
 
@@ -370,13 +370,15 @@ def test_whileQueuedForAnOllamaSlot_thePlaceInTheQueueIsFreed(stub: StubServer, 
     ini.write_text(TEST_INI, encoding="utf-8")
     env = {"PRIVATE_LLM_OLLAMA__BASE_URL": stub.baseUrl, "PRIVATE_LLM_OLLAMA__NUM_PARALLEL": "1",
            "PRIVATE_LLM_OLLAMA__QUEUE_NOTICE_SECONDS": "0.1"}
+    slowStub.post("/_stub/config", json={"replyText": "word " * 200, "chunks": 200}).raise_for_status()  # 40 s
     with ServiceProcess(ini, env) as service:
         waitUntil(lambda: bool(httpx.get(service.baseUrl + "/v1/models", headers=OPENAI_HEADERS).json()["data"]),
                   10.0, "the service never listed the stub's models")
         holdBody = {"model": TEXT, "messages": [{"role": "user", "content": "Hallo"}], "stream": True}
         with httpx.Client(base_url=service.baseUrl, timeout=10) as holder, \
                 holder.stream("POST", "/v1/chat/completions", json=holdBody, headers=OPENAI_HEADERS) as held:
-            readUntilFirstPiece(held.iter_lines(), lambda line: '"content":"' in line and '""' not in line)
+            heldLines = held.iter_lines()  # referenced: a collected iterator would close the held stream
+            readUntilFirstPiece(heldLines, lambda line: '"content":"' in line and '""' not in line)
             chatsBefore = stubRequests(slowStub, "/api/chat")
             with httpx.Client(base_url=service.baseUrl, timeout=10) as waiter, \
                     waiter.stream("POST", "/api/text", headers=API_HEADERS,
@@ -384,7 +386,8 @@ def test_whileQueuedForAnOllamaSlot_thePlaceInTheQueueIsFreed(stub: StubServer, 
                 events = queued.iter_lines()
                 assert next(events).startswith('{"type":"start"')
                 assert next(events) == '{"type":"queued","position":1}'
-            waitUntil(lambda: httpx.get(service.baseUrl + "/health").json()["queues"][0]["queued"] == 0,
+            waitUntil(lambda: httpx.get(service.baseUrl + "/health", headers=API_HEADERS).json()["queues"][0]["queued"]
+                      == 0,
                       FREED_WITHIN_SECONDS, "the departed request kept its place in the queue")
             assert stubRequests(slowStub, "/api/chat") == chatsBefore
         waitUntil(lambda: admissionIdle(service), FREED_WITHIN_SECONDS, "the held slot was not given back")
