@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 CONFIG_FILE ?= $(or $(PRIVATE_LLM_CONFIG),config.ini)
-DEBIAN_TEST_PACKAGES := chromium espeak-ng poppler-utils wrk sox nginx-light caddy systemd
+DEBIAN_TEST_PACKAGES := chromium espeak-ng poppler-utils wrk sox nginx-light caddy systemd redis-server
 
 .PHONY: run test test-deps fuzz bench clean
 

@@ -11,6 +11,7 @@ import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import uvicorn
 from fastapi import Depends, FastAPI
@@ -33,6 +34,8 @@ from observe.loopLag import LoopLagMonitor
 from observe.metrics import installMetrics
 from speech import whisperProxy
 from upstream.admission import Admission, policyFromSettings
+from state.redisStore import RedisStore
+from state.slots import slotPoolFor
 from upstream.modelRegistry import ModelRegistry
 from upstream.ollamaClient import OllamaClient, createHttpClient
 from upstream.warmup import ModelWarmup
@@ -40,6 +43,9 @@ from upstream.warmup import ModelWarmup
 logger = logging.getLogger("poweron")
 EVENT_LOOP = "core.eventLoop:newEventLoop"
 """uvloop that accepts every waiting connection at once (core/eventLoop.py): plain uvloop took one per iteration."""
+WORKER_HEALTHCHECK_SECONDS = 60
+"""uvicorn's supervisor kills a worker that does not answer its ping within this (default 5 s): a worker still
+importing the app on a busy host would be killed and restarted forever."""
 
 
 @contextlib.asynccontextmanager
@@ -47,6 +53,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the one shared upstream client, discover models, keep discovery fresh, watch the loop's lag; close
     everything on exit."""
     settings: Settings = app.state.settings
+    sharedState: RedisStore | None = app.state.sharedState
+    if sharedState is not None:
+        await sharedState.start()
     http = createHttpClient(settings.ollama.connect_timeout, settings.ollama.read_timeout,
                             settings.ollama.max_connections,
                             settings.ollama.base_url if settings.ollama.fast_transport else None)
@@ -79,6 +88,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.aclose()
         await lagMonitor.stop()
         app.state.offload.close()
+        if sharedState is not None:
+            await sharedState.close()
 
 
 def createApp(settings: Settings) -> FastAPI:
@@ -101,6 +112,9 @@ def createApp(settings: Settings) -> FastAPI:
     app.include_router(whisperProxy.router, dependencies=[Depends(requireOpenAiKey)])
     observers.append(logAccess)
     installSecurity(app, settings)
+    app.state.slots = slotPoolFor(app.state.sharedState, settings.state.failure_mode == "fail_closed",
+                                  settings.state.instances)
+    app.state.admission.useSlots(app.state.slots)
     app.add_middleware(RequestContextMiddleware, observers=observers, renderError=sendInternalError)
     return app
 
@@ -119,20 +133,39 @@ def freezeStartupObjects() -> None:
     gc.freeze()
 
 
+def servedApp(settings: Settings) -> FastAPI:
+    """The app as a server process runs it: OpenAPI built before serving, start-up objects frozen."""
+    service = createApp(settings)
+    service.state.freezeAfterStartup = True
+    service.openapi()  # built now, not on the event loop at the first request refused before routing (~0.25 s)
+    freezeStartupObjects()
+    return service
+
+
+def workerApp() -> FastAPI:
+    """Factory each uvicorn worker process calls when ``[server] workers`` > 1 (settings are read in the worker)."""
+    settings = loadSettings()
+    configureLogging(settings.server.log_level)
+    return servedApp(settings)
+
+
 def main() -> None:
     try:
         settings = loadSettings()
     except ConfigError as exc:
         sys.exit(f"configuration error: {exc}")
     configureLogging(settings.server.log_level)
-    service = createApp(settings)
-    service.state.freezeAfterStartup = True
-    service.openapi()  # built now, not on the event loop at the first request refused before routing (~0.25 s)
-    freezeStartupObjects()
-    uvicorn.run(service, host=settings.server.host, port=settings.server.port, loop=EVENT_LOOP,
-                http=protocolFor(settings.server), timeout_keep_alive=settings.server.keep_alive_seconds,
-                access_log=False, server_header=False, log_level=settings.server.log_level,
-                timeout_graceful_shutdown=settings.server.graceful_shutdown_seconds)  # type: ignore[arg-type]
+    server = settings.server
+    common = dict(host=server.host, port=server.port, loop=EVENT_LOOP, http=protocolFor(server),
+                  timeout_keep_alive=server.keep_alive_seconds, access_log=False,
+                  server_header=False, log_level=server.log_level,
+                  timeout_graceful_shutdown=server.graceful_shutdown_seconds)
+    if server.workers > 1:  # N processes on one port; the per-key limits live in Redis ([state] redis_url)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        uvicorn.run("app:workerApp", factory=True, workers=server.workers, **common,  # type: ignore[arg-type]
+                    timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS)
+        return
+    uvicorn.run(servedApp(settings), **common)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from settings.parsing import (
     ConfigError,
+    checkSharedState,
     PerKeyLimits,
     isLocalUrl,
     parseNamedKeys,
@@ -39,6 +40,7 @@ from settings.sections import (
     OllamaSettings,
     RateLimitSettings,
     ServerSettings,
+    StateSettings,
     WarmupSettings,
     WhisperSettings,
 )
@@ -186,6 +188,8 @@ class Settings(BaseSettings):
     """[auth] section."""
     ratelimit: RateLimitSettings = RateLimitSettings()
     """[ratelimit] section."""
+    state: StateSettings = StateSettings()
+    """[state] section."""
     limits: LimitsSettings = LimitsSettings()
     """[limits] section."""
     documents: DocumentSettings = DocumentSettings()
@@ -314,6 +318,7 @@ def checkStartupSafety(settings: Settings) -> None:
                                   f"fill in a real key (or set {envName})")
             _checkKeyStrength(setting, name, key)
     _checkKeyClassesDiffer(settings)
+    checkSharedState(settings.server.workers, settings.state.redis_url, settings.server.allow_remote_upstream)
     if settings.server.allow_remote_upstream:
         return
     for setting, url in (("[ollama] base_url", settings.ollama.base_url),

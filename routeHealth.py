@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from core.requestContext import getMeta
 from guard.security import presentsValidKey
 from observe import healthSchemas
+from state.redisStore import RedisStore
 from upstream.dependencies import RegistryDep
 from upstream.modelRegistry import ModelRegistry
 
@@ -32,8 +33,9 @@ def _withDetails(request: Request) -> bool:
 
 def _healthBody(request: Request, registry: ModelRegistry, details: bool) -> dict:
     ollama: dict = {"reachable": registry.ollamaReachable}
+    state = stateHealth(request.app.state.sharedState, registry.settings.state.failure_mode)
     body: dict = {
-        "status": "ok" if registry.ollamaReachable else "degraded",
+        "status": "ok" if registry.ollamaReachable and state["reachable"] is not False else "degraded",
         "ollama": ollama,
         "whisper": {"enabled": registry.settings.whisper.enabled, "reachable": registry.whisperReachable},
     }
@@ -43,13 +45,22 @@ def _healthBody(request: Request, registry: ModelRegistry, details: bool) -> dic
         body["models"] = {"available": len(available), "configured": len(registry.settings.modelMapping),
                           "names": [spec.externalName for spec in available]}
         body["queues"] = _queues(request)
+        body["state"] = state
     return body
 
 
 @router.get("/health", **healthSchemas.healthDoc())
 async def health(request: Request, registry: RegistryDep) -> JSONResponse:
-    """Overall status: ok while Ollama answers, degraded otherwise; the details need a key of either class."""
+    """Overall status: ok while Ollama (and Redis, when configured) answer, degraded otherwise; the details need a key
+    of either class."""
     return JSONResponse(_healthBody(request, registry, _withDetails(request)))
+
+
+def stateHealth(store: RedisStore | None, failureMode: str) -> dict:
+    """Where the shared limits live: this process, or Redis (reachable or not; while not, per-instance limits)."""
+    if store is None:
+        return {"backend": "process", "reachable": None, "failure_mode": None}
+    return {"backend": "redis", "reachable": store.reachable, "failure_mode": failureMode}
 
 
 @router.get("/health/liveliness", response_class=PlainTextResponse, **healthSchemas.livelinessDoc())

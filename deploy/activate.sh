@@ -4,10 +4,13 @@
 # 1. install the release's requirements.txt into the shared venv $POWERON_ROOT/venv,
 # 2. point $POWERON_ROOT/current at releases/<revision> (atomic symlink switch),
 # 3. restart the units (sudo systemctl restart; see the sudoers line in docu/setupserver.md; POWERON_UNITS
-#    overrides the list, e.g. without poweron-whisper.service where speech to text is not installed),
+#    overrides the list, e.g. without poweron-whisper.service where speech to text is not installed); with
+#    POWERON_INSTANCES="8000 8001" (two instances, docu/setupserver.md "Two instances") the units are restarted
+#    first and then the instances poweron-llm@<port> one at a time by deploy/rollingRestart.sh, each waited for
+#    before the next, so the proxy always has one that answers (zero-downtime deploy),
 # 4. wait until the units are active and /health/readiness answers 200,
 # 5. if any step fails: activate the previous release the same way, wait for it, and exit 1.
-# Server-local settings (POWERON_UNITS, POWERON_READINESS_URL, POWERON_READY_TIMEOUT, POWERON_KEEP_RELEASES) may be
+# Server-local settings (POWERON_UNITS, POWERON_INSTANCES, POWERON_READINESS_URL, POWERON_READY_TIMEOUT, POWERON_KEEP_RELEASES) may be
 # kept in $POWERON_ROOT/deploy.env.
 set -euo pipefail
 revision=${1:?usage: deploy/activate.sh <revision>}
@@ -19,7 +22,12 @@ fi
 readinessUrl=${POWERON_READINESS_URL:-http://127.0.0.1:8000/health/readiness}
 readyTimeout=${POWERON_READY_TIMEOUT:-180}
 keepReleases=${POWERON_KEEP_RELEASES:-5}
-read -ra units <<< "${POWERON_UNITS:-poweron-llm.service poweron-whisper.service}"
+read -ra instances <<< "${POWERON_INSTANCES:-}"
+if [ ${#instances[@]} -gt 0 ]; then
+  read -ra units <<< "${POWERON_UNITS-poweron-whisper.service}"
+else
+  read -ra units <<< "${POWERON_UNITS:-poweron-llm.service poweron-whisper.service}"
+fi
 
 log() { printf 'deploy: %s\n' "$*" >&2; }
 
@@ -29,12 +37,25 @@ activate() {
   "$root/venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/releases/$release/requirements.txt" \
     && ln -sfn "releases/$release" "$root/current.new" \
     && mv -T "$root/current.new" "$root/current" \
-    && sudo systemctl restart "${units[@]}"
+    && restartUnits
+}
+
+restartUnits() {
+  if [ ${#units[@]} -gt 0 ]; then
+    sudo systemctl restart "${units[@]}" || return 1
+  fi
+  if [ ${#instances[@]} -gt 0 ]; then
+    POWERON_READY_TIMEOUT=$readyTimeout "$root/current/deploy/rollingRestart.sh" "${instances[@]}"
+  fi
+}
+
+unitsActive() {
+  [ ${#units[@]} -eq 0 ] || systemctl is-active --quiet "${units[@]}"
 }
 
 waitReady() {
   local deadline=$((SECONDS + readyTimeout))
-  until systemctl is-active --quiet "${units[@]}" && curl -fsS -o /dev/null --max-time 5 "$readinessUrl"; do
+  until unitsActive && curl -fsS -o /dev/null --max-time 5 "$readinessUrl"; do
     if [ "$SECONDS" -ge "$deadline" ]; then
       return 1
     fi

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from config import Settings
 from core.errors import ServiceError
@@ -27,6 +27,20 @@ class KeyLimits:
     requestsPerMinute: float
     burst: int
     concurrent: int
+
+
+def shareOf(limits: KeyLimits, instances: int) -> KeyLimits:
+    """One instance's share of a key's limits when ``instances`` split them (each part at least 1)."""
+    return KeyLimits(limits.requestsPerMinute / instances, max(1, limits.burst // instances),
+                     max(1, limits.concurrent // instances))
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request: ``release()`` frees its in-flight slot; ``headers`` go on the response."""
+
+    release: Callable[[], None]
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 class TokenBucket:
@@ -96,13 +110,19 @@ def keyLimitsFor(settings: Settings, keyClass: str, name: str) -> KeyLimits:
 class RateLimiter:
     """Admits or refuses requests per (key class, key name); lives on app.state.rateLimiter."""
 
-    def __init__(self, settings: Settings, clock: Clock = time.monotonic) -> None:
+    def __init__(self, settings: Settings, clock: Clock = time.monotonic, instances: int = 1) -> None:
         self.clock = clock
         now = clock()
         self.states: dict[tuple[str, str], KeyState] = {}
         for keyClass, keys in (("api", settings.apiKeys), ("openai", settings.openAiKeys)):
             for name in keys:
-                self.states[(keyClass, name)] = KeyState(name, keyLimitsFor(settings, keyClass, name), now)
+                limits = shareOf(keyLimitsFor(settings, keyClass, name), instances)
+                self.states[(keyClass, name)] = KeyState(name, limits, now)
+
+    async def acquire(self, keyClass: str, name: str) -> Admission:
+        """``admit`` as the limiter interface the key dependencies use (shared limiters answer it too)."""
+        state = self.admit(keyClass, name)
+        return Admission(state.release, self.headers(state))
 
     def admit(self, keyClass: str, name: str) -> KeyState:
         """Count one request against the key; raises a 429 ServiceError when a limit is reached.
@@ -112,38 +132,43 @@ class RateLimiter:
         state = self.states[(keyClass, name)]
         now = self.clock()
         if state.inFlight >= state.limits.concurrent:
-            raise _concurrencyError(state, now)
+            raise concurrencyError(state.name, state.limits, state.bucket.remaining(now))
         wait = state.bucket.take(now)
         if wait > 0.0:
-            raise _rateError(state, wait, now)
+            raise rateError(state.name, state.limits, wait)
         state.inFlight += 1
         return state
 
     def headers(self, state: KeyState) -> list[tuple[bytes, bytes]]:
         """The X-RateLimit-* headers for an admitted request, as raw ASGI headers."""
-        pairs = rateLimitHeaders(state, self.clock())
-        return [(name.lower().encode(), value.encode()) for name, value in pairs.items()]
+        return rawHeaders(state.limits, state.bucket.remaining(self.clock()))
 
 
-def rateLimitHeaders(state: KeyState, now: float) -> dict[str, str]:
+def rawHeaders(limits: KeyLimits, remaining: int) -> list[tuple[bytes, bytes]]:
+    pairs = rateLimitHeaders(limits, remaining)
+    return [(name.lower().encode(), value.encode()) for name, value in pairs.items()]
+
+
+def rateLimitHeaders(limits: KeyLimits, remaining: int) -> dict[str, str]:
     """X-RateLimit-Limit (bucket capacity) and X-RateLimit-Remaining (whole tokens left)."""
-    return {"X-RateLimit-Limit": str(state.limits.burst), "X-RateLimit-Remaining": str(state.bucket.remaining(now))}
+    return {"X-RateLimit-Limit": str(limits.burst), "X-RateLimit-Remaining": str(remaining)}
 
 
-def _rateError(state: KeyState, wait: float, now: float) -> ServiceError:
+def rateError(name: str, limits: KeyLimits, wait: float) -> ServiceError:
+    """429 for an empty bucket, with the exact Retry-After."""
     retryAfter = retryAfterSeconds(wait)
-    limits = state.limits
-    message = (f"Rate limit reached for key '{state.name}': {limits.requestsPerMinute:g} requests per minute "
+    message = (f"Rate limit reached for key '{name}': {limits.requestsPerMinute:g} requests per minute "
                f"with bursts of {limits.burst}. Retry after {retryAfter} s.")
     return ServiceError(429, message, code="rate_limit_exceeded", errorType="rate_limit_error",
-                        headers={"Retry-After": str(retryAfter), **rateLimitHeaders(state, now)},
+                        headers={"Retry-After": str(retryAfter), **rateLimitHeaders(limits, 0)},
                         extra={"retryAfter": retryAfter, "limit": limits.burst, "remaining": 0})
 
 
-def _concurrencyError(state: KeyState, now: float) -> ServiceError:
-    concurrent = state.limits.concurrent
-    message = (f"Too many concurrent requests for key '{state.name}': at most {concurrent} may be in flight "
+def concurrencyError(name: str, limits: KeyLimits, remaining: int) -> ServiceError:
+    """429 for a key at its in-flight cap."""
+    concurrent = limits.concurrent
+    message = (f"Too many concurrent requests for key '{name}': at most {concurrent} may be in flight "
                f"(open streams included). Retry when one has finished.")
     return ServiceError(429, message, code="concurrency_limit_exceeded", errorType="rate_limit_error",
-                        headers={"Retry-After": str(CONCURRENCY_RETRY_SECONDS), **rateLimitHeaders(state, now)},
+                        headers={"Retry-After": str(CONCURRENCY_RETRY_SECONDS), **rateLimitHeaders(limits, remaining)},
                         extra={"retryAfter": CONCURRENCY_RETRY_SECONDS, "concurrentLimit": concurrent})

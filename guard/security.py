@@ -20,6 +20,8 @@ from core.errors import ServiceError, errorResponse
 from core.requestContext import getMeta
 from guard.rateLimit import Clock, RateLimiter
 from guard.requestLimits import BodyLimitMiddleware
+from guard.sharedLimiter import SharedRateLimiter
+from state.redisStore import RedisStore
 
 KEY_CLASS_API = "api"
 KEY_CLASS_OPENAI = "openai"
@@ -124,7 +126,7 @@ def authenticate(scope: Scope, keyRings: dict[str, KeyRing], keyClass: str) -> s
     return name
 
 
-def _admit(request: Request, keyClass: str, name: str) -> None:
+async def _admit(request: Request, keyClass: str, name: str) -> None:
     """Count the request against the key's rate and concurrency limits once; the slot is freed at the end."""
     scope = request.scope
     if scope.get(ADMITTED_SCOPE_KEY):
@@ -132,35 +134,35 @@ def _admit(request: Request, keyClass: str, name: str) -> None:
     meta = getMeta(request)
     if meta is not None:
         meta.keyName, meta.keyClass = name, keyClass
-    limiter: RateLimiter = request.app.state.rateLimiter
+    limiter: RateLimiter | SharedRateLimiter = request.app.state.rateLimiter
     try:
-        state = limiter.admit(keyClass, name)
+        admission = await limiter.acquire(keyClass, name)
     except ServiceError:
         if meta is not None:
             meta.rateLimited = True
         raise
     scope[ADMITTED_SCOPE_KEY] = True
     if meta is None:  # no RequestContextMiddleware: nothing would free the slot later
-        state.release()
+        admission.release()
         return
-    meta.finishCallbacks.append(state.release)
-    meta.responseHeaders.extend(limiter.headers(state))
+    meta.finishCallbacks.append(admission.release)
+    meta.responseHeaders.extend(admission.headers)
 
 
-def _requireKey(request: Request, keyClass: str) -> str:
+async def _requireKey(request: Request, keyClass: str) -> str:
     name = authenticate(request.scope, request.app.state.keyRings, keyClass)
-    _admit(request, keyClass, name)
+    await _admit(request, keyClass, name)
     return name
 
 
 async def requireApiKey(request: Request) -> str:
     """Dependency for /api/*: the name of the analysis key in X-API-Key, admitted by its rate limits."""
-    return _requireKey(request, KEY_CLASS_API)
+    return await _requireKey(request, KEY_CLASS_API)
 
 
 async def requireOpenAiKey(request: Request) -> str:
     """Dependency for /v1/*: the name of the OpenAI key in Authorization: Bearer, admitted by its rate limits."""
-    return _requireKey(request, KEY_CLASS_OPENAI)
+    return await _requireKey(request, KEY_CLASS_OPENAI)
 
 
 async def requireAnyKey(request: Request) -> str:
@@ -170,7 +172,7 @@ async def requireAnyKey(request: Request) -> str:
     for keyClass in (KEY_CLASS_API, KEY_CLASS_OPENAI):
         presented = presentedKey(request.scope, keyClass)
         if presented and keyRings[keyClass].match(presented) is not None:
-            return _requireKey(request, keyClass)
+            return await _requireKey(request, keyClass)
     presented = presentedKey(request.scope, KEY_CLASS_API) or presentedKey(request.scope, KEY_CLASS_OPENAI)
     what, code = ("Invalid API key", "invalid_api_key") if presented else ("Missing API key", "missing_api_key")
     raise ServiceError(401, f"{what}: {request.url.path} needs {HOW_TO_SEND[KEY_CLASS_API]} or "
@@ -219,10 +221,19 @@ def fastApiTelemetryOff() -> dict:
                           "auto_configure": False}}
 
 
+def sharedStoreFor(settings: Settings) -> RedisStore | None:
+    """The Redis store of ``[state] redis_url`` (started by the app's lifespan), or None for in-process state."""
+    url = settings.state.redis_url.strip()
+    if not url:
+        return None
+    return RedisStore(url, settings.state.lease_seconds, settings.state.timeout_seconds)
+
+
 def installSecurity(app: FastAPI, settings: Settings, clock: Clock = time.monotonic) -> None:
     """Key rings and rate limiter on app.state; key gate, body limit and CORS as pure ASGI middlewares."""
     app.state.keyRings = {KEY_CLASS_API: KeyRing(settings.apiKeys), KEY_CLASS_OPENAI: KeyRing(settings.openAiKeys)}
-    app.state.rateLimiter = RateLimiter(settings, clock)
+    app.state.sharedState = store = sharedStoreFor(settings)
+    app.state.rateLimiter = RateLimiter(settings, clock) if store is None else SharedRateLimiter(settings, store, clock)
     app.add_middleware(KeyGateMiddleware)
     app.add_middleware(BodyLimitMiddleware, maxBytes=settings.limits.max_body_bytes)
     if settings.corsOrigins:

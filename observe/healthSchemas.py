@@ -45,6 +45,13 @@ class ModelQueue(WireModel):
     queued: int
 
 
+class StateHealth(WireModel):
+    backend: Literal["process", "redis"] = Field(description="Where the per-key limits live")
+    reachable: bool | None = Field(description="Redis answers (null without Redis); false: per-instance limits")
+    failure_mode: Literal["fail_open", "fail_closed"] | None = Field(
+        description="What the limits are while Redis is unreachable (null without Redis)")
+
+
 class Health(WireModel):
     """Overall status; without a key only whether Ollama and whisper are reachable, with a key of either class the
     details too. Never internal URLs or secrets."""
@@ -55,6 +62,8 @@ class Health(WireModel):
     models: ModelCounts | None = Field(None, description="Only with a key of either class")
     queues: list[ModelQueue] | None = Field(None, description="Per model that had requests since the start: slots "
                                             "busy / slots / queued (only with a key of either class)")
+    state: StateHealth | None = Field(None, description="Where the per-key limits live (only with a key of either "
+                                      "class)")
 
 
 class Ready(WireModel):

@@ -94,3 +94,21 @@ def isLocalUrl(url: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.is_unspecified or any(address in network for network in LOCAL_NETWORKS)
+
+
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+def checkSharedState(workers: int, redisUrl: str, allowRemote: bool) -> None:
+    """Several workers need Redis (else each would grant a key its full limits); Redis stays on this network."""
+    url = redisUrl.strip()
+    if workers > 1 and not url:
+        raise ConfigError(f"[server] workers = {workers} needs [state] redis_url: without shared state each worker "
+                          "would grant a key its full limits (set workers = 1 or configure Redis)")
+    if not url:
+        return
+    if url.partition("://")[0].lower() not in REDIS_SCHEMES:
+        raise ConfigError("[state] redis_url must start with redis:// or rediss:// (e.g. redis://127.0.0.1:6379/0)")
+    if not allowRemote and not isLocalUrl(url):
+        raise ConfigError("[state] redis_url is not a loopback or private address; limits and key names must stay "
+                          "on this network (set [server] allow_remote_upstream = true only if that host is yours)")

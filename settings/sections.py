@@ -40,6 +40,8 @@ class ServerSettings(Section):
     """How long an idle kept-alive connection stays open between requests."""
     max_connections: int = Field(1000, ge=1)
     """Open client connections at once; a connection beyond it gets 503 and is closed at once."""
+    workers: int = Field(1, ge=1, le=64)
+    """Processes serving the one port (more than 1 needs [state] redis_url, so limits are shared)."""
 
 
 class OllamaSettings(Section):
@@ -112,6 +114,20 @@ class RateLimitSettings(Section):
     queue_weights: str = ""
     """Share of the Ollama slots and render workers per key while keys wait: name=<weight>, comma-separated
     (e.g. cursor=4, gateway=1); keys not named weigh 1."""
+
+
+class StateSettings(Section):
+    redis_url: str = ""
+    """Redis holding the shared limits of all instances (redis://127.0.0.1:6379/0); empty = in this process only."""
+    failure_mode: Literal["fail_open", "fail_closed"] = "fail_open"
+    """While Redis is unreachable: fail_open = per-instance limits as configured; fail_closed = each instance
+    gets its share (limits divided by instances), so all instances together stay within a key's limits."""
+    instances: int = Field(2, ge=1, le=64)
+    """How many instances (processes) share the limits; used only for fail_closed while Redis is unreachable."""
+    lease_seconds: float = Field(30.0, ge=1, le=3600)
+    """An in-flight slot held by an instance that stopped renewing it (crashed) is freed after this long."""
+    timeout_seconds: float = Field(0.25, gt=0, le=10)
+    """Longest wait for one Redis answer before Redis counts as unreachable."""
 
 
 class LimitsSettings(Section):

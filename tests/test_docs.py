@@ -49,7 +49,7 @@ DOCU = REPO_ROOT / "docu"
 OPERATIONS_DOCS = ("architecture.md", "setupserver.md", "migration.md", "integration.md", "analysis-api.md",
                    "speech-to-text.md", "security.md")
 WORKFLOWS = REPO_ROOT / ".forgejo" / "workflows"
-SERVICE_UNITS = ("poweron-llm.service", "poweron-whisper.service")
+SERVICE_UNITS = ("poweron-llm.service", "poweron-llm@.service", "poweron-whisper.service")
 HARDENING = {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes", "ProtectHome": "yes",
              "Restart": "on-failure", "User": "poweron", "KillMode": "mixed", "CapabilityBoundingSet": "",
              "IPAddressDeny": "any", "IPAddressAllow": "localhost"}
@@ -272,7 +272,7 @@ def test_nginxConfStreamsUnbufferedAndLimitsUploadsLikeTheService():
     maxSize = re.search(r"client_max_body_size\s+(\S+);", text).group(1)  # type: ignore[union-attr]
     assert sizeInBytes(maxSize) == LimitsSettings().max_body_bytes
     for directive in ("proxy_buffering off;", "proxy_request_buffering off;", "proxy_http_version 1.1;",
-                      f"server 127.0.0.1:{ServerSettings().port};"):
+                      f"server 127.0.0.1:{ServerSettings().port} ", "proxy_next_upstream error timeout non_idempotent;"):
         assert directive in text
     assert re.search(r"location = /metrics \{\s+return 404;", text)
 
@@ -582,7 +582,8 @@ def caddySite(servicePort: int, port: int, logPath: Path, host: str = "127.0.0.1
     site = site.replace("\n{\n", "\n{\n\tadmin off\n", 1)
     site = site.replace("llm.example.org {", f"http://{host}:{port} {{")
     site = site.replace("/var/log/caddy/poweron-access.log", str(logPath))
-    return site.replace(f"reverse_proxy 127.0.0.1:{ServerSettings().port}", f"reverse_proxy 127.0.0.1:{servicePort}")
+    return re.sub(r"reverse_proxy 127\.0\.0\.1:\d+( 127\.0\.0\.1:\d+)+ \{", f"reverse_proxy 127.0.0.1:{servicePort} {{",
+                  site, count=1)
 
 
 def nginxSite(servicePort: int, port: int) -> str:
@@ -593,7 +594,15 @@ def nginxSite(servicePort: int, port: int) -> str:
     site = re.sub(r"\s+listen (\[::\]:)?443 ssl http2;", "", site, count=1)
     site = re.sub(r"\s+listen \[::\]:443 ssl http2;", f"\n    listen 127.0.0.1:{port};", site, count=1)
     site = re.sub(r"\n\s+ssl_[a-z_]+ [^;]+;", "", site)
-    return site.replace(f"server 127.0.0.1:{ServerSettings().port};", f"server 127.0.0.1:{servicePort};")
+    return nginxUpstreams(site, [servicePort])
+
+
+def nginxUpstreams(site: str, ports: list[int]) -> str:
+    """The upstream block's server lines pointed at the given ports (their parameters kept)."""
+    lines = re.findall(r"\n    server 127\.0\.0\.1:\d+([^;]*);", site)
+    assert lines, "docu/nginx.conf names the instances as server 127.0.0.1:<port> lines"
+    block = "".join(f"\n    server 127.0.0.1:{port}{lines[0]};" for port in ports)
+    return re.sub(r"(\n    server 127\.0\.0\.1:\d+[^;]*;)+", lambda _: block, site, count=1)
 
 
 @pytest.mark.e2e

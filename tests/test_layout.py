@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TOP_LEVEL_MODULES = {"app.py", "config.py", "routeApi.py", "routeOpenAi.py", "routeWeb.py", "routeHealth.py",
                      "runAll.py"}
 RANKS = {
-    "settings": 0, "config": 1, "core": 2, "guard": 3, "upstream": 3, "observe": 4,
+    "settings": 0, "config": 1, "core": 2, "state": 2, "guard": 3, "upstream": 3, "observe": 4,
     "documents": 5, "openaiCompat": 5, "speech": 5, "whisperServer": 5,
     "apidoc": 6, "routeApi": 7, "routeOpenAi": 7, "routeWeb": 7, "routeHealth": 7, "app": 8, "runAll": 8,
 }

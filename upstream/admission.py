@@ -20,12 +20,19 @@ Interface (one ``Admission`` per app, on ``app.state.admission``; ``upstream`` i
 estimated time until the queue ahead is served: waiters ahead / slots x the measured service time of that model
 (exponential moving average of the time a slot was held; a default until the first request finished).
 
+Several instances (``[state] redis_url``): ``slots`` is the shared slot pool of state/slots.py. A ticket admitted
+here then also takes one of the model's slots in Redis (polling every ``slots.retrySeconds`` while other instances
+hold them all, within the same longest wait), so all instances together keep at most the model's slots busy at
+Ollama; the lease goes back with the ticket (or expires after ``[state] lease_seconds`` if this instance dies).
+The fair order is kept per instance.
+
 Order: start-time fair queuing by key name with ``[ratelimit] queue_weights`` (upstream/fairQueue.py); a key's
 own requests keep their order. ``[ollama] queue_order = fifo`` turns fairness off (for comparison).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -35,6 +42,7 @@ from typing import Literal
 
 from config import Settings
 from core.errors import ServiceError
+from state.slots import SlotPool
 from upstream.fairQueue import FairLimiter, QueueFull, QueueTimeout, Ticket
 
 DEFAULT_UPSTREAM = "default"
@@ -106,12 +114,19 @@ class ModelQueue:
 class Admission:
     """The queues of every (upstream, model), created on first use from the policy."""
 
-    def __init__(self, policy: AdmissionPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, policy: AdmissionPolicy, clock: Callable[[], float] = time.monotonic,
+                 slots: SlotPool | None = None) -> None:
         self.policy = policy
         self.clock = clock
+        self.slots: SlotPool | None = None
+        self.useSlots(slots)
         self.queues: dict[tuple[str, str], ModelQueue] = {}
         self.admissionListeners: list[AdmissionListener] = []
         self.refusalListeners: list[RefusalListener] = []
+
+    def useSlots(self, slots: SlotPool | None) -> None:
+        """Count slots across instances too when ``slots`` is shared (Redis); a local pool adds nothing."""
+        self.slots = slots if slots is not None and slots.shared else None
 
     def queueFor(self, upstream: str, model: str, kind: Kind = "generate") -> ModelQueue:
         queue = self.queues.get((upstream, model))
@@ -120,8 +135,15 @@ class Admission:
             limiter = FairLimiter(policy.slotsFor(model, kind), policy.maxQueue, policy.maxQueueWaitSeconds,
                                   policy.weights, policy.fair, self.clock)
             queue = self.queues[(upstream, model)] = ModelQueue(upstream, model, kind, limiter)
-            limiter.onRelease = queue.record
+            limiter.onRelease = self._onRelease
         return queue
+
+    @staticmethod
+    def _onRelease(ticket: Ticket, heldSeconds: float) -> None:
+        lease = ticket.extra.pop("lease", None)
+        if lease is not None:
+            lease.release()
+        ticket.extra["queue"].record(ticket, heldSeconds)
 
     def enqueue(self, upstream: str, model: str, keyName: str, kind: Kind = "generate") -> Ticket:
         """Admitted at once or queued; AdmissionRefused (queue_full) when the queue has no room."""
@@ -142,18 +164,37 @@ class Admission:
     async def wait(self, ticket: Ticket) -> None:
         """Until the ticket holds a slot; AdmissionRefused (queue_timeout) after the longest wait."""
         queue: ModelQueue = ticket.extra["queue"]
-        if ticket.admitted:
-            return
+        if not ticket.admitted:
+            try:
+                await ticket.wait()
+            except QueueTimeout as timeout:
+                raise self._timedOut(queue, ticket, timeout.position) from None
+            self._admitted(queue, ticket)
+        if self.slots is not None and "lease" not in ticket.extra:
+            await self._sharedSlot(queue, ticket)
+
+    async def _sharedSlot(self, queue: ModelQueue, ticket: Ticket) -> None:
+        """One of the model's slots across all instances (Redis), polled for within the longest wait."""
+        deadline = ticket.enqueuedAt + queue.limiter.maxWaitSeconds
         try:
-            await ticket.wait()
-        except QueueTimeout as timeout:
-            self._refused(queue, ticket.keyName, "queue_timeout")
-            raise AdmissionRefused(
-                503, f"The model `{queue.model}` stayed busy: this request waited "
-                f"{queue.limiter.maxWaitSeconds:g} s in the queue (position {timeout.position}); retry after the "
-                "Retry-After seconds", code="queue_timeout",
-                headers={"Retry-After": str(queue.retryAfter(timeout.position - 1))}) from None
-        self._admitted(queue, ticket)
+            while (lease := await self.slots.tryAcquire(queue.upstream, queue.model, queue.limiter.limit)) is None:
+                if self.clock() + self.slots.retrySeconds > deadline:
+                    raise self._timedOut(queue, ticket, 1)
+                await asyncio.sleep(self.slots.retrySeconds)
+        except BaseException:
+            ticket.release()  # timed out or cancelled: give the local slot back too
+            raise
+        if ticket.released:  # cancelled meanwhile
+            lease.release()
+            return
+        ticket.extra["lease"] = lease
+
+    def _timedOut(self, queue: ModelQueue, ticket: Ticket, position: int) -> AdmissionRefused:
+        self._refused(queue, ticket.keyName, "queue_timeout")
+        return AdmissionRefused(
+            503, f"The model `{queue.model}` stayed busy: this request waited "
+            f"{queue.limiter.maxWaitSeconds:g} s in the queue (position {position}); retry after the "
+            "Retry-After seconds", code="queue_timeout", headers={"Retry-After": str(queue.retryAfter(position - 1))})
 
     @contextlib.asynccontextmanager
     async def slot(self, upstream: str, model: str, keyName: str,
