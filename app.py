@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import Depends, FastAPI
@@ -119,10 +120,14 @@ def createApp(settings: Settings) -> FastAPI:
     return app
 
 
-def __getattr__(name: str) -> FastAPI:
-    """``app`` for ``uvicorn app:app``, built from config.ini and the environment on first access."""
+def __getattr__(name: str) -> Any:
+    """``app`` for ``uvicorn app:app``, built from config.ini and the environment on first access; ``WorkerProtocol``,
+    the guarded HTTP protocol each worker imports by name (``[server] workers`` > 1: a class made at run time cannot
+    be pickled into a spawned worker)."""
     if name == "app":
         return createApp(loadSettings())
+    if name == "WorkerProtocol":
+        return protocolFor(loadSettings().server)
     raise AttributeError(name)
 
 
@@ -162,6 +167,7 @@ def main() -> None:
                   timeout_graceful_shutdown=server.graceful_shutdown_seconds)
     if server.workers > 1:  # N processes on one port; the per-key limits live in Redis ([state] redis_url)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
+        common["http"] = "app:WorkerProtocol"
         uvicorn.run("app:workerApp", factory=True, workers=server.workers, **common,  # type: ignore[arg-type]
                     timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS)
         return

@@ -370,6 +370,8 @@ def renderReport(results: dict[str, Any]) -> str:
                           (results.get("extra") or {}).get("mixed"))
     lines += extraSection("benchLoopStalls", "Event-loop stalls from heavy request work (issue 17)",
                           (results.get("extra") or {}).get("stalls"))
+    lines += extraSection("benchInstances", "Several workers and shared state in Redis",
+                          (results.get("extra") or {}).get("instances"))
     lines += HOT_PATH_HISTORY.splitlines() + [""]
     lines += _notesLines(results)
     return "\n".join(lines).rstrip() + "\n"

@@ -272,7 +272,8 @@ def test_nginxConfStreamsUnbufferedAndLimitsUploadsLikeTheService():
     maxSize = re.search(r"client_max_body_size\s+(\S+);", text).group(1)  # type: ignore[union-attr]
     assert sizeInBytes(maxSize) == LimitsSettings().max_body_bytes
     for directive in ("proxy_buffering off;", "proxy_request_buffering off;", "proxy_http_version 1.1;",
-                      f"server 127.0.0.1:{ServerSettings().port} ", "proxy_next_upstream error timeout non_idempotent;"):
+                      f"server 127.0.0.1:{ServerSettings().port} ",
+                      "proxy_next_upstream error timeout non_idempotent;"):
         assert directive in text
     assert re.search(r"location = /metrics \{\s+return 404;", text)
 
