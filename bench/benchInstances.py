@@ -15,6 +15,7 @@ Environment: BENCH_QUICK=1 (2 s runs), BENCH_INSTANCES_SECONDS (5), BENCH_INSTAN
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -57,6 +58,26 @@ class RedisProcess:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)
         return self
+
+
+async def _scriptRoundTrips(redisUrl: str, count: int) -> dict[str, float]:
+    """The admit script alone, as the service calls it (state/redisStore.py), sequentially: p50/p90 in ms."""
+    from state.redisStore import RedisStore
+
+    store = RedisStore(redisUrl, 30, 1.0)
+    await store.start()
+    times = []
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            result = await store.admit("openai:bench-rtt", 1_000_000, 1_000_000.0, 1_000_000)
+            times.append((time.perf_counter() - started) * 1000)
+            store.release(result.leaseKey, result.leaseId)
+            await asyncio.sleep(0)
+    finally:
+        await store.close()
+    times.sort()
+    return {"p50Ms": times[len(times) // 2], "p90Ms": times[int(len(times) * 0.9)]}
 
 
 def startService(directory: Path, name: str, upstreamUrl: str, workers: int,
@@ -102,6 +123,7 @@ def runAll(seconds: float, rounds: int) -> dict[str, Any]:
     try:
         upstream.waitForHttp(f"http://127.0.0.1:{upstreamPort}/api/version", START_TIMEOUT_SECONDS)
         redis.start()
+        scriptRtt = asyncio.run(_scriptRoundTrips(redis.url, 2000))
         for roundIndex in range(rounds):
             order = SETUPS if roundIndex % 2 == 0 else tuple(reversed(SETUPS))
             for setup in order:
@@ -110,7 +132,7 @@ def runAll(seconds: float, rounds: int) -> dict[str, Any]:
     finally:
         redis.process.stop()
         upstream.stop()
-    return {"seconds": seconds, "rounds": rounds, "runs": runs, "summary": summarise(runs)}
+    return {"seconds": seconds, "rounds": rounds, "runs": runs, "summary": summarise(runs), "scriptRtt": scriptRtt}
 
 
 def _mean(values: list[float]) -> float:
@@ -141,6 +163,9 @@ def reportMarkdown(results: dict[str, Any]) -> str:
     speedup = summary["twoWorkersSpeedup"]
     lines += ["", f"- Redis round trips add **{summary['redisAddedP50Ms']:.2f} ms** to the p50 at concurrency 1 "
               "(one admit script before the request, the lease's release after it).",
+              f"- The admit script alone (2000 sequential calls from one asyncio client, as the service makes them): "
+              f"p50 {results['scriptRtt']['p50Ms']:.2f} ms, p90 {results['scriptRtt']['p90Ms']:.2f} ms.",
+              f"- Load average of the machine (1 min) before and after: {results.get('loadAverage', '?')}.",
               f"- 2 workers against 1 (both with Redis) at concurrency 64: **{speedup:.2f}x** the requests per second"
               if speedup else "- 2 workers: not measured", ""]
     return "\n".join(lines)

@@ -417,7 +417,7 @@ def test_routesNamedInTheDocsExist(makeSettings):
 
 
 def test_repositoryFilesNamedInTheDocsExist():
-    for relative in set(re.findall(r"(?<![\w/.-])((?:docu|deploy|tests|\.forgejo/workflows)/[\w./-]*\w)", docsText())):
+    for relative in set(re.findall(r"(?<![\w/.-])((?:docu|deploy|tests|\.forgejo/workflows)/[\w./@-]*\w)", docsText())):
         assert (REPO_ROOT / relative).exists(), relative
 
 
