@@ -7,6 +7,7 @@ not only for the router's cooldown_time (10 s)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -24,10 +25,16 @@ MASTER_KEY = "sk-poweron-test-master-key"
 CHAT = {"model": "poweron-text-general", "messages": [{"role": "user", "content": "Hallo"}]}
 GENEROUS = "cursor=600000/10000/1000"
 LITELLM_START_SECONDS = 240
+LITELLM_VENV = Path(os.environ.get("POWERON_LITELLM_VENV")
+                    or Path.home() / ".cache" / "poweron-llm" / f"litellm-{litellmProxy.LITELLM_VERSION}")
+"""Used when the checkout has no bench/.litellm-venv of that version (make bench builds it): outside the checkout, so
+a fresh clone (CI) on the same machine reuses it; the install takes minutes."""
 
 
 @pytest.fixture(scope="module")
 def litellmInstalled(tmp_path_factory) -> str:
+    if litellmProxy.installedVersion() != litellmProxy.LITELLM_VERSION:
+        litellmProxy.VENV_DIR = LITELLM_VENV  # read at call time by ensureLitellm and litellmCommand
     try:
         return litellmProxy.ensureLitellm(tmp_path_factory.mktemp("litellm-install") / "pip.log")
     except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
