@@ -442,6 +442,9 @@ one run alternating, busy machine: max 3.9-5.0 s, p99 3.0-4.3 s | max 0.6-1.8 s,
 | client alone at c=64 (`bench/transportAb.py`): 0.41-0.49 ms CPU per call, 0.78-0.87 per 32-line stream; a new \
 upstream connection per stream | 0.08 ms per call, 0.28-0.29 per stream (aiohttp's ClientSession: 0.27 / 0.43-0.48); \
 streams reuse their connection |
+| Cyclic GC thresholds (10000, 10, 10) instead of (700, 10, 10) in `python app.py` (`GC_THRESHOLDS`) | c=64, 20 s \
+of load: GC 540-550 ms CPU (gen 0/1/2: 650-720 / 58-64 / 6 collections) | 73-79 ms (20 / 1 / 1); longest collection \
+~15 ms CPU either way |
 | Ollama NDJSON stream read as raw bytes split on newlines instead of `httpx.Response.aiter_lines()` \
 (`upstream/ollamaClient.py`; no str decoding and no line-splitting state machine per chunk) | quick smoke: \
 ≈1.65 ms CPU per 32-chunk stream, 600 req/s streaming at c=1 | ≈1.27 ms CPU per stream, 786 req/s streaming at c=1 |
