@@ -14,9 +14,17 @@ In tests:   with StubServer(models=[...]) as stub: httpx.get(stub.baseUrl + "/ap
 Control API (not part of Ollama, exempt from the Host check):
   POST /_stub/pull {"name", "capabilities"?}   POST /_stub/remove {"name"}   POST /_stub/reset
   GET|POST /_stub/config {...}                 GET|DELETE /_stub/requests[?path=]   GET|DELETE /_stub/events
+  GET /_stub/scheduler: loads, reloads, busy, pending and each runner's options, slots, refs, busy, waiting
+
+Realistic by default, like the real daemon (reference ollama-api.md §12): tests/stubScheduler.py keeps each loaded
+model's runner options and reloads it (loadDelayMs, default 25) on a difference, numParallel slots per runner
+(default 1 = OLLAMA_NUM_PARALLEL; embedding models one), unbounded waiting for a loaded model, 503 only from the load
+queue (maxQueue); tests/stubRealism.py: silent prompt truncation (recorded as "truncated" / "promptTruncated"),
+truncate:false, think, schemas, WebP, qwen2.5vl pixel budgets and embedding truncation by `version` (default
+0.33.0). KIND_SCHEDULER (--kind) is the old kind stand-in: no slot limit, instant loads.
 
 Magic markers in the last user message (or the generate prompt): [[midstream-error]], [[truncate]], [[busy]],
-[[slow]], [[length]].
+[[slow]], [[length]], [[loop]] (a repetition that runs to num_predict, or 10 x num_ctx capped at 4000 pieces).
 
 Fault modes (POST /_stub/config, switchable while a service uses the stub; {"fault": null} clears, /_stub/reset too):
   fault          null | "busy" | "hang" | "slowFirstToken" | "midstreamError" | "truncate" | "malformedLine"
