@@ -27,6 +27,9 @@ def grammarProblem(schema: Any, where: str = "#", depth: int = 0) -> tuple[str, 
     """(location, keyword, problem) of the first part the converter refuses; None when it converts."""
     if not isinstance(schema, dict) or depth > MAX_DEPTH:
         return None
+    definitions = _definitionsProblem(schema, where, depth)  # visited through references
+    if definitions is not None:
+        return definitions
     if "$ref" in schema:
         ref = str(schema["$ref"])
         return None if ref.startswith("#/") or ref == "#" else (where, "$ref", "only local references convert")
@@ -68,13 +71,20 @@ def _childProblem(schema: dict[str, Any], where: str, depth: int) -> tuple[str, 
     for key in ("prefixItems", "allOf"):
         if isinstance(schema.get(key), list):
             children += [(item, f"{where}/{key}/{i}") for i, item in enumerate(schema[key])]
-    for defsKey in ("$defs", "definitions"):
-        if isinstance(schema.get(defsKey), dict):
-            children += [(value, f"{where}/{defsKey}/{name}") for name, value in schema[defsKey].items()]
     for child, childWhere in children:
         problem = grammarProblem(child, childWhere, depth + 1)
         if problem is not None:
             return problem
+    return None
+
+
+def _definitionsProblem(schema: dict[str, Any], where: str, depth: int) -> tuple[str, str, str] | None:
+    for key in ("$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            for name, value in schema[key].items():
+                problem = grammarProblem(value, f"{where}/{key}/{name}", depth + 1)
+                if problem is not None:
+                    return problem
     return None
 
 
