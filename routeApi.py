@@ -284,6 +284,7 @@ async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep
     # the model (and Ollama) before rendering: a dead upstream is a 503 at once, never after a render
     resolved = await _resolveWith(registry, fields.model, "vision", "read images or PDFs (no vision capability)")
     meta.externalModel = resolved.externalName
+    ollama.refuseIfFull(resolved.ollamaName)  # the model's queue is full: 503 before rendering
     checkGrammar(schema, resolved.features.label)
     try:  # a client gone while its document renders stops the render (the worker is replaced)
         document, renderSeconds = await untilDisconnect(request, _render(request, settings, resolved, data, fields))
@@ -306,6 +307,7 @@ async def text(request: Request, settings: SettingsDep, registry: RegistryDep, o
     schema = _checkSchemaAndStream(fields.schema_, mode)
     resolved = await _resolveWith(registry, fields.model, "completion", "generate text (it is not a chat model)")
     meta.externalModel = resolved.externalName
+    ollama.refuseIfFull(resolved.ollamaName)
     checkGrammar(schema, resolved.features.label)
     call = textCall(settings, resolved, fields, schema, registry.tokens)
     usage = Usage()
@@ -358,6 +360,7 @@ async def embed(request: Request, settings: SettingsDep, registry: RegistryDep, 
     _checkTexts(fields.texts)
     resolved = await _resolveWith(registry, fields.model, "embedding", "compute embeddings")
     meta.externalModel = resolved.externalName
+    ollama.refuseIfFull(resolved.ollamaName, "embed")
     if not fields.truncate:
         checkEmbedInputs(registry.tokens, resolved.ollamaName, resolved.window, fields.texts, "texts",
                          resolved.externalName)

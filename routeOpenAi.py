@@ -95,6 +95,7 @@ async def chatCompletions(request: Request, settings: SettingsDep, registry: Reg
     resolved = await registry.resolve(requireModelName(body))
     meta = _metaOf(request)
     meta.externalModel = resolved.externalName
+    ollama.refuseIfFull(resolved.ollamaName)  # a full queue is a 503 before the payload is built
     if carriesImages(body):  # decoding and re-encoding images on a worker thread, not on the event loop
         plan = await offloadOf(request).run(buildChatPlan, body, resolved, settings, registry.tokens)
     else:
@@ -250,6 +251,7 @@ async def embeddings(request: Request, settings: SettingsDep, registry: Registry
     checkEmbeddingModel(resolved)
     meta = _metaOf(request)
     meta.externalModel = resolved.externalName
+    ollama.refuseIfFull(resolved.ollamaName, "embed")  # a full queue is a 503 before any work
     inputs = embeddingInputs(body.get("input"))
     asBase64, dimensions = embeddingOptions(body)
     checkEmbedInputs(registry.tokens, resolved.ollamaName, resolved.window, inputs, "input", resolved.externalName)

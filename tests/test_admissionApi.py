@@ -189,3 +189,25 @@ async def test_everyUpstreamFaultGivesItsSlotBack(service: Service, stubControl:
     for queue in service.admission.snapshot():
         assert (queue["slotsBusy"], queue["queued"]) == (0, 0), queue
     assert sum(queue.limiter.admittedTotal for queue in service.admission.queues.values()) >= len(FAULTY_CALLS)
+
+
+async def test_aFullQueueRefusesAnAnalysisBeforeRenderingTheDocument(service: Service) -> None:
+    from tests.documentSamples import makePdf
+
+    await service.hold(externalName="poweron-vision-general", count=3)
+    response = await service.http.post("/api/analyze", headers=API, files={"file": ("a.pdf", makePdf(1))},
+                                       data={"prompt": "Describe"})
+    assert response.status_code == 503 and response.json()["code"] == "queue_full"
+    assert service.app.state.renderPool.slots.admittedTotal == 0  # no worker spent a second on it
+
+
+def test_refuseIfFullOnlyWhenSlotsAndQueueAreFull() -> None:
+    from upstream.admission import Admission, AdmissionPolicy, AdmissionRefused
+
+    admission = Admission(AdmissionPolicy(numParallel=1, maxQueue=1))
+    admission.refuseIfFull("default", "m", "a")  # empty: no refusal
+    admission.enqueue("default", "m", "a")
+    admission.refuseIfFull("default", "m", "a")  # the slot is busy but the queue has room
+    admission.enqueue("default", "m", "a")
+    with pytest.raises(AdmissionRefused):
+        admission.refuseIfFull("default", "m", "b")

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -151,15 +151,26 @@ class Admission:
         try:
             ticket = queue.limiter.enqueue(keyName)
         except QueueFull as full:
-            self._refused(queue, keyName, "queue_full")
-            raise AdmissionRefused(
-                503, f"The model `{model}` is busy: all {queue.limiter.limit} slots are in use and {full.ahead} "
-                f"requests are waiting (the most this service queues); retry after the Retry-After seconds",
-                code="queue_full", headers={"Retry-After": str(queue.retryAfter(full.ahead))}) from None
+            raise self._full(queue, keyName, full.ahead) from None
         ticket.extra["queue"] = queue
         if ticket.admitted:
             self._admitted(queue, ticket)
         return ticket
+
+    def refuseIfFull(self, upstream: str, model: str, keyName: str, kind: Kind = "generate") -> None:
+        """AdmissionRefused (queue_full) now when a call would find no room; lets a route refuse before it renders
+        a document or builds a payload (the call itself still goes through ``enqueue``)."""
+        queue = self.queueFor(upstream, model, kind)
+        limiter = queue.limiter
+        if limiter.busy >= limiter.limit and len(limiter.waiting) >= limiter.maxQueue:
+            raise self._full(queue, keyName, len(limiter.waiting))
+
+    def _full(self, queue: ModelQueue, keyName: str, ahead: int) -> AdmissionRefused:
+        self._refused(queue, keyName, "queue_full")
+        return AdmissionRefused(
+            503, f"The model `{queue.model}` is busy: all {queue.limiter.limit} slots are in use and {ahead} requests "
+            "are waiting (the most this service queues); retry after the Retry-After seconds",
+            code="queue_full", headers={"Retry-After": str(queue.retryAfter(ahead))})
 
     async def wait(self, ticket: Ticket) -> None:
         """Until the ticket holds a slot; AdmissionRefused (queue_timeout) after the longest wait."""
@@ -222,3 +233,25 @@ class Admission:
                  "queued": len(queue.limiter.waiting), "queuedByKey": queue.limiter.waitingByKey(),
                  "serviceSeconds": round(queue.serviceSeconds, 3) if queue.measured else None}
                 for queue in self.queues.values()]
+
+
+async def positionsWhileQueued(ticket: Ticket | None, wait: Callable[[], Awaitable[None]],
+                               everySeconds: float) -> AsyncIterator[int]:
+    """While the ticket waits for its slot (``wait()`` returns once admitted): its queue position every
+    ``everySeconds`` (the first after ``everySeconds``, so a short wait yields nothing); ends once admitted, raises
+    AdmissionRefused on a timeout. Closing the iterator early gives the place (or the slot) back."""
+    if ticket is None or ticket.admitted:
+        await wait()
+        return
+    waiter = asyncio.ensure_future(wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=everySeconds)
+            if done:
+                waiter.result()
+                return
+            yield ticket.position()
+    finally:
+        if not waiter.done():  # given up while waiting: the place (or a slot handed over just now) goes back
+            ticket.release()
+            waiter.cancel()

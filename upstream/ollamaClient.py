@@ -3,7 +3,6 @@ to the service's errors (503 unreachable/busy, 404 model, 504 timeout, 502 anyth
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import re
@@ -16,7 +15,7 @@ import orjson
 
 from core.errors import ServiceError
 from core.requestContext import RequestMeta
-from upstream.admission import DEFAULT_UPSTREAM, Admission, Kind
+from upstream.admission import DEFAULT_UPSTREAM, Admission, Kind, positionsWhileQueued
 from upstream.contextWindow import embedPayload
 from upstream.fairQueue import Ticket
 from upstream.transport import UpstreamTransport, mountPattern
@@ -246,6 +245,12 @@ class OllamaClient:
         return self.admission.enqueue(self.upstreamName, str(payload.get("model", "")),
                                       meta.keyName or ANONYMOUS_KEY, kind)
 
+    def refuseIfFull(self, ollamaName: str, kind: Kind = "generate") -> None:
+        """503 queue_full at once when this request's model call would find the model's queue full (before the
+        route renders a document or builds a payload for nothing)."""
+        if self.meta is not None and self.admission is not None:
+            self.admission.refuseIfFull(self.upstreamName, ollamaName, self.meta.keyName or ANONYMOUS_KEY, kind)
+
     async def waitAdmitted(self, ticket: Ticket | None, meta: RequestMeta | None) -> None:
         """Until the ticket holds its slot (503 queue_timeout after the longest wait); the wait goes on ``meta``."""
         meta = meta or self.meta
@@ -257,25 +262,9 @@ class OllamaClient:
             if meta is not None:
                 meta.queueSeconds = (meta.queueSeconds or 0.0) + ticket.queueSeconds
 
-    async def queuedPositions(self, ticket: Ticket | None, everySeconds: float) -> AsyncIterator[int]:
-        """While the ticket waits for its slot: its queue position every ``everySeconds`` (the first after
-        ``everySeconds``, so a short wait yields nothing); ends once admitted, raises AdmissionRefused on a timeout.
-        Closing the iterator early gives the place (or the slot) back."""
-        if ticket is None or ticket.admitted:
-            await self.waitAdmitted(ticket, None)
-            return
-        waiter = asyncio.ensure_future(self.waitAdmitted(ticket, None))
-        try:
-            while True:
-                done, _ = await asyncio.wait({waiter}, timeout=everySeconds)
-                if done:
-                    waiter.result()
-                    return
-                yield ticket.position()
-        finally:
-            if not waiter.done():  # given up while waiting: the place (or a slot handed over just now) goes back
-                ticket.release()
-                waiter.cancel()
+    def queuedPositions(self, ticket: Ticket | None, everySeconds: float) -> AsyncIterator[int]:
+        """The ticket's queue position every ``everySeconds`` while it waits (admission.positionsWhileQueued)."""
+        return positionsWhileQueued(ticket, lambda: self.waitAdmitted(ticket, None), everySeconds)
 
     async def admit(self, path: str, payload: dict[str, Any], meta: RequestMeta | None) -> Ticket | None:
         ticket = self.enqueue(path, payload, meta)
