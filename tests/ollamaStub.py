@@ -18,8 +18,8 @@ Control API (not part of Ollama, exempt from the Host check):
 
 Realistic by default, like the real daemon (reference ollama-api.md §12): tests/stubScheduler.py keeps each loaded
 model's runner options and reloads it (loadDelayMs, default 25) on a difference, numParallel slots per runner
-(default 1 = OLLAMA_NUM_PARALLEL; embedding models one), unbounded waiting for a loaded model, 503 only from the load
-queue (maxQueue); tests/stubRealism.py: silent prompt truncation (recorded as "truncated" / "promptTruncated"),
+(default 1 = OLLAMA_NUM_PARALLEL; embedding models one), unbounded waiting for a loaded model, 503 only from the
+load queue (maxQueue); tokensPerSecond paces replies (0 = chunkDelayMs); tests/stubRealism.py: silent prompt truncation (recorded as "truncated" / "promptTruncated"),
 truncate:false, think, schemas, WebP, qwen2.5vl pixel budgets and embedding truncation by `version` (default
 0.33.0). KIND_SCHEDULER (--kind) is the old kind stand-in: no slot limit, instant loads.
 
@@ -259,6 +259,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "chunks": 8, "chunkDelayMs": 0, "replyText": None, "failNextStatus": 0, "failNextMessage": None,
     "failNextCount": 0, "failNextPaths": list(MODEL_PATHS), "badJsonCount": 0, "numParallel": 1, "maxQueue": 512,
     "loadDelayMs": 25, "slowLoadMs": 0, "contextLength": 0, "vramGiB": 24, "version": STUB_VERSION,
+    "tokensPerSecond": 0,
     "splitWrites": False, "record": True,
     "fault": None, "faultPaths": list(MODEL_PATHS), "faultCount": -1, "faultDelayMs": 2000,
 }
@@ -267,7 +268,7 @@ CONFIG_TYPES: dict[str, Any] = {
     "chunks": int, "chunkDelayMs": NUMBER, "replyText": (str, type(None)), "failNextStatus": int,
     "failNextMessage": (str, type(None)), "failNextCount": int, "failNextPaths": list, "badJsonCount": int,
     "numParallel": int, "maxQueue": int, "loadDelayMs": NUMBER, "slowLoadMs": NUMBER, "contextLength": int,
-    "vramGiB": NUMBER, "version": str, "splitWrites": bool, "record": bool,
+    "vramGiB": NUMBER, "version": str, "tokensPerSecond": NUMBER, "splitWrites": bool, "record": bool,
     "fault": (str, type(None)), "faultPaths": list, "faultCount": int, "faultDelayMs": NUMBER,
 }
 
@@ -704,7 +705,8 @@ class ReplyPlan:
         self.createdAt = _timestamp()
         self.pieces: list[tuple[str, Any]] = []
         self.doneReason, self.ending = "stop", "done"
-        self.delay = ex.state.config.chunkDelayMs / 1000.0
+        config = ex.state.config  # tokensPerSecond (one piece = one token) paces like a GPU; else chunkDelayMs
+        self.delay = 1.0 / config.tokensPerSecond if config.tokensPerSecond > 0 else config.chunkDelayMs / 1000.0
         self.loadDelay, self.loadNs, self.promptCount = 0.0, WARM_LOAD_NS, 0
         self.stream = body.get("stream") is not False
         self.splitWrites = ex.state.config.splitWrites
@@ -1771,6 +1773,8 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-parallel", "--max-parallel", type=int, default=CONFIG_DEFAULTS["numParallel"],
                         help="OLLAMA_NUM_PARALLEL: requests a loaded model serves at once (0 = unlimited)")
     parser.add_argument("--load-delay-ms", type=float, default=CONFIG_DEFAULTS["loadDelayMs"])
+    parser.add_argument("--tokens-per-second", type=float, default=0.0,
+                        help="pace every reply at this many pieces per second (overrides --chunk-delay-ms)")
     parser.add_argument("--kind", action="store_true",
                         help="the old kind stand-in: no slot limit, instant loads (overrides the two above)")
     parser.add_argument("--version", default=STUB_VERSION, help="the version /api/version reports")
@@ -1789,7 +1793,8 @@ def main(argv: list[str] | None = None) -> None:
     models = [name for name in args.models.split(",") if name.strip()]
     config = {"chunks": args.chunks, "chunkDelayMs": args.chunk_delay_ms, "slowLoadMs": args.slow_load_ms,
               "numParallel": args.num_parallel, "maxQueue": args.max_queue, "replyText": args.reply_text,
-              "loadDelayMs": args.load_delay_ms, "version": args.version, "record": not args.no_record}
+              "loadDelayMs": args.load_delay_ms, "version": args.version, "record": not args.no_record,
+              "tokensPerSecond": args.tokens_per_second}
     if args.kind:
         config.update(KIND_SCHEDULER)
     state = StubState(models, config)

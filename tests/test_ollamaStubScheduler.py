@@ -171,3 +171,11 @@ def test_clientLeavingWhileQueuedFreesItsPlace(client, stub):
     waitFor(lambda: client.get("/_stub/events", params={"type": "queuedClientGone"}).json()["count"] == 1)
     runner = counters(client)["runners"]["qwen2.5:7b"]
     assert (runner["refs"], runner["busy"], runner["waiting"]) == (0, 0, 0)
+
+
+def test_tokensPerSecondPacesEveryReply(client):
+    client.post("/_stub/config", json={"tokensPerSecond": 20, "chunks": 8, "loadDelayMs": 0})
+    client.post("/api/chat", json=chat(numCtx=8192))
+    started = time.monotonic()
+    answer = client.post("/api/chat", json=chat(numCtx=8192)).json()
+    assert answer["eval_count"] == 8 and time.monotonic() - started >= 8 / 20
