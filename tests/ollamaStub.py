@@ -21,7 +21,8 @@ model's runner options and reloads it (loadDelayMs, default 25) on a difference,
 (default 1 = OLLAMA_NUM_PARALLEL; embedding models one), unbounded waiting for a loaded model, 503 only from the
 load queue (maxQueue); tokensPerSecond paces replies (0 = chunkDelayMs); tests/stubRealism.py: silent prompt
 truncation (recorded as "truncated" / "promptTruncated"), truncate:false, think, schemas, WebP, qwen2.5vl pixel
-budgets and embedding truncation by `version` (default 0.33.0). KIND_SCHEDULER (--kind) is the old kind stand-in: no slot limit, instant loads.
+budgets and embedding truncation by `version` (default 0.33.0). KIND_SCHEDULER (--kind) is the old kind
+stand-in: no slot limit, instant loads.
 
 Magic markers in the last user message (or the generate prompt): [[midstream-error]], [[truncate]], [[busy]],
 [[slow]], [[length]], [[loop]] (a repetition that runs to num_predict, or 10 x num_ctx capped at 4000 pieces).
