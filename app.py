@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,14 +24,14 @@ import routeHealth
 import routeOpenAi
 import routeWeb
 from apidoc import openApi
-from config import ConfigError, Settings, loadSettings
+from config import CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH, ConfigError, Settings, loadSettings
 from core.clientDisconnect import installDisconnectHandler
 from core.errors import installErrorHandlers, sendInternalError
 from core.offload import OffloadPool
 from core.requestContext import RequestContextMiddleware, RequestObserver
 from documents.renderWorkers import RenderPool
 from guard.connectionGuard import protocolFor
-from guard.security import fastApiTelemetryOff, installSecurity, requireApiKey, requireOpenAiKey
+from guard.security import fastApiTelemetryOff, installSecurity, reconfigureKeys, requireApiKey, requireOpenAiKey
 from observe.accessLog import configureLogging, logAccess
 from observe.loopLag import LoopLagMonitor
 from observe.metrics import installMetrics
@@ -37,8 +39,11 @@ from speech import whisperProxy
 from upstream.admission import Admission, policyFromSettings
 from state.redisStore import RedisStore
 from state.slots import slotPoolFor
+from upstream.discovery import UpstreamNode
 from upstream.modelRegistry import ModelRegistry
-from upstream.ollamaClient import OllamaClient, createHttpClient
+from upstream.httpClient import createHttpClient, fastTransportOf
+from upstream.pool import UpstreamPool
+from upstream.transport import allowFastUpstreams
 from upstream.warmup import ModelWarmup
 
 logger = logging.getLogger("poweron")
@@ -56,21 +61,20 @@ importing the app on a busy host would be killed and restarted forever."""
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open the one shared upstream client, discover models, keep discovery fresh, watch the loop's lag; close
-    everything on exit."""
+    """Open the one shared upstream client, discover models on every upstream, keep discovery fresh, reload the
+    configuration on SIGHUP, watch the loop's lag; close everything on exit."""
     settings: Settings = app.state.settings
     sharedState: RedisStore | None = app.state.sharedState
     if sharedState is not None:
         await sharedState.start()
     http = createHttpClient(settings.ollama.connect_timeout, settings.ollama.read_timeout,
                             settings.ollama.max_connections,
-                            settings.ollama.base_url if settings.ollama.fast_transport else None)
+                            list(settings.upstreams.values()) if settings.ollama.fast_transport else None)
     app.state.http = http
     app.state.offload = OffloadPool(settings.limits.worker_threads)
-    app.state.ollama = OllamaClient(http, settings.ollama.base_url, app.state.admission,
-                                    queueNoticeSeconds=settings.ollama.queue_notice_seconds)
-    app.state.registry = registry = ModelRegistry(settings, app.state.ollama, http)
-    app.state.warmup = warmup = ModelWarmup(settings, app.state.ollama)
+    app.state.pool = pool = UpstreamPool(settings, http, admission=app.state.admission)
+    app.state.registry = registry = ModelRegistry(settings, pool, http)
+    app.state.warmup = warmup = ModelWarmup(settings)
     registry.listeners.append(warmup.onRefresh)
     app.state.renderPool = renderPool = RenderPool(settings.documents.render_workers,
                                                    settings.documents.render_timeout_seconds, settings.queueWeights)
@@ -78,6 +82,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         renderPool.startWarmUp()
     await registry.refresh()
     refresher = asyncio.create_task(registry.run(), name="model-discovery")
+    reloads = installReloadSignal(app)
     if getattr(app.state, "freezeAfterStartup", False):
         freezeStartupObjects()  # the clients, pools and registry made above are long-lived too
     metrics = getattr(app.state, "metrics", None)
@@ -86,9 +91,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in (refresher, *reloads):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await warmup.close()
         await renderPool.close()
         await http.aclose()
@@ -96,6 +104,60 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.offload.close()
         if sharedState is not None:
             await sharedState.close()
+
+
+def installReloadSignal(app: FastAPI) -> set[asyncio.Task[bool]]:
+    """SIGHUP reloads config.ini in the background (one reload at a time); returns the set of running reloads."""
+    running: set[asyncio.Task[bool]] = set()
+    lock = asyncio.Lock()
+
+    async def serialised() -> bool:
+        async with lock:
+            return await reloadConfig(app)
+
+    def onSignal() -> None:
+        task = asyncio.get_running_loop().create_task(serialised(), name="config-reload")
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not on the main thread (tests) or platform
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, onSignal)
+    return running
+
+
+async def reloadConfig(app: FastAPI) -> bool:
+    """Read config.ini again and apply upstreams, drain marks, keys, per-key limits and the model mapping without
+    dropping a connection; a bad file is refused (one log line why) and the running configuration stays."""
+    path = os.environ.get(CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH)
+    try:
+        settings = loadSettings()
+    except ConfigError as exc:
+        logger.error("config reload refused, keeping the running configuration: %s", exc)
+        return False
+    pool: UpstreamPool = app.state.pool
+    nodes = await pool.prepare(settings)  # new upstreams are probed before any request can go to them
+    if settings.ollama.fast_transport:
+        allowFastUpstreams(fastTransportOf(app.state.http), list(settings.upstreams.values()))
+    applySettings(app, settings, nodes)
+    logger.info("config reloaded from %s: upstreams %s%s", path, ", ".join(settings.upstreams),
+                f" (draining: {', '.join(sorted(settings.drainingUpstreams))})" if settings.drainingUpstreams else "")
+    return True
+
+
+def applySettings(app: FastAPI, settings: Settings, nodes: dict[str, UpstreamNode]) -> None:
+    """Switch every reloadable part at once (no await in between, so no request sees half of it)."""
+    known = set(app.state.pool.nodes.values())
+    app.state.settings = settings
+    reconfigureKeys(app, settings)
+    app.state.pool.apply(settings, nodes)
+    app.state.registry.settings = settings
+    app.state.warmup.settings = settings
+    metrics = getattr(app.state, "metrics", None)
+    if metrics is not None:
+        metrics.reconfigure(settings)
+    for node in nodes.values():
+        if node not in known and node.reachable and settings.warmupModels:
+            app.state.warmup.start(app.state.registry, node)
 
 
 def createApp(settings: Settings) -> FastAPI:

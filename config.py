@@ -21,15 +21,8 @@ from typing import Any, Literal
 from pydantic import PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from settings.parsing import (
-    ConfigError,
-    checkSharedState,
-    PerKeyLimits,
-    isLocalUrl,
-    parseNamedKeys,
-    parsePerKeyLimits,
-    parsePositiveNumbers,
-)
+from settings.parsing import ConfigError, PerKeyLimits, checkSharedState, isLocalUrl, parseDrain, parseNamedKeys
+from settings.parsing import parsePerKeyLimits, parsePositiveNumbers, parseUpstreams
 from settings.parsing import isCloudModelName as isCloudModelName
 from settings.sections import (
     AuthSettings,
@@ -209,6 +202,8 @@ class Settings(BaseSettings):
     _perKeyLimits: dict[str, PerKeyLimits] = PrivateAttr(default_factory=dict)
     _queueWeights: dict[str, float] = PrivateAttr(default_factory=dict)
     _slotsPerModel: dict[str, int] = PrivateAttr(default_factory=dict)
+    _upstreams: dict[str, str] = PrivateAttr(default_factory=dict)
+    _drain: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -229,7 +224,16 @@ class Settings(BaseSettings):
                                                   set(self._apiKeys) | set(self._openAiKeys), integer=False)
         self._slotsPerModel = _slotsByOllamaName(self._modelMapping, parsePositiveNumbers(
             self.ollama.num_parallel_per_model, "[ollama] num_parallel_per_model", None, integer=True))
+        self._upstreams = parseUpstreams(self.ollama.upstreams, self.ollama.base_url)
+        self._drain = parseDrain(self.ollama.drain, self._upstreams)
         return self
+
+    @property
+    def upstreams(self) -> dict[str, str]:
+        """Ollama upstreams by name (``{"default": base_url}`` without ``[ollama] upstreams``)."""
+        return self._upstreams
+
+    drainingUpstreams = property(lambda self: self._drain, doc="[ollama] drain: upstream names taking no new requests")
 
     @property
     def modelMapping(self) -> dict[str, ModelSpec]:
@@ -321,10 +325,12 @@ def checkStartupSafety(settings: Settings) -> None:
     checkSharedState(settings.server.workers, settings.state.redis_url, settings.server.allow_remote_upstream)
     if settings.server.allow_remote_upstream:
         return
-    for setting, url in (("[ollama] base_url", settings.ollama.base_url),
-                         ("[whisper] base_url", settings.whisper.base_url)):
+    ollamaUrls = [(f"[ollama] upstreams: {name}" if settings.ollama.upstreams.strip() else "[ollama] base_url", url)
+                  for name, url in settings.upstreams.items()]
+    for setting, url in (*ollamaUrls, ("[whisper] base_url", settings.whisper.base_url)):
         if not isLocalUrl(url):
-            raise ConfigError(f"{setting} = {url} is not a loopback or private address; data must stay on this "
+            shown = setting if "upstreams" in setting else f"{setting} = {url}"
+            raise ConfigError(f"{shown} is not a loopback or private address; data must stay on this "
                               "server (set [server] allow_remote_upstream = true only if that host is yours)")
 
 

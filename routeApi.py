@@ -42,8 +42,8 @@ from documents.documentRender import RenderedDocument, RenderJob, detectFileType
 from upstream.contextWindow import TokenEstimator, checkEmbedInputs, embedPayload, observeEmbed
 from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
 from upstream.modelRegistry import ModelRegistry, ResolvedModel
-from upstream.ollamaClient import OllamaClient
 from upstream.ollamaVersion import imagePixelBudget
+from upstream.routing import RoutedOllama
 from upstream.schemaGrammar import checkGrammar
 from upstream.structuredOutput import parseSchema
 
@@ -195,7 +195,7 @@ BodyBuilder = Callable[[list[Answer], Any], dict[str, Any]]
 """Builds the response body from the answers and the schema (None for streams)."""
 
 
-async def _respond(request: Request, ollama: OllamaClient, resolved: ResolvedModel, calls: list[ModelCall],
+async def _respond(request: Request, ollama: RoutedOllama, resolved: ResolvedModel, calls: list[ModelCall],
                    schema: Any, mode: str | None, start: dict[str, Any], bodyOf: BodyBuilder,
                    usage: Usage) -> Response:
     """The whole answer as one JSON body (Ollama's work stops when the client goes away), or streamed events."""
@@ -331,7 +331,7 @@ def _checkTexts(texts: list[str]) -> None:
                                param=f"texts[{index}]")
 
 
-async def _embedBatches(ollama: OllamaClient, resolved: ResolvedModel, fields: EmbedBody,
+async def _embedBatches(ollama: RoutedOllama, resolved: ResolvedModel, fields: EmbedBody,
                         keepAlive: str, tokens: TokenEstimator) -> tuple[list[list[float]], int]:
     vectors: list[list[float]] = []
     promptTokens = 0

@@ -1,8 +1,8 @@
 """Health probes: /health, /health/liveliness and /health/readiness (LiteLLM/F13 convention).
 
 Without a key they say reachable/unreachable only; with a key of either class /health and /health/readiness add the
-details (Ollama's version, why it is unreachable, the available models, the admission queues). Internal URLs are
-never shown.
+details (Ollama's version, why it is unreachable, the available models, the admission queues, each upstream by
+name). Internal URLs are never shown.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def _healthBody(request: Request, registry: ModelRegistry, details: bool) -> dic
                           "names": [spec.externalName for spec in available]}
         body["queues"] = _queues(request)
         body["state"] = state
+        body["upstreams"] = registry.pool.describe()
     return body
 
 

@@ -36,7 +36,7 @@ from upstream.contextWindow import checkEmbedInputs, observeEmbed
 from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
 from upstream.modelRegistry import ModelRegistry, ResolvedModel
 from upstream.fairQueue import Ticket
-from upstream.ollamaClient import OllamaClient, OllamaStream
+from upstream.routing import PrimedStream, RoutedOllama
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 logger = logging.getLogger("poweron.openai")
@@ -116,7 +116,7 @@ def _observePrompt(plan: ChatPlan, registry: ModelRegistry, done: dict[str, Any]
         plan.measure.observe(registry.tokens, done)
 
 
-async def _answerChat(request: Request, ollama: OllamaClient, plan: ChatPlan, resolved: ResolvedModel,
+async def _answerChat(request: Request, ollama: RoutedOllama, plan: ChatPlan, resolved: ResolvedModel,
                       meta: RequestMeta, onDone: Callable[[dict[str, Any]], None]) -> Response:
     started = time.perf_counter()
     try:
@@ -133,7 +133,7 @@ def _recordUsage(meta: RequestMeta, done: dict[str, Any]) -> None:
     meta.promptTokens, meta.completionTokens = usage["prompt_tokens"], usage["completion_tokens"]
 
 
-async def _streamChat(request: Request, ollama: OllamaClient, plan: ChatPlan, resolved: ResolvedModel,
+async def _streamChat(request: Request, ollama: RoutedOllama, plan: ChatPlan, resolved: ResolvedModel,
                       meta: RequestMeta, onDone: Callable[[dict[str, Any]], None]) -> Response:
     """Wait for the admission slot and open the upstream stream first (so errors keep their status), then relay
     it as SSE. A request still queued after ``[ollama] queue_notice_seconds`` starts its stream with ``: queued,
@@ -168,7 +168,7 @@ def queuedComment(position: int) -> bytes:
     return b": queued, position %d\n\n" % position
 
 
-async def _queuedSseFrames(ollama: OllamaClient, plan: ChatPlan, resolved: ResolvedModel, meta: RequestMeta,
+async def _queuedSseFrames(ollama: RoutedOllama, plan: ChatPlan, resolved: ResolvedModel, meta: RequestMeta,
                            queued: QueuedStart, translator: ChatStreamTranslator) -> AsyncIterator[bytes]:
     """Queue comments until admitted, then the stream as usual; a refusal (waited too long) is an error frame."""
     positions = queued.positions
@@ -188,7 +188,7 @@ async def _queuedSseFrames(ollama: OllamaClient, plan: ChatPlan, resolved: Resol
         yield frame
 
 
-async def _sseFrames(stream: OllamaStream, translator: ChatStreamTranslator, meta: RequestMeta,
+async def _sseFrames(stream: PrimedStream, translator: ChatStreamTranslator, meta: RequestMeta,
                      includeUsage: bool) -> AsyncIterator[bytes]:
     """Role frame, one frame per upstream chunk as it arrives, finish (+usage) frames; an error frame on an
     upstream failure; always ``[DONE]`` unless the client is gone."""
@@ -230,7 +230,7 @@ def _framesOf(chunk: dict[str, Any], translator: ChatStreamTranslator, meta: Req
     return frames
 
 
-async def _closeUpstream(chunks: Any, stream: OllamaStream, meta: RequestMeta) -> None:
+async def _closeUpstream(chunks: Any, stream: PrimedStream, meta: RequestMeta) -> None:
     """Close the upstream response at once (Ollama stops generating), shielded from the cancellation."""
     with anyio.CancelScope(shield=True):
         meta.upstreamSeconds = time.perf_counter() - stream.startedAt

@@ -372,6 +372,8 @@ def renderReport(results: dict[str, Any]) -> str:
                           (results.get("extra") or {}).get("stalls"))
     lines += extraSection("benchInstances", "Several workers and shared state in Redis",
                           (results.get("extra") or {}).get("instances"))
+    lines += extraSection("benchUpstreams", "Several GPU servers (upstreams)",
+                          (results.get("extra") or {}).get("upstreams"))
     lines += HOT_PATH_HISTORY.splitlines() + [""]
     lines += _notesLines(results)
     return "\n".join(lines).rstrip() + "\n"

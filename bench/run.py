@@ -67,7 +67,7 @@ WARM_UP_SECONDS = 2
 QUICK_WARM_UP_SECONDS = 1
 EXTRA_BENCHES = (("pdf", "bench.benchPdf"), ("stt", "bench.benchStt"), ("admission", "bench.benchAdmission"),
                  ("mixed", "bench.benchMixed"), ("stalls", "bench.benchLoopStalls"),
-                 ("instances", "bench.benchInstances"))
+                 ("instances", "bench.benchInstances"), ("upstreams", "bench.benchUpstreams"))
 ENV_OVERRIDES = ("BENCH_QUICK", "BENCH_SECONDS", "BENCH_ROUNDS", "BENCH_CONCURRENCY", "BENCH_PROBE_SECONDS",
                  "BENCH_SKIP_LITELLM", "BENCH_SKIP_EXTRA", "BENCH_SKIP_STUB", "BENCH_OUTPUT", "BENCH_SERVICE_CORE",
                  "BENCH_LOAD_CORE", "BENCH_RESULTS_DIR")

@@ -36,6 +36,10 @@ class RequestMeta:
     keyName: str | None = None
     keyClass: str | None = None
     externalModel: str | None = None
+    upstream: str | None = None
+    """Name of the Ollama upstream that served the request (never its URL)."""
+    failedOver: str | None = None
+    """Name of the upstream that failed before the request was retried on ``upstream``."""
     status: int | None = None
     upstreamSeconds: float | None = None
     ttftSeconds: float | None = None

@@ -21,7 +21,7 @@ from upstream.contextWindow import (
     runnerOptions,
 )
 from upstream.modelRegistry import ResolvedModel
-from upstream.ollamaClient import OllamaClient, OllamaStream
+from upstream.routing import BufferedStream, PrimedStream, RoutedOllama
 from upstream.structuredOutput import repairPrompt, validateAnswer
 from upstream.thinkSplit import ThinkSplitter, splitThinking
 
@@ -194,7 +194,7 @@ def _contentPieces(answer: Answer, content: str, done: bool) -> list[tuple[str, 
     return pieces
 
 
-async def readStream(stream: OllamaStream, usage: Usage, answer: Answer,
+async def readStream(stream: PrimedStream | BufferedStream, usage: Usage, answer: Answer,
                      call: ModelCall | None = None) -> AsyncIterator[tuple[str, str]]:
     """("content" | "thinking", text) pieces of one Ollama stream; fills the answer and the usage."""
     try:
@@ -214,10 +214,11 @@ async def readStream(stream: OllamaStream, usage: Usage, answer: Answer,
         usage.modelSeconds += stream.upstreamSeconds or 0.0
 
 
-async def collectAnswer(ollama: OllamaClient, call: ModelCall, externalName: str, usage: Usage) -> Answer:
-    """The whole answer to one call (read from Ollama's stream)."""
+async def collectAnswer(ollama: RoutedOllama, call: ModelCall, externalName: str, usage: Usage) -> Answer:
+    """The whole answer to one call (read from Ollama's stream to its end first, so a failing upstream can be
+    replaced by another one: nothing has reached the client yet)."""
     answer = Answer(call.pages)
-    stream = await ollama.openStream("/api/chat", call.payload, externalName)
+    stream = await ollama.openWholeStream("/api/chat", call.payload, externalName)
     try:
         async for _ in readStream(stream, usage, answer, call):
             pass
@@ -238,7 +239,7 @@ def _schemaMismatch(answer: Answer, problem: str) -> ServiceError:
                         extra={"rawAnswer": answer.text, "validationError": problem, "doneReason": answer.doneReason})
 
 
-async def answerWithSchema(ollama: OllamaClient, call: ModelCall, externalName: str, usage: Usage,
+async def answerWithSchema(ollama: RoutedOllama, call: ModelCall, externalName: str, usage: Usage,
                            schema: Any) -> Answer:
     """An answer validated against the schema: one repair retry with the problem named, then 422 with the raw
     answer."""
@@ -256,7 +257,7 @@ async def answerWithSchema(ollama: OllamaClient, call: ModelCall, externalName: 
     return answer
 
 
-async def answerAll(ollama: OllamaClient, calls: list[ModelCall], externalName: str, usage: Usage,
+async def answerAll(ollama: RoutedOllama, calls: list[ModelCall], externalName: str, usage: Usage,
                     schema: Any) -> list[Answer]:
     """Every call's answer, one after another (Ollama serves one model's requests in turn anyway)."""
     answers = []
@@ -292,7 +293,7 @@ def doneReasonOf(answers: list[Answer]) -> str:
     return answers[-1].doneReason if answers else "stop"
 
 
-async def streamCalls(ollama: OllamaClient, calls: list[ModelCall], externalName: str, usage: Usage,
+async def streamCalls(ollama: RoutedOllama, calls: list[ModelCall], externalName: str, usage: Usage,
                       answers: list[Answer], grouped: bool) -> AsyncIterator[dict[str, Any]]:
     """Events of a streamed answer: ``queued`` (position) while a call waits for its admission slot longer than
     ``[ollama] queue_notice_seconds``, ``ready`` once Ollama accepted the first call (so errors before it are plain

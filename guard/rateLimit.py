@@ -112,6 +112,7 @@ class RateLimiter:
 
     def __init__(self, settings: Settings, clock: Clock = time.monotonic, instances: int = 1) -> None:
         self.clock = clock
+        self.instances = instances
         now = clock()
         self.states: dict[tuple[str, str], KeyState] = {}
         for keyClass, keys in (("api", settings.apiKeys), ("openai", settings.openAiKeys)):
@@ -123,6 +124,23 @@ class RateLimiter:
         """``admit`` as the limiter interface the key dependencies use (shared limiters answer it too)."""
         state = self.admit(keyClass, name)
         return Admission(state.release, self.headers(state))
+
+    def reconfigure(self, settings: Settings) -> None:
+        """New keys and limits (a reload): a kept key keeps its in-flight count and its tokens (up to the new
+        burst); a removed key's running requests release their old state."""
+        now = self.clock()
+        states: dict[tuple[str, str], KeyState] = {}
+        for keyClass, keys in (("api", settings.apiKeys), ("openai", settings.openAiKeys)):
+            for name in keys:
+                limits = shareOf(keyLimitsFor(settings, keyClass, name), self.instances)
+                state = self.states.get((keyClass, name)) or KeyState(name, limits, now)
+                if state.limits != limits:
+                    state.bucket._refill(now)  # noqa: SLF001 - tokens earned under the old rate count
+                    state.limits = limits
+                    state.bucket.capacity, state.bucket.ratePerSecond = limits.burst, limits.requestsPerMinute / 60.0
+                    state.bucket.tokens = min(state.bucket.tokens, float(limits.burst))
+                states[(keyClass, name)] = state
+        self.states = states
 
     def admit(self, keyClass: str, name: str) -> KeyState:
         """Count one request against the key; raises a 429 ServiceError when a limit is reached.

@@ -229,6 +229,12 @@ def sharedStoreFor(settings: Settings) -> RedisStore | None:
     return RedisStore(url, settings.state.lease_seconds, settings.state.timeout_seconds)
 
 
+def reconfigureKeys(app: FastAPI, settings: Settings) -> None:
+    """A reload: new key rings (rotated keys take effect for the next request) and per-key limits."""
+    app.state.keyRings = {KEY_CLASS_API: KeyRing(settings.apiKeys), KEY_CLASS_OPENAI: KeyRing(settings.openAiKeys)}
+    app.state.rateLimiter.reconfigure(settings)
+
+
 def installSecurity(app: FastAPI, settings: Settings, clock: Clock = time.monotonic) -> None:
     """Key rings and rate limiter on app.state; key gate, body limit and CORS as pure ASGI middlewares."""
     app.state.keyRings = {KEY_CLASS_API: KeyRing(settings.apiKeys), KEY_CLASS_OPENAI: KeyRing(settings.openAiKeys)}

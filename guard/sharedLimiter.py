@@ -31,6 +31,13 @@ class SharedRateLimiter:
         share = settings.state.instances if settings.state.failure_mode == FAIL_CLOSED else 1
         self.fallback = RateLimiter(settings, clock, instances=share)
 
+    def reconfigure(self, settings: Settings) -> None:
+        """New keys and limits (a reload); the counts in Redis stay."""
+        self.limits = {(keyClass, name): keyLimitsFor(settings, keyClass, name)
+                       for keyClass, keys in (("api", settings.apiKeys), ("openai", settings.openAiKeys))
+                       for name in keys}
+        self.fallback.reconfigure(settings)
+
     async def acquire(self, keyClass: str, name: str) -> Admission:
         """Count one request against the key; raises a 429 ServiceError when a limit is reached."""
         if self.store.reachable:

@@ -1,6 +1,7 @@
 """The access log: one JSON line per completed request on the logger ``poweron.access``, metadata only.
 
-Fields: request id, method, route template and path, key name and class, external model, status, durations and
+Fields: request id, method, route template and path, key name and class, external model, upstream name (and the
+one that failed before a retry), status, durations and
 token counts. Never prompt text, file content, embeddings, answers or keys; the query string is left out too.
 """
 
@@ -29,7 +30,8 @@ def accessRecord(meta: RequestMeta) -> dict:
     return {
         "ts": round(time.time(), 3), "requestId": meta.requestId, "method": meta.method, "route": meta.route,
         "path": meta.path[:MAX_PATH_CHARS], "key": meta.keyName, "keyClass": meta.keyClass,
-        "model": meta.externalModel, "status": meta.status, "durationMs": _milliseconds(meta.durationSeconds),
+        "model": meta.externalModel, "upstream": meta.upstream, "failedOver": meta.failedOver,
+        "status": meta.status, "durationMs": _milliseconds(meta.durationSeconds),
         "upstreamMs": _milliseconds(meta.upstreamSeconds), "ttftMs": _milliseconds(meta.ttftSeconds),
         "queueMs": _milliseconds(meta.queueSeconds),
         "promptTokens": meta.promptTokens, "completionTokens": meta.completionTokens, "streamed": meta.streamed,

@@ -52,6 +52,28 @@ class StateHealth(WireModel):
         description="What the limits are while Redis is unreachable (null without Redis)")
 
 
+class LoadedModelHealth(WireModel):
+    name: str
+    contextLength: int | None
+    sizeVram: int | None
+    expiresAt: str | None
+
+
+class UpstreamHealth(WireModel):
+    """One Ollama upstream by name (its URL is never shown)."""
+
+    name: str
+    reachable: bool
+    draining: bool = Field(description="Takes no new requests; running ones finish ([ollama] drain)")
+    version: str | None
+    reason: str | None = Field(description="Why it counts as unreachable (null while it answers)")
+    modelsPulled: list[str]
+    modelsLoaded: list[LoadedModelHealth] = Field(description="From the upstream's /api/ps")
+    inFlight: int = Field(description="Requests this service has running there")
+    slotsBusy: dict[str, int] = Field(description="Busy slots per Ollama model ([ollama] num_parallel per model)")
+    queued: int = Field(description="Requests sent beyond the free slots (waiting inside Ollama)")
+
+
 class Health(WireModel):
     """Overall status; without a key only whether Ollama and whisper are reachable, with a key of either class the
     details too. Never internal URLs or secrets."""
@@ -64,6 +86,10 @@ class Health(WireModel):
                                             "busy / slots / queued (only with a key of either class)")
     state: StateHealth | None = Field(None, description="Where the per-key limits live (only with a key of either "
                                       "class)")
+
+
+    upstreams: list[UpstreamHealth] | None = Field(None, description="Each Ollama upstream by name (never its URL); "
+                                                   "only with a key of either class")
 
 
 class Ready(WireModel):

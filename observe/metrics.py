@@ -55,20 +55,33 @@ class AvailabilityCollector:
         families = self._families()
         registry = getattr(self.app.state, "registry", None)
         if registry is not None:
-            available, reachable = families
+            available, reachable, up, draining, inFlight, loaded = families
             for spec in registry.settings.modelMapping.values():
                 available.add_metric([spec.externalName, spec.type, spec.backend],
                                      1.0 if registry.isAvailable(spec) else 0.0)
             reachable.add_metric(["ollama"], 1.0 if registry.ollamaReachable else 0.0)
             reachable.add_metric(["whisper"], 1.0 if registry.whisperReachable else 0.0)
+            for node in registry.pool.active():
+                up.add_metric([node.name], 1.0 if node.reachable else 0.0)
+                draining.add_metric([node.name], 1.0 if node.draining else 0.0)
+                inFlight.add_metric([node.name], float(node.inFlight))
+                loaded.add_metric([node.name], float(len(node.loaded)))
         yield from families
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[GaugeMetricFamily, ...]:
         return (GaugeMetricFamily("poweron_model_available", "1 while the model can serve requests (pulled in Ollama "
                                   "or whisper reachable), else 0", labels=["model", "type", "backend"]),
                 GaugeMetricFamily("poweron_upstream_reachable", "1 while the upstream answers its probe, else 0",
-                                  labels=["upstream"]))
+                                  labels=["upstream"]),
+                GaugeMetricFamily("poweron_ollama_upstream_up", "1 while this Ollama upstream answers, else 0",
+                                  labels=["upstream"]),
+                GaugeMetricFamily("poweron_ollama_upstream_draining", "1 while this Ollama upstream is drained "
+                                  "(takes no new requests)", labels=["upstream"]),
+                GaugeMetricFamily("poweron_ollama_upstream_in_flight", "Requests this service has running at this "
+                                  "Ollama upstream", labels=["upstream"]),
+                GaugeMetricFamily("poweron_ollama_upstream_models_loaded", "Models loaded at this Ollama upstream "
+                                  "(last /api/ps)", labels=["upstream"]))
 
 
 class InFlightMiddleware:
@@ -90,8 +103,7 @@ class ServiceMetrics:
     """The collectors of one app and the request observer that feeds them."""
 
     def __init__(self, app: FastAPI, settings: Settings) -> None:
-        self.modelNames = frozenset(settings.modelMapping)
-        self.keyNames = frozenset(settings.apiKeys) | frozenset(settings.openAiKeys)
+        self.reconfigure(settings)
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("poweron_requests", "Completed requests by route template, method, model and status",
                                 ["route", "method", "model", "status"], registry=registry)
@@ -110,6 +122,11 @@ class ServiceMetrics:
                                    ["route", "key"], registry=registry)
         self.errors = Counter("poweron_request_errors", "Requests that ended in an error, by the service's error code",
                               ["route", "code"], registry=registry)
+        self.upstreamRequests = Counter("poweron_upstream_requests", "Completed requests by the Ollama upstream that "
+                                        "served them, model and status", ["upstream", "model", "status"],
+                                        registry=registry)
+        self.failovers = Counter("poweron_upstream_failovers", "Requests retried on another upstream, by the upstream "
+                                 "that failed first", ["upstream"], registry=registry)
         self.inFlight = Gauge("poweron_requests_in_flight", "Requests being served now (open streams included)",
                               registry=registry)
         self.loopLag = Histogram("event_loop_lag_seconds", f"How much later than asked a task sleeping "
@@ -119,6 +136,12 @@ class ServiceMetrics:
                                   "collector, by generation", ["generation"], buckets=GC_PAUSE_BUCKETS,
                                   registry=registry)
         registry.register(AvailabilityCollector(app))
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Label sets of a (re)loaded configuration: model, key and upstream names."""
+        self.modelNames = frozenset(settings.modelMapping)
+        self.keyNames = frozenset(settings.apiKeys) | frozenset(settings.openAiKeys)
+        self.upstreamNames = self.__dict__.get("upstreamNames", frozenset()) | frozenset(settings.upstreams)
 
     def _modelLabel(self, externalName: str | None) -> str:
         return externalName if externalName in self.modelNames else NO_LABEL
@@ -144,6 +167,10 @@ class ServiceMetrics:
             self.completionTokens.labels(model, key).inc(meta.completionTokens)
         if meta.rateLimited:
             self.rateLimited.labels(route, key).inc()
+        if meta.upstream in self.upstreamNames:
+            self.upstreamRequests.labels(meta.upstream, model, str(meta.status or NO_LABEL)).inc()
+        if meta.failedOver in self.upstreamNames:
+            self.failovers.labels(meta.failedOver).inc()
         if meta.errorCode:
             self.errors.labels(route, meta.errorCode if ERROR_CODE.fullmatch(meta.errorCode) else OTHER_LABEL).inc()
 

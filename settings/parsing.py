@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from urllib.parse import urlsplit
 
 
@@ -31,6 +32,43 @@ def parseNamedKeys(raw: str, setting: str) -> dict[str, str]:
             raise ConfigError(f"{setting}: key name '{name}' appears twice")
         keys[name] = key
     return keys
+
+
+UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+DEFAULT_UPSTREAM = "default"
+
+
+def parseUpstreams(raw: str, baseUrl: str) -> dict[str, str]:
+    """``[ollama] upstreams`` as ``{name: url}``; empty = ``{"default": base_url}``. URLs are not echoed in errors
+    beyond the entry's name (they are internal)."""
+    if not raw.strip():
+        return {DEFAULT_UPSTREAM: baseUrl.rstrip("/")}
+    upstreams: dict[str, str] = {}
+    for number, part in enumerate((p.strip() for p in raw.split(",")), start=1):
+        if not part:
+            continue
+        name, sep, url = (piece.strip() for piece in part.partition("="))
+        if not sep or not UPSTREAM_NAME.fullmatch(name):
+            raise ConfigError(f"[ollama] upstreams: entry number {number} must look like name=http://host:port "
+                              "(name: letters, digits, - _ . up to 32 characters)")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ConfigError(f"[ollama] upstreams: '{name}' needs a URL like http://10.0.0.5:11434 (no path)")
+        if name in upstreams:
+            raise ConfigError(f"[ollama] upstreams: upstream name '{name}' appears twice")
+        upstreams[name] = url.rstrip("/")
+    if not upstreams:
+        raise ConfigError("[ollama] upstreams: no upstream given; set name=url pairs or leave it empty for base_url")
+    return upstreams
+
+
+def parseDrain(raw: str, upstreams: dict[str, str]) -> frozenset[str]:
+    """``[ollama] drain``: upstream names, each one of ``upstreams``."""
+    names = frozenset(name.strip() for name in raw.split(",") if name.strip())
+    unknown = sorted(names - set(upstreams))
+    if unknown:
+        raise ConfigError(f"[ollama] drain: '{unknown[0]}' is not an upstream name (known: {', '.join(upstreams)})")
+    return names
 
 
 PerKeyLimits = tuple[float | None, int | None, int | None]

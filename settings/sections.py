@@ -46,7 +46,12 @@ class ServerSettings(Section):
 
 class OllamaSettings(Section):
     base_url: str = "http://127.0.0.1:11434"
-    """URL of the local Ollama daemon."""
+    """URL of the local Ollama daemon (one upstream named "default"; ignored when upstreams is set)."""
+    upstreams: str = ""
+    """Several Ollama daemons: name=url, comma-separated (e.g. gpu1=http://10.0.0.5:11434); the names appear in
+    logs, metrics and /health, the URLs never leave the server. Empty = base_url as the one upstream "default"."""
+    drain: str = ""
+    """Upstream names taking no new requests (running ones finish), comma-separated; reloaded on SIGHUP."""
     connect_timeout: float = Field(3.0, gt=0)
     """Seconds to wait for a TCP connection to Ollama."""
     read_timeout: float = Field(600.0, gt=0)

@@ -20,9 +20,9 @@ from observe.accessLog import ACCESS_LOGGER, accessRecord, configureLogging, log
 from tests.conftest import API_KEY, OPENAI_KEY, waitForHttp
 from tests.ollamaStub import StubServer
 
-ACCESS_FIELDS = {"ts", "requestId", "method", "route", "path", "key", "keyClass", "model", "status", "durationMs",
-                 "upstreamMs", "ttftMs", "queueMs", "promptTokens", "completionTokens", "streamed", "rateLimited",
-                 "error"}
+ACCESS_FIELDS = {"ts", "requestId", "method", "route", "path", "key", "keyClass", "model", "upstream", "failedOver",
+                 "status", "durationMs", "upstreamMs", "ttftMs", "queueMs", "promptTokens", "completionTokens",
+                 "streamed", "rateLimited", "error"}
 
 
 def test_accessRecordHoldsMetadataOnly() -> None:

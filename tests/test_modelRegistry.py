@@ -7,7 +7,8 @@ import pytest
 import respx
 
 from core.errors import ServiceError
-from upstream.modelRegistry import ModelRegistry, _isModelAvailableInOllama, normaliseModelName, parsePulledModels
+from upstream.discovery import pulledNameIn as _isModelAvailableInOllama
+from upstream.modelRegistry import ModelRegistry, normaliseModelName, parsePulledModels
 from upstream.ollamaClient import OllamaClient, createHttpClient
 
 OLLAMA = "http://127.0.0.1:11434"
@@ -165,14 +166,14 @@ async def test_malformed_tags_answers_never_break_discovery(registry: ModelRegis
 @respx.mock
 async def test_an_unexpected_failure_in_discovery_is_contained(registry: ModelRegistry,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from upstream import modelRegistry
+    from upstream import discovery
 
     def broken(entries: object) -> dict:
         raise KeyError("surprise")
 
     respx.get(f"{OLLAMA}/api/version").respond(json={"version": "0.33.0"})
     respx.get(f"{OLLAMA}/api/tags").respond(json={"models": []})
-    monkeypatch.setattr(modelRegistry, "parsePulledModels", broken)
+    monkeypatch.setattr(discovery, "parsePulledModels", broken)
     await registry.refresh()  # must not raise
     assert not registry.ollamaReachable and "KeyError" in (registry.ollamaError or "")
     monkeypatch.undo()

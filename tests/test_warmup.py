@@ -80,11 +80,24 @@ async def test_noWarmupWhenTheListIsEmpty(stub, makeSettings):
     assert stubRequests(stub, "/api/chat") == []
 
 
-class FakeRegistry:
-    def pulledNameFor(self, spec: Any) -> str:
-        return spec.ollamaName
+class FakeNode:
+    """An upstream whose every model is pulled, talking to the given client."""
 
-    async def windowOf(self, spec: Any, pulledName: str) -> int:
+    def __init__(self, client: Any, name: str = "default") -> None:
+        self.client, self.name = client, name
+
+    def pulledNameFor(self, ollamaName: str) -> str:
+        return ollamaName
+
+    def noteServed(self, pulledName: str, numCtx: int | None) -> None:
+        pass
+
+
+class FakeRegistry:
+    def __init__(self, client: Any) -> None:
+        self.cameBackNodes = [FakeNode(client)]
+
+    async def windowOf(self, spec: Any, pulledName: str, node: Any = None) -> int:
         return 8192
 
 
@@ -103,10 +116,10 @@ class BlockingOllama:
 
 async def test_warmupRunsInTheBackgroundAndOnlyWhenOllamaCameBack(makeSettings):
     ollama = BlockingOllama()
-    warmup = ModelWarmup(makeSettings(warmup={"models": "poweron-text-general"}), ollama)  # type: ignore[arg-type]
-    await warmup.onRefresh(FakeRegistry(), cameBack=False)  # type: ignore[arg-type]
+    warmup = ModelWarmup(makeSettings(warmup={"models": "poweron-text-general"}))
+    await warmup.onRefresh(FakeRegistry(ollama), cameBack=False)  # type: ignore[arg-type]
     assert warmup.task is None
-    await warmup.onRefresh(FakeRegistry(), cameBack=True)  # type: ignore[arg-type]
+    await warmup.onRefresh(FakeRegistry(ollama), cameBack=True)  # type: ignore[arg-type]
     assert warmup.task is not None and not warmup.task.done()  # the listener returned while the load is pending
     await asyncio.sleep(0)
     assert ollama.calls == [("/api/chat", {"model": "qwen2.5:7b", "messages": [], "keep_alive": "30m",
@@ -117,11 +130,11 @@ async def test_warmupRunsInTheBackgroundAndOnlyWhenOllamaCameBack(makeSettings):
 
 async def test_aNewComebackReplacesAWarmupStillRunning(makeSettings):
     ollama = BlockingOllama()
-    warmup = ModelWarmup(makeSettings(warmup={"models": "poweron-text-general"}), ollama)  # type: ignore[arg-type]
-    await warmup.onRefresh(FakeRegistry(), cameBack=True)  # type: ignore[arg-type]
+    warmup = ModelWarmup(makeSettings(warmup={"models": "poweron-text-general"}))
+    await warmup.onRefresh(FakeRegistry(ollama), cameBack=True)  # type: ignore[arg-type]
     first = warmup.task
     await asyncio.sleep(0)
-    await warmup.onRefresh(FakeRegistry(), cameBack=True)  # type: ignore[arg-type]
+    await warmup.onRefresh(FakeRegistry(ollama), cameBack=True)  # type: ignore[arg-type]
     await asyncio.sleep(0)
     assert first is not None and first.cancelled()
     await warmup.close()

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, the Ollama client and the model registry, all living on app.state.
+"""FastAPI dependencies: settings, the Ollama client (routed over the upstream pool, one view per request) and the
+model registry, all living on app.state.
 
 They are ``async def`` on purpose: FastAPI runs plain ``def`` dependencies in a worker thread, which costs a thread
 hop per dependency per request (measured: most of the per-request CPU of /v1/chat/completions)."""
@@ -12,16 +13,17 @@ from fastapi import Depends, Request
 from config import Settings
 from core.requestContext import getMeta
 from upstream.modelRegistry import ModelRegistry
-from upstream.ollamaClient import OllamaClient
+from upstream.routing import RoutedOllama
 
 
 async def getSettings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def getOllama(request: Request) -> OllamaClient:
-    """The shared client, as a view for this request: its model calls pass admission control under its key name."""
-    return request.app.state.ollama.forRequest(getMeta(request))
+async def getOllama(request: Request) -> RoutedOllama:
+    """The upstream pool, as a view for this request: each model call goes to the upstream routing picks, where
+    it passes that upstream's admission control under the request's key name."""
+    return RoutedOllama(request.app.state.pool, getMeta(request))
 
 
 async def getRegistry(request: Request) -> ModelRegistry:
@@ -29,5 +31,5 @@ async def getRegistry(request: Request) -> ModelRegistry:
 
 
 SettingsDep = Annotated[Settings, Depends(getSettings)]
-OllamaDep = Annotated[OllamaClient, Depends(getOllama)]
+OllamaDep = Annotated[RoutedOllama, Depends(getOllama)]
 RegistryDep = Annotated[ModelRegistry, Depends(getRegistry)]

@@ -11,24 +11,26 @@ from typing import Any
 
 import httpx
 
-from config import ModelSpec, Settings, isCloudModelName, resolveModel
+from config import ModelSpec, Settings, resolveModel
 from core.errors import ServiceError
 from upstream.contextWindow import TokenEstimator, modelWindow
+from upstream.discovery import (
+    PROBE_TIMEOUT_SECONDS,
+    PulledModel,
+    UpstreamNode,
+    normaliseModelName,
+    parsePulledModels,
+    pulledNameIn,
+)
 from upstream.ollamaClient import OllamaClient, UpstreamError
 from upstream.ollamaVersion import OllamaFeatures, imagePixelBudget
+from upstream.pool import UpstreamPool
+
+__all__ = ["ModelRegistry", "PulledModel", "ResolvedModel", "contextLengthOf", "normaliseModelName",
+           "parsePulledModels", "pulledNameIn"]
 
 logger = logging.getLogger("poweron.models")
-PROBE_TIMEOUT_SECONDS = 2.0
 RETRY_WHEN_DOWN_SECONDS = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class PulledModel:
-    """One local model from /api/tags."""
-
-    name: str
-    digest: str
-    capabilities: frozenset[str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,35 +56,6 @@ class ResolvedModel:
         return imagePixelBudget(self.spec.maxImagePixels or default, self.ollamaName, self.features)
 
 
-def normaliseModelName(name: str) -> str:
-    """Lower-case ``name:tag`` with the implicit ``:latest`` and the default registry prefix removed."""
-    name = name.strip().lower()
-    for prefix in ("registry.ollama.ai/library/", "registry.ollama.ai/", "library/"):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name if ":" in name.rpartition("/")[2] else name + ":latest"
-
-
-def isCloudEntry(entry: dict[str, Any]) -> bool:
-    """Entries served by ollama.com: a cloud tag, or remote_host/remote_model set."""
-    return isCloudModelName(str(entry.get("name", ""))) or bool(entry.get("remote_host") or entry.get("remote_model"))
-
-
-def _isModelAvailableInOllama(pulled: dict[str, PulledModel], ollamaName: str) -> str | None:
-    """The pulled name serving ``ollamaName``: exact match (``:latest`` implied), else a variant of the same tag
-    such as ``qwen2.5:7b-instruct-q4_K_M`` for ``qwen2.5:7b``. Cloud names never match."""
-    if not ollamaName or isCloudModelName(ollamaName):
-        return None
-    wanted = normaliseModelName(ollamaName)
-    if wanted in pulled:
-        return pulled[wanted].name
-    variantPrefix = wanted + "-"
-    for key, entry in pulled.items():
-        if key.startswith(variantPrefix):
-            return entry.name
-    return None
-
-
 def contextLengthOf(shown: dict[str, Any]) -> int:
     """``<family>.context_length`` from /api/show's model_info (0 when absent)."""
     info = shown.get("model_info")
@@ -94,71 +67,62 @@ def contextLengthOf(shown: dict[str, Any]) -> int:
     return 0
 
 
-def parsePulledModels(entries: list[dict[str, Any]]) -> dict[str, PulledModel]:
-    pulled: dict[str, PulledModel] = {}
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
-        name = str(entry.get("name") or entry.get("model") or "")
-        if not name or isCloudEntry(entry):
-            continue
-        capabilities = entry.get("capabilities")
-        pulled[normaliseModelName(name)] = PulledModel(
-            name=name, digest=str(entry.get("digest", "")),
-            capabilities=frozenset(c for c in capabilities if isinstance(c, str))
-            if isinstance(capabilities, list) else None)
-    return pulled
-
-
 class ModelRegistry:
-    """Cached view of Ollama's pulled models and the whisper service's health."""
+    """Cached view of the models the Ollama upstreams have pulled (a model is available while any upstream that
+    takes requests has it) and of the whisper service's health."""
 
-    def __init__(self, settings: Settings, ollama: OllamaClient, http: httpx.AsyncClient) -> None:
+    def __init__(self, settings: Settings, ollama: OllamaClient | UpstreamPool, http: httpx.AsyncClient) -> None:
         self.settings = settings
-        self.ollama = ollama
+        self.pool = ollama if isinstance(ollama, UpstreamPool) else UpstreamPool.fromClient(settings, ollama)
         self.http = http
-        self.pulled: dict[str, PulledModel] = {}
         self.capabilityCache: dict[tuple[str, str], frozenset[str]] = {}
         self.contextCache: dict[tuple[str, str], int] = {}
         self.tokens = TokenEstimator()
-        self.ollamaReachable = False
-        self.ollamaVersion: str | None = None
-        self.ollamaError: str | None = "not checked yet"
         self.whisperReachable = False
         self.lastRefresh = 0.0
         self.refreshCount = 0
+        self.cameBackNodes: list[UpstreamNode] = []
+        """Upstreams that answered the last refresh after not answering before (the warm-up loads them)."""
         self.listeners: list[Any] = []
         """Callables ``async f(registry, cameBack: bool)`` run after each refresh (e.g. warm-up)."""
 
+    @property
+    def ollamaReachable(self) -> bool:
+        """True while at least one configured upstream answers."""
+        return any(node.reachable for node in self.pool.active())
+
+    @property
+    def ollamaVersion(self) -> str | None:
+        return next((node.version for node in self.pool.active() if node.reachable), None)
+
+    @property
+    def ollamaError(self) -> str | None:
+        """None while an upstream answers; else why (one upstream: its reason; several: each named)."""
+        nodes = self.pool.active()
+        if any(node.reachable for node in nodes):
+            return None
+        if len(nodes) == 1:
+            return nodes[0].error
+        return "; ".join(f"{node.name}: {node.error}" for node in nodes) or "no upstream configured"
+
     async def refresh(self) -> None:
-        """Read /api/tags (and whisper's /health) once; never raises."""
-        wasReachable = self.ollamaReachable
+        """Read every upstream's /api/tags, /api/version, /api/ps (and whisper's /health) once; never raises."""
         try:
-            await asyncio.gather(self._refreshOllama(), self._refreshWhisper())
+            cameBack, _ = await asyncio.gather(self.pool.refreshAll(), self._refreshWhisper())
+            await self._prefetchCapabilities()
         except Exception as exc:  # a malformed answer must not stop discovery for good
             logger.exception("model discovery failed")
-            self.ollamaReachable, self.ollamaError = False, f"model discovery failed ({type(exc).__name__})"
+            cameBack = []
+            for node in self.pool.active():
+                node.reachable, node.error = False, f"model discovery failed ({type(exc).__name__})"
         self.lastRefresh = time.monotonic()
         self.refreshCount += 1
-        cameBack = self.ollamaReachable and (not wasReachable)
+        self.cameBackNodes = cameBack
         for listener in self.listeners:
             try:
-                await listener(self, cameBack)
+                await listener(self, bool(cameBack))
             except Exception:
                 logger.exception("model registry listener failed")
-
-    async def _refreshOllama(self) -> None:
-        try:
-            version, entries = await asyncio.gather(self.ollama.version(PROBE_TIMEOUT_SECONDS),
-                                                    self.ollama.tags(PROBE_TIMEOUT_SECONDS))
-        except ServiceError as exc:
-            if self.ollamaReachable:
-                logger.warning("ollama unreachable: %s", exc.message)
-            self.ollamaReachable, self.ollamaError = False, exc.message
-            return
-        self.pulled = parsePulledModels(entries)
-        self.ollamaReachable, self.ollamaVersion, self.ollamaError = True, version, None
-        await self._prefetchCapabilities()
 
     async def _refreshWhisper(self) -> None:
         if not self.settings.whisper.enabled:
@@ -172,44 +136,73 @@ class ModelRegistry:
             self.whisperReachable = False
 
     async def _prefetchCapabilities(self) -> None:
-        for spec in self.settings.modelMapping.values():
-            pulledName = _isModelAvailableInOllama(self.pulled, spec.ollamaName)
-            if pulledName:
-                try:
-                    await self.capabilitiesOf(pulledName)
-                except ServiceError as exc:
-                    logger.warning("capabilities of %s unknown: %s", pulledName, exc.message)
+        for node in self.pool.active():
+            if not node.reachable:
+                continue
+            for spec in self.settings.modelMapping.values():
+                pulledName = node.pulledNameFor(spec.ollamaName)
+                if pulledName:
+                    try:
+                        await self._capabilitiesAt(node, pulledName)
+                    except ServiceError as exc:
+                        logger.warning("capabilities of %s at %s unknown: %s", pulledName, node.name, exc.message)
 
     async def run(self) -> None:
-        """Refresh forever (after the first refresh): every discovery_ttl seconds, every second while Ollama is down."""
+        """Refresh forever (after the first refresh): every discovery_ttl seconds, every second while an upstream
+        is down (so it returns to rotation by itself soon after it answers again)."""
         while True:
-            await asyncio.sleep(self.settings.ollama.discovery_ttl if self.ollamaReachable
+            allUp = all(node.reachable for node in self.pool.active())
+            await asyncio.sleep(self.settings.ollama.discovery_ttl if allUp
                                 else min(RETRY_WHEN_DOWN_SECONDS, self.settings.ollama.discovery_ttl))
             await self.refresh()
 
+    def _serving(self, spec: ModelSpec) -> list[tuple[UpstreamNode, str]]:
+        """(upstream, pulled name) for each upstream taking requests that has the model."""
+        if spec.backend != "ollama":
+            return []
+        found = []
+        for node in self.pool.active():
+            pulledName = node.pulledNameFor(spec.ollamaName) if node.routable else None
+            if pulledName is not None:
+                found.append((node, pulledName))
+        return found
+
+    def _nodeWith(self, pulledName: str) -> UpstreamNode | None:
+        return next((node for node in self.pool.active()
+                     if node.reachable and normaliseModelName(pulledName) in node.pulled), None)
+
     def pulledNameFor(self, spec: ModelSpec) -> str | None:
-        return _isModelAvailableInOllama(self.pulled, spec.ollamaName)
+        serving = self._serving(spec)
+        return serving[0][1] if serving else None
 
     def isAvailable(self, spec: ModelSpec) -> bool:
         """True while the model can serve requests now."""
         if spec.backend == "whisper":
             return self.whisperReachable
-        return self.ollamaReachable and self.pulledNameFor(spec) is not None
+        return bool(self._serving(spec))
 
     def availableModels(self) -> list[ModelSpec]:
         return [spec for spec in self.settings.modelMapping.values() if self.isAvailable(spec)]
 
     @property
     def features(self) -> OllamaFeatures:
-        return OllamaFeatures.of(self.ollamaVersion)
+        """What the oldest reachable upstream's version can do (every upstream may serve a request)."""
+        versions = [OllamaFeatures.of(node.version) for node in self.pool.active() if node.reachable]
+        return min(versions, key=lambda features: features.version) if versions else OllamaFeatures.of(None)
 
-    async def capabilitiesOf(self, pulledName: str) -> frozenset[str]:
+    async def capabilitiesOf(self, pulledName: str, node: UpstreamNode | None = None) -> frozenset[str]:
         """Capabilities from /api/tags when it lists them, else /api/show, cached per name and digest."""
-        entry = self.pulled.get(normaliseModelName(pulledName))
+        node = node or self._nodeWith(pulledName)
+        if node is None:
+            return frozenset({"completion"})
+        return await self._capabilitiesAt(node, pulledName)
+
+    async def _capabilitiesAt(self, node: UpstreamNode, pulledName: str) -> frozenset[str]:
+        entry = node.pulled.get(normaliseModelName(pulledName))
         cacheKey = (pulledName, entry.digest if entry else "")
         if cacheKey not in self.contextCache:
             try:
-                await self._show(pulledName, cacheKey)
+                await self._show(node, pulledName, cacheKey)
             except ServiceError:
                 if entry is None or entry.capabilities is None:
                     raise  # without /api/show nothing is known
@@ -218,38 +211,58 @@ class ModelRegistry:
             return entry.capabilities
         return self.capabilityCache.get(cacheKey) or frozenset({"completion"})
 
-    async def _show(self, pulledName: str, cacheKey: tuple[str, str]) -> None:
+    async def _show(self, node: UpstreamNode, pulledName: str, cacheKey: tuple[str, str]) -> None:
         """/api/show once per name and digest: capabilities and the model's own context length."""
-        shown = await self.ollama.show(pulledName, PROBE_TIMEOUT_SECONDS * 5)
+        shown = await node.client.show(pulledName, PROBE_TIMEOUT_SECONDS * 5)
         listed = shown.get("capabilities")
         self.capabilityCache[cacheKey] = frozenset(c for c in listed if isinstance(c, str)) if isinstance(
             listed, list) else frozenset({"completion"})
         self.contextCache[cacheKey] = contextLengthOf(shown)
 
-    async def windowOf(self, spec: ModelSpec, pulledName: str) -> int:
-        """The num_ctx for this model (the same on every route and in the warm-up)."""
-        capabilities = await self.capabilitiesOf(pulledName)
-        entry = self.pulled.get(normaliseModelName(pulledName))
-        contextLength = self.contextCache.get((pulledName, entry.digest if entry else ""), 0)
-        return modelWindow(self.settings, spec, contextLength, "vision" in capabilities)
+    def _contextLength(self, node: UpstreamNode, pulledName: str) -> int:
+        entry = node.pulled.get(normaliseModelName(pulledName))
+        return self.contextCache.get((pulledName, entry.digest if entry else ""), 0)
+
+    async def windowOf(self, spec: ModelSpec, pulledName: str, node: UpstreamNode | None = None) -> int:
+        """The num_ctx for this model (the same on every route, every upstream and in the warm-up)."""
+        node = node or self._nodeWith(pulledName)
+        if node is None:
+            return modelWindow(self.settings, spec, 0, spec.type == "vision")
+        capabilities = await self._capabilitiesAt(node, pulledName)
+        return modelWindow(self.settings, spec, self._contextLength(node, pulledName), "vision" in capabilities)
 
     def cachedCapabilities(self, spec: ModelSpec) -> frozenset[str] | None:
         """Capabilities without any upstream call (None when not known yet)."""
-        pulledName = self.pulledNameFor(spec)
-        if pulledName is None:
-            return None
-        entry = self.pulled.get(normaliseModelName(pulledName))
-        if entry is not None and entry.capabilities is not None:
-            return entry.capabilities
-        return self.capabilityCache.get((pulledName, entry.digest if entry else ""))
+        for node, pulledName in self._serving(spec):
+            entry = node.pulled.get(normaliseModelName(pulledName))
+            if entry is not None and entry.capabilities is not None:
+                return entry.capabilities
+            cached = self.capabilityCache.get((pulledName, entry.digest if entry else ""))
+            if cached is not None:
+                return cached
+        return None
 
     def unknownModelError(self, externalName: str) -> ServiceError:
         available = ", ".join(spec.externalName for spec in self.availableModels()) or "none right now"
         return ServiceError(404, f"The model `{externalName}` does not exist. Available models: {available}",
                             code="model_not_found", param="model")
 
+    def _unreachableError(self) -> UpstreamError:
+        nodes = self.pool.active()
+        message = "Ollama is not reachable" if len(nodes) == 1 else (
+            "No Ollama upstream is reachable (" + ", ".join(node.name for node in nodes) + ")")
+        return UpstreamError(503, message, code="upstream_unavailable", headers={"Retry-After": "2"})
+
+    def _notServedError(self, spec: ModelSpec, externalName: str) -> ServiceError:
+        if any(node.reachable and node.pulledNameFor(spec.ollamaName) for node in self.pool.active()):
+            return self.pool.noUpstreamError(spec.ollamaName)  # pulled only where draining or removed
+        logger.warning("%s is configured but not pulled: ollama pull %s", externalName, spec.ollamaName)
+        return ServiceError(404, f"The model `{externalName}` is configured but not available yet (its Ollama "
+                            "model is not pulled); the operator's log names what to pull",
+                            code="model_not_found", param="model")
+
     async def resolve(self, externalName: str) -> ResolvedModel:
-        """Resolve an external name for a request: 404 unknown/not pulled, 503 upstream down."""
+        """Resolve an external name for a request: 404 unknown/not pulled, 503 upstreams down or draining."""
         spec = resolveModel(self.settings, externalName)
         if spec is None:
             raise self.unknownModelError(externalName)
@@ -259,16 +272,12 @@ class ModelRegistry:
                                     headers={"Retry-After": "5"})
             return ResolvedModel(spec, "", frozenset({"stt"}))
         if not self.ollamaReachable:
-            raise UpstreamError(503, "Ollama is not reachable",
-                                code="upstream_unavailable", headers={"Retry-After": "2"})
-        pulledName = self.pulledNameFor(spec)
-        if pulledName is None:
-            logger.warning("%s is configured but not pulled: ollama pull %s", externalName, spec.ollamaName)
-            raise ServiceError(404, f"The model `{externalName}` is configured but not available yet (its Ollama "
-                               "model is not pulled); the operator's log names what to pull",
-                               code="model_not_found", param="model")
-        capabilities = await self.capabilitiesOf(pulledName)
-        entry = self.pulled.get(normaliseModelName(pulledName))
-        contextLength = self.contextCache.get((pulledName, entry.digest if entry else ""), 0)
+            raise self._unreachableError()
+        serving = self._serving(spec)
+        if not serving:
+            raise self._notServedError(spec, externalName)
+        node, pulledName = serving[0]
+        capabilities = await self._capabilitiesAt(node, pulledName)
+        contextLength = self._contextLength(node, pulledName)
         window = modelWindow(self.settings, spec, contextLength, "vision" in capabilities)
         return ResolvedModel(spec, pulledName, capabilities, contextLength, window, self.features)

@@ -18,7 +18,9 @@ from core.requestContext import RequestMeta
 from upstream.admission import DEFAULT_UPSTREAM, Admission, Kind, positionsWhileQueued
 from upstream.contextWindow import embedPayload
 from upstream.fairQueue import Ticket
-from upstream.transport import UpstreamTransport, mountPattern
+from upstream.httpClient import LEAN_TRANSPORT_ATTRIBUTE
+from upstream.httpClient import createHttpClient as createHttpClient
+from upstream.transport import UpstreamTransport
 
 BUSY_RETRY_AFTER_SECONDS = 2
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
@@ -26,8 +28,6 @@ EMBED_PATHS = frozenset({"/api/embed", "/api/embeddings"})
 ADMITTED_PATHS = frozenset({"/api/chat", "/api/generate"}) | EMBED_PATHS
 """Calls that occupy one of Ollama's slots of the model named in the payload, so they pass admission control."""
 ANONYMOUS_KEY = "anonymous"
-LEAN_TRANSPORT_ATTRIBUTE = "poweronLeanTransport"
-"""The UpstreamTransport createHttpClient mounted: OllamaClient calls it directly, without httpx's client layer."""
 DONE_FINISH_SECONDS = 0.25
 """After a stream's done line, how long to wait for the end of its HTTP body so the connection can be kept."""
 OLLAMA = "Ollama"
@@ -47,25 +47,6 @@ logger = logging.getLogger("poweron.upstream")
 
 class UpstreamError(ServiceError):
     """Ollama (or the whisper service) failed or could not be reached."""
-
-
-def createHttpClient(connectTimeout: float, readTimeout: float, maxConnections: int,
-                     fastUpstreamUrl: str | None = None) -> httpx.AsyncClient:
-    """The one shared client for upstream calls: pooled keep-alive connections, no proxies from the environment.
-
-    With ``fastUpstreamUrl`` (plain http), calls to that host go through the lean UpstreamTransport."""
-    timeout = httpx.Timeout(connect=connectTimeout, read=readTimeout, write=60.0, pool=connectTimeout + 5)
-    limits = httpx.Limits(max_connections=maxConnections, max_keepalive_connections=maxConnections,
-                          keepalive_expiry=60.0)
-    pattern = mountPattern(fastUpstreamUrl) if fastUpstreamUrl else None
-    if pattern is None:
-        return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, follow_redirects=False)
-    fallback = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-    transport = UpstreamTransport(maxConnections, fallback, keepaliveExpiry=60.0)
-    client = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, follow_redirects=False,
-                               mounts={pattern: transport})
-    setattr(client, LEAN_TRANSPORT_ATTRIBUTE, transport)
-    return client
 
 
 def _errorMessageOf(body: bytes) -> str:
@@ -211,18 +192,22 @@ class OllamaStream:
 
 
 class OllamaClient:
-    """Calls to Ollama's native API. Builds fresh requests (the caller's Host header is never forwarded)."""
+    """Calls to Ollama's native API. Builds fresh requests (the caller's Host header is never forwarded).
+
+    ``upstreamName`` names the daemon for admission (per upstream and model); messages never name its URL."""
 
     def __init__(self, http: httpx.AsyncClient, baseUrl: str, admission: Admission | None = None,
                  upstreamName: str = DEFAULT_UPSTREAM, queueNoticeSeconds: float = 3.0) -> None:
         self.http = http
-        self.lean: UpstreamTransport | None = getattr(http, LEAN_TRANSPORT_ATTRIBUTE, None)
         self.baseUrl = baseUrl.rstrip("/")
+        lean: UpstreamTransport | None = getattr(http, LEAN_TRANSPORT_ATTRIBUTE, None)
+        self.lean = lean if lean is not None and lean.serves(self.baseUrl) else None
+        """The lean transport when it serves this upstream (plain http, named to createHttpClient or a reload)."""
+        self.upstreamName = upstreamName
         self.urls: dict[str, httpx.URL] = {}
         """Parsed URL per path (httpx re-parses a URL string on every request)."""
         self.admission = admission
         """Admission control: model calls made for a request (``meta`` given) wait here for one of the model's slots."""
-        self.upstreamName = upstreamName
         self.queueNoticeSeconds = queueNoticeSeconds
         """How often a stream waiting for its slot tells its client the queue position."""
         self.meta: RequestMeta | None = None

@@ -214,20 +214,30 @@ def _requestHead(request: httpx.Request) -> bytes:
 class UpstreamTransport(httpx.AsyncBaseTransport):
     """Keep-alive pool of UpstreamConnections (at most ``maxConnections``), with httpx's timeouts and errors."""
 
-    def __init__(self, maxConnections: int, fallback: httpx.AsyncBaseTransport, keepaliveExpiry: float = 60.0) -> None:
+    def __init__(self, maxConnections: int, fallback: httpx.AsyncBaseTransport, keepaliveExpiry: float = 60.0,
+                 hosts: set[ConnectionKey] | None = None) -> None:
         self.maxConnections = maxConnections
         self.fallback = fallback
         self.keepaliveExpiry = keepaliveExpiry
+        self.hosts = hosts
+        """Hosts served by this transport (the Ollama upstreams); None = every plain-http host it is mounted for."""
         self.idle: dict[ConnectionKey, list[UpstreamConnection]] = {}
         self.open = 0
         self.slotWaiters: collections.deque[asyncio.Future] = collections.deque()
+
+    def serves(self, baseUrl: str) -> bool:
+        """True when calls to this upstream URL take this transport (plain http, one of ``hosts``)."""
+        key = hostKey(baseUrl)
+        return key is not None and (self.hosts is None or key in self.hosts)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if (request.method not in FAST_METHODS or request.url.scheme != "http"
                 or not isinstance(request.stream, httpx.ByteStream)):
             return await self.fallback.handle_async_request(request)
-        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
         key = (request.url.host, request.url.port or 80)
+        if self.hosts is not None and key not in self.hosts:
+            return await self.fallback.handle_async_request(request)
+        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
         data = _requestHead(request) + request.content
         connection = await self._exchange(key, data, timeouts)
         return httpx.Response(connection.status, headers=connection.headers,
@@ -352,6 +362,21 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self.open -= sum(len(idle) for idle in self.idle.values())
         self.idle.clear()
         await self.fallback.aclose()
+
+
+def hostKey(baseUrl: str) -> ConnectionKey | None:
+    """The (host, port) a plain-http upstream URL connects to (None for https)."""
+    url = httpx.URL(baseUrl)
+    if url.scheme != "http" or not url.host:
+        return None
+    return (url.host, url.port or 80)
+
+
+def allowFastUpstreams(transport: UpstreamTransport | None, urls: list[str]) -> None:
+    """Serve these plain-http upstream URLs through the lean transport (https ones keep httpx's)."""
+    if transport is None or transport.hosts is None:
+        return
+    transport.hosts.update(key for key in map(hostKey, urls) if key is not None)
 
 
 def mountPattern(baseUrl: str) -> str | None:

@@ -1,0 +1,249 @@
+"""The Ollama client route handlers use (one per request): every call goes to the upstream the pool picks for its
+model, and a call that fails before anything reached the client (refused, 503, an error before the first line of
+a stream, a daemon gone while a whole answer was being read) is retried once on another upstream with the model.
+After the first line of a stream has been handed on, an error ends the stream as before."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+
+from config import resolveModel
+from core.errors import ServiceError
+from core.requestContext import RequestMeta
+from upstream.contextWindow import embedPayload
+from upstream.discovery import UpstreamNode
+from upstream.fairQueue import Ticket
+from upstream.ollamaClient import OllamaClient, OllamaStream, midStreamError
+from upstream.pool import UpstreamPool
+
+T = TypeVar("T")
+RETRY_STATUSES = frozenset({502, 503})
+RETRY_CODES = frozenset({"model_not_found"})
+Attempt = Callable[[OllamaClient, dict[str, Any], Callable[[], None], "Ticket | None"], Awaitable[T]]
+"""One try on one upstream: (its client for this request, payload with the upstream's model name, release, the
+admission ticket taken already or None) -> result. A result that holds the upstream (an open stream) calls
+release itself when it ends; see ``holds``."""
+Reservation = tuple[UpstreamNode, str, "Ticket | None"]
+"""An upstream picked ahead of the call (``enqueue``): node, its model name, the admission ticket."""
+
+
+def isRetryable(error: ServiceError) -> bool:
+    return error.status in RETRY_STATUSES or error.code in RETRY_CODES
+
+
+class PrimedStream:
+    """An open stream whose first line has arrived already (so failing before it could go elsewhere); same
+    interface as OllamaStream. Closing it frees its place at the upstream."""
+
+    def __init__(self, stream: OllamaStream, inner: AsyncIterator[dict[str, Any]], first: dict[str, Any],
+                 release: Callable[[], None]) -> None:
+        self.stream, self.inner, self.first, self.release = stream, inner, first, release
+        self.startedAt = stream.startedAt
+        self.response = stream.response
+
+    @property
+    def upstreamSeconds(self) -> float | None:
+        return self.stream.upstreamSeconds
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        try:
+            yield self.first
+            if self.first.get("done"):
+                return
+            async for chunk in self.inner:
+                yield chunk
+        finally:
+            await self.inner.aclose()
+
+    async def aclose(self) -> None:
+        try:
+            await self.stream.aclose()
+        finally:
+            self.release()
+
+
+class BufferedStream:
+    """A stream read to its end already (nothing of it went to the client, so it could be retried whole)."""
+
+    def __init__(self, chunks: list[dict[str, Any]], startedAt: float, upstreamSeconds: float | None) -> None:
+        self.buffered, self.startedAt, self.upstreamSeconds = chunks, startedAt, upstreamSeconds
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        for chunk in self.buffered:
+            yield chunk
+
+    async def aclose(self) -> None:
+        return None
+
+
+class RoutedOllama:
+    """Per-request view of the pool with OllamaClient's call methods; notes the upstream on the request."""
+
+    def __init__(self, pool: UpstreamPool, meta: RequestMeta | None = None) -> None:
+        self.pool = pool
+        self.meta = meta
+        self.reserved: Reservation | None = None
+
+    @property
+    def queueNoticeSeconds(self) -> float:
+        return self.pool.settings.ollama.queue_notice_seconds
+
+    def enqueue(self, path: str, payload: dict[str, Any], meta: RequestMeta | None) -> Ticket | None:
+        """Pick the upstream for the next ``openStream`` now and take a place in its admission queue for the model
+        (a stream tells its client the place while it waits); a full queue there tries the next upstream once."""
+        ollamaName, numCtx = self._target(payload, None)
+        tried: list[UpstreamNode] = []
+        while True:
+            node, pulledName = self._choose(ollamaName, numCtx, tried)
+            tried.append(node)
+            try:
+                ticket = self._view(node).enqueue(path, {**payload, "model": pulledName or payload.get("model")}, meta)
+            except ServiceError:
+                if len(tried) > 1 or not self._hasAlternative(ollamaName, numCtx, tried):
+                    raise
+                continue
+            self.reserved = (node, pulledName, ticket)
+            return ticket
+
+    def queuedPositions(self, ticket: Ticket | None, everySeconds: float) -> AsyncIterator[int]:
+        """The ticket's queue place every ``everySeconds`` while it waits (see OllamaClient.queuedPositions)."""
+        node = self.reserved[0] if self.reserved is not None else next(iter(self.pool.nodes.values()))
+        return self._view(node).queuedPositions(ticket, everySeconds)
+
+    def _view(self, node: UpstreamNode) -> OllamaClient:
+        return node.client.forRequest(self.meta)
+
+    def _takeReservation(self, ticket: Ticket | None) -> Reservation | None:
+        reserved, self.reserved = self.reserved, None
+        return reserved if reserved is not None and reserved[2] is ticket else None
+
+    def _target(self, payload: dict[str, Any], externalName: str | None) -> tuple[str, int | None]:
+        spec = resolveModel(self.pool.settings, externalName) if externalName else None
+        ollamaName = spec.ollamaName if spec is not None and spec.ollamaName else str(payload.get("model") or "")
+        options = payload.get("options")
+        numCtx = options.get("num_ctx") if isinstance(options, dict) else None
+        return ollamaName, numCtx if isinstance(numCtx, int) else None
+
+    def _choose(self, ollamaName: str, numCtx: int | None, tried: list[UpstreamNode]) -> tuple[UpstreamNode, str]:
+        if ollamaName:
+            return self.pool.pick(ollamaName, numCtx, tried)
+        return self.pool.anyRoutable(tried), ""
+
+    def _note(self, node: UpstreamNode, tried: list[UpstreamNode]) -> None:
+        if self.meta is not None:
+            self.meta.upstream = node.name
+            if len(tried) > 1:
+                self.meta.failedOver = tried[0].name
+
+    async def _run(self, payload: dict[str, Any], externalName: str | None, attempt: Attempt[T],
+                   holds: bool = False, reserved: Reservation | None = None) -> T:
+        """Run ``attempt`` on the best upstream (or the reserved one); once more on the next best when it fails
+        retryably."""
+        ollamaName, numCtx = self._target(payload, externalName)
+        tried: list[UpstreamNode] = []
+        while True:
+            ticket = None
+            if reserved is not None and not tried:
+                node, pulledName, ticket = reserved
+            else:
+                node, pulledName = self._choose(ollamaName, numCtx, tried)
+            tried.append(node)
+            self._note(node, tried)
+            self.pool.acquire(node, pulledName)
+            released = False
+
+            def release(node: UpstreamNode = node, pulledName: str = pulledName) -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    self.pool.release(node, pulledName)
+
+            sent = {**payload, "model": pulledName} if pulledName else payload
+            try:
+                result = await attempt(self._view(node), sent, release, ticket)
+            except ServiceError as error:
+                release()
+                self.pool.suspect(node, error)
+                if len(tried) > 1 or not isRetryable(error) or not self._hasAlternative(ollamaName, numCtx, tried):
+                    raise
+                self.pool.failovers += 1
+                continue
+            except BaseException:
+                release()
+                raise
+            if not holds:
+                release()
+            if pulledName:
+                node.noteServed(pulledName, numCtx)
+            return result
+
+    def _hasAlternative(self, ollamaName: str, numCtx: int | None, tried: list[UpstreamNode]) -> bool:
+        try:
+            self._choose(ollamaName, numCtx, tried)
+        except ServiceError:
+            return False
+        return True
+
+    # ---------------------------------------------------------------------------- OllamaClient's calls
+
+    async def postJson(self, path: str, payload: dict[str, Any], externalName: str | None = None,
+                       timeout: float | None = None, meta: RequestMeta | None = None) -> Any:
+        async def attempt(client: OllamaClient, sent: dict[str, Any], release: Callable[[], None],
+                          ticket: Ticket | None) -> Any:
+            return await client.postJson(path, sent, externalName, timeout, meta=meta)
+
+        return await self._run(payload, externalName, attempt)
+
+    async def chat(self, payload: dict[str, Any], externalName: str, meta: RequestMeta | None = None) -> dict[str, Any]:
+        """Non-streaming /api/chat; an ``error`` answer counts as a failure of that upstream."""
+        answer = await self.postJson("/api/chat", {**payload, "stream": False}, externalName, meta=meta)
+        if "error" in answer:
+            raise midStreamError(str(answer["error"]))
+        return answer
+
+    async def embed(self, ollamaName: str, inputs: list[str], externalName: str, dimensions: int | None = None,
+                    keepAlive: str | None = None, meta: RequestMeta | None = None, window: int = 0) -> dict[str, Any]:
+        payload = embedPayload(ollamaName, inputs, window, truncate=False)  # too long: refused, never cut
+        if dimensions:
+            payload["dimensions"] = dimensions
+        if keepAlive:
+            payload["keep_alive"] = keepAlive
+        return await self.postJson("/api/embed", payload, externalName, meta=meta)
+
+    async def openStream(self, path: str, payload: dict[str, Any], externalName: str, meta: RequestMeta | None = None,
+                         ticket: Ticket | None = None) -> PrimedStream:
+        """Open a stream (on the upstream ``enqueue`` picked, with its ticket) and wait for its first line; errors
+        until then may go to another upstream."""
+        async def attempt(client: OllamaClient, sent: dict[str, Any], release: Callable[[], None],
+                          held: Ticket | None) -> PrimedStream:
+            stream = await client.openStream(path, sent, externalName, meta, ticket=held)
+            inner = stream.chunks()
+            try:
+                first = await inner.__anext__()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await inner.aclose()
+                    await stream.aclose()
+                raise
+            return PrimedStream(stream, inner, first, release)
+
+        return await self._run(payload, externalName, attempt, holds=True, reserved=self._takeReservation(ticket))
+
+    async def openWholeStream(self, path: str, payload: dict[str, Any], externalName: str) -> BufferedStream:
+        """A stream read to its end before anything is passed on (whole answers): any failure may go elsewhere."""
+        async def attempt(client: OllamaClient, sent: dict[str, Any], release: Callable[[], None],
+                          ticket: Ticket | None) -> BufferedStream:
+            stream = await client.openStream(path, sent, externalName)
+            try:
+                chunks = [chunk async for chunk in stream.chunks()]
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+            return BufferedStream(chunks, stream.startedAt, stream.upstreamSeconds or
+                                  time.perf_counter() - stream.startedAt)
+
+        return await self._run(payload, externalName, attempt)
