@@ -228,11 +228,7 @@ class Settings(BaseSettings):
         self._drain = parseDrain(self.ollama.drain, self._upstreams)
         return self
 
-    @property
-    def upstreams(self) -> dict[str, str]:
-        """Ollama upstreams by name (``{"default": base_url}`` without ``[ollama] upstreams``)."""
-        return self._upstreams
-
+    upstreams = property(lambda self: self._upstreams, doc="Ollama upstreams by name ({'default': base_url} alone)")
     drainingUpstreams = property(lambda self: self._drain, doc="[ollama] drain: upstream names taking no new requests")
 
     @property
@@ -329,8 +325,7 @@ def checkStartupSafety(settings: Settings) -> None:
                   for name, url in settings.upstreams.items()]
     for setting, url in (*ollamaUrls, ("[whisper] base_url", settings.whisper.base_url)):
         if not isLocalUrl(url):
-            shown = setting if "upstreams" in setting else f"{setting} = {url}"
-            raise ConfigError(f"{shown} is not a loopback or private address; data must stay on this "
+            raise ConfigError(f"{setting} = {url} is not a loopback or private address; data must stay on this "
                               "server (set [server] allow_remote_upstream = true only if that host is yours)")
 
 
