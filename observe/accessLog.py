@@ -7,8 +7,11 @@ token counts. Never prompt text, file content, embeddings, answers or keys; the 
 
 from __future__ import annotations
 
+import io
 import logging
+import select
 import time
+from typing import TextIO
 
 import orjson
 
@@ -45,9 +48,38 @@ def logAccess(meta: RequestMeta) -> None:
         logger.info(orjson.dumps(accessRecord(meta)).decode())
 
 
-def configureLogging(level: str) -> None:
-    """Plain message format for the process (the access line is JSON already); noisy libraries held at WARNING."""
-    logging.basicConfig(format="%(message)s")
+class NonBlockingStreamHandler(logging.StreamHandler):
+    """Writes a line only when the stream can take it at once, else drops it and counts it; the next line written
+    says how many were dropped. A plain StreamHandler writes on the event loop and blocked it: with a stderr pipe
+    nobody read (a stalled journald or log shipper), request 161 hung and /health/liveliness with it."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
+        self.dropped = 0
+        self.poller: select.poll | None = None
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):  # not a file descriptor (tests): plain writes
+            return
+        self.poller = select.poll()
+        self.poller.register(fd, select.POLLOUT)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.poller is not None and not self.poller.poll(0):
+            self.dropped += 1
+            return
+        if self.dropped:
+            count, self.dropped = self.dropped, 0
+            super().emit(logging.makeLogRecord({"msg": f"{count} log lines dropped: the log's reader was not reading",
+                                                "levelno": logging.WARNING, "levelname": "WARNING"}))
+        super().emit(record)
+
+
+def configureLogging(level: str, stream: TextIO | None = None) -> None:
+    """Plain message format for the process (the access line is JSON already), written without ever blocking the
+    event loop (NonBlockingStreamHandler); noisy libraries held at WARNING. A root logger that has handlers already
+    (a test run) keeps them."""
+    logging.basicConfig(format="%(message)s", handlers=[NonBlockingStreamHandler(stream)])
     logging.getLogger().setLevel(level.upper())
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)

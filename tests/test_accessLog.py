@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
+import threading
 import uuid
 
 import httpx
@@ -16,7 +18,7 @@ from PIL import Image, PngImagePlugin
 
 from app import createApp
 from core.requestContext import RequestMeta
-from observe.accessLog import ACCESS_LOGGER, accessRecord, configureLogging, logAccess
+from observe.accessLog import ACCESS_LOGGER, NonBlockingStreamHandler, accessRecord, configureLogging, logAccess
 from tests.conftest import API_KEY, OPENAI_KEY, waitForHttp
 from tests.ollamaStub import StubServer
 
@@ -170,3 +172,52 @@ def test_fullRequestCycleLogsNoPromptFileEmbeddingOrKey(serviceFactory) -> None:
     assert lines[ids["analyze"]]["key"] == "gateway" and lines[ids["analyze"]]["model"] == "poweron-vision-general"
     assert lines[ids["wrongKey"]]["status"] == 401 and lines[ids["wrongKey"]]["key"] is None
     assert "HTTP/1.1\" 200" not in log, "uvicorn's own access log is on"
+
+
+def test_aStderrNobodyReadsDropsLinesInsteadOfBlockingTheLoop() -> None:
+    """A pipe whose reader stopped (a stalled journald): the handler drops and counts lines instead of blocking in
+    write(); once the pipe is read again the next line says how many were dropped."""
+    readEnd, writeEnd = os.pipe()
+    stream = os.fdopen(writeEnd, "w")
+    handler = NonBlockingStreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    stalled = logging.getLogger("poweron.test.stalledPipe")
+    stalled.propagate, stalled.handlers = False, [handler]
+    stalled.setLevel(logging.INFO)
+    line = "x" * 400
+    caller = threading.Thread(target=lambda: [stalled.info(line) for _ in range(1000)])  # ~400 KB > the pipe's 64 KiB
+    caller.start()
+    caller.join(20)  # a blocking handler would hang here for good
+    try:
+        assert not caller.is_alive()
+        dropped = handler.dropped
+        assert dropped > 0
+        os.set_blocking(readEnd, False)
+        while True:  # the reader catches up
+            try:
+                os.read(readEnd, 1 << 16)
+            except BlockingIOError:
+                break
+        stalled.info("after")
+        os.set_blocking(readEnd, True)
+        written = os.read(readEnd, 1 << 16).decode().splitlines()
+        assert written == [f"{dropped} log lines dropped: the log's reader was not reading", "after"]
+        assert handler.dropped == 0
+    finally:
+        stalled.handlers = []
+        stream.close()
+        os.close(readEnd)
+
+
+def test_configureLogging_usesTheNonBlockingHandlerWhenTheRootHasNone() -> None:
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers = []
+    stream = io.StringIO()
+    try:
+        configureLogging("info", stream)
+        assert [type(handler) for handler in root.handlers] == [NonBlockingStreamHandler]
+        logging.getLogger(ACCESS_LOGGER).info('{"requestId": "x1"}')
+    finally:
+        root.handlers, root.level = saved, level
+    assert stream.getvalue() == '{"requestId": "x1"}\n'
