@@ -37,6 +37,7 @@ base_url = {DEAD_OLLAMA_URL}
 discovery_ttl = 0.5
 ; the stub runs every request at once unless told otherwise (maxParallel); admission tests set their own slots
 num_parallel = 1024
+num_parallel_per_model = poweron-embed=1024
 max_queue = 1024
 
 [whisper]

@@ -219,6 +219,8 @@ def test_slotsPerModelKindAndOverride():
     assert admission.queueFor("default", "nomic-embed-text", "embed").limiter.limit == 1  # as Ollama does
     assert admission.queueFor("default", "qwen2.5vl:7b").limiter.limit == 1
     assert admission.queueFor("gpu2", "qwen2.5:7b") is not admission.queueFor("default", "qwen2.5:7b")
+    tagged = Admission(AdmissionPolicy(slotsPerModel={"nomic-embed-text": 4}))
+    assert tagged.queueFor("default", "nomic-embed-text:latest", "embed").limiter.limit == 4
 
 
 def test_queueFullIs503WithRetryAfterFromTheMeasuredServiceTime():

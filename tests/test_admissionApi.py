@@ -48,8 +48,8 @@ class Service:
 
 @pytest.fixture
 async def service(stub: StubServer, stubControl: httpx.Client, makeSettings) -> AsyncIterator[Service]:
-    settings = makeSettings(ollama={"base_url": stub.baseUrl, "num_parallel": 1, "max_queue": 2,
-                                    "max_queue_wait_seconds": 5, "queue_notice_seconds": 0.05})
+    settings = makeSettings(ollama={"base_url": stub.baseUrl, "num_parallel": 1, "num_parallel_per_model": "",
+                                    "max_queue": 2, "max_queue_wait_seconds": 5, "queue_notice_seconds": 0.05})
     app = createApp(settings)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://service",

@@ -69,8 +69,11 @@ class AdmissionPolicy:
     fair: bool = True
 
     def slotsFor(self, model: str, kind: Kind) -> int:
-        if model in self.slotsPerModel:
-            return self.slotsPerModel[model]
+        """The override for the model (``name`` also matches the ``name:latest`` Ollama lists), else 1 for embedding
+        models (as Ollama loads them), else ``numParallel``."""
+        for name in (model, model.removesuffix(":latest")):
+            if name in self.slotsPerModel:
+                return self.slotsPerModel[name]
         return 1 if kind == "embed" else self.numParallel
 
 
