@@ -16,6 +16,7 @@ from core.errors import ServiceError
 from core.requestContext import RequestMeta
 from upstream.contextWindow import embedPayload
 from upstream.discovery import UpstreamNode
+from upstream.admission import Kind
 from upstream.fairQueue import Ticket
 from upstream.ollamaClient import OllamaClient, OllamaStream, midStreamError
 from upstream.pool import UpstreamPool
@@ -108,6 +109,21 @@ class RoutedOllama:
                 continue
             self.reserved = (node, pulledName, ticket)
             return ticket
+
+    def refuseIfFull(self, ollamaName: str, kind: Kind = "generate") -> None:
+        """503 queue_full at once when the model's queue is full at every upstream that could take the call."""
+        refused: ServiceError | None = None
+        for node in self.pool.nodes.values():
+            pulledName = node.pulledNameFor(ollamaName) if node.routable else None
+            if pulledName is None:
+                continue
+            try:
+                self._view(node).refuseIfFull(pulledName, kind)
+                return
+            except ServiceError as error:
+                refused = error
+        if refused is not None:
+            raise refused
 
     def queuedPositions(self, ticket: Ticket | None, everySeconds: float) -> AsyncIterator[int]:
         """The ticket's queue place every ``everySeconds`` while it waits (see OllamaClient.queuedPositions)."""
