@@ -163,10 +163,15 @@ class Admission:
     def refuseIfFull(self, upstream: str, model: str, keyName: str, kind: Kind = "generate") -> None:
         """AdmissionRefused (queue_full) now when a call would find no room; lets a route refuse before it renders
         a document or builds a payload (the call itself still goes through ``enqueue``)."""
-        queue = self.queueFor(upstream, model, kind)
-        limiter = queue.limiter
-        if limiter.busy >= limiter.limit and len(limiter.waiting) >= limiter.maxQueue:
-            raise self._full(queue, keyName, len(limiter.waiting))
+        if self.isFull(upstream, model, kind):
+            queue = self.queueFor(upstream, model, kind)
+            raise self._full(queue, keyName, len(queue.limiter.waiting))
+
+    def isFull(self, upstream: str, model: str, kind: Kind = "generate") -> bool:
+        """Every slot busy and the queue at ``maxQueue``: a call now would be refused."""
+        queue = self.queues.get((upstream, model))  # no queue yet: nothing waits
+        return queue is not None and queue.limiter.busy >= queue.limiter.limit and \
+            len(queue.limiter.waiting) >= queue.limiter.maxQueue
 
     def _full(self, queue: ModelQueue, keyName: str, ahead: int) -> AdmissionRefused:
         self._refused(queue, keyName, "queue_full")
