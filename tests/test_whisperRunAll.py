@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, TEST_INI, assertNoNetworkViolation, freePort, guardedEnv, waitForHttp
+from tests.conftest import API_KEY, REPO_ROOT, TEST_INI, assertNoNetworkViolation, freePort, guardedEnv, waitForHttp
 from tests.whisperSupport import TINY_EN_DIR
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +47,8 @@ def waitFor(condition, timeout: float = 60) -> bool:
 
 
 def healthOf(port: int) -> dict:
-    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+    """The detailed health (models, whisper) a key may see; the public one says reachable/unreachable only."""
+    return httpx.get(f"http://127.0.0.1:{port}/health", headers={"X-API-Key": API_KEY}, timeout=5).json()
 
 
 @pytest.mark.stt
