@@ -123,6 +123,7 @@ class RedisStore:
         self.countScript = self.client.register_script(COUNT_SCRIPT)
         self.maintainer: asyncio.Task | None = None
         self.announced = False
+        self.closing = False
 
     # --- life cycle ---------------------------------------------------------------------------------------------
 
@@ -132,6 +133,10 @@ class RedisStore:
         self.maintainer = asyncio.create_task(self._maintain(), name="shared-state")
 
     async def close(self) -> None:
+        """Give back what this instance holds (releases under way first), then close; silent about Redis now."""
+        self.closing = True
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=RELEASE_TIMEOUT_SECONDS)
         if self.maintainer is not None:
             self.maintainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -167,6 +172,8 @@ class RedisStore:
 
     def markDown(self, exc: BaseException) -> None:
         """One log line when Redis stops answering (no URL: it may carry a password)."""
+        if self.closing:
+            return
         if self.reachable or not self.announced:
             logger.warning("shared state: Redis unreachable (%s); per-instance limits until it answers again",
                            type(exc).__name__)
