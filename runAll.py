@@ -1,16 +1,21 @@
 """``make run``: the whisper service in the background and the main service in the foreground; Ctrl-C or SIGTERM
 stops both. When whisper cannot start (no model on this machine) the main service keeps running without
-poweron-transcribe; with ``[whisper] enabled = false`` whisper is not started at all.
+poweron-transcribe; with ``[whisper] enabled = false`` whisper is not started at all. With ``[state] redis_url`` on
+this machine (127.0.0.1/localhost) and nothing answering there, a redis-server (Debian package) is started for the
+run on that port, without persistence, and stopped with the rest.
 """
 
 from __future__ import annotations
 
 import ctypes
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from config import ConfigError, loadSettings
 
@@ -45,11 +50,31 @@ def stop(process: subprocess.Popen | None) -> None:
         process.wait()
 
 
+def startRedisIfConfigured(redisUrl: str) -> subprocess.Popen | None:
+    """A redis-server for ``make run`` when [state] redis_url names this machine and nothing listens there yet."""
+    parts = urlsplit(redisUrl.strip())
+    if not redisUrl.strip() or parts.hostname not in ("127.0.0.1", "localhost"):
+        return None
+    port = parts.port or 6379
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            return None  # a Redis (or something) answers already
+    server = shutil.which("redis-server")
+    if server is None:
+        print("runAll: [state] redis_url is set but redis-server is not installed (apt install redis-server); the "
+              "service starts with per-instance limits", file=sys.stderr, flush=True)
+        return None
+    return subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            preexec_fn=_dieWithParent if sys.platform.startswith("linux") else None)
+
+
 def main() -> int:
     try:
         settings = loadSettings()
     except ConfigError as exc:
         sys.exit(f"configuration error: {exc}")
+    redis = startRedisIfConfigured(settings.state.redis_url)
     whisper = start("-m", "whisperServer") if settings.whisper.enabled else None
     service = start(str(HERE / "app.py"))
     children = [p for p in (service, whisper) if p is not None]
@@ -72,6 +97,7 @@ def main() -> int:
             whisperReported = True
         time.sleep(POLL_SECONDS)
     stop(whisper)
+    stop(redis)
     stoppedBySignal = service.returncode in (0, -signal.SIGTERM)
     return 0 if stopRequested and stoppedBySignal else service.returncode
 

@@ -218,3 +218,24 @@ def test_twoInstancesKeepAModelsSlotsOnceAtOllama(redis, stub, stubControl, serv
     assert [status for status, _ in results] == [200, 200]
     quick, slow = sorted(seconds for _, seconds in results)
     assert slow >= quick + 0.7, results  # one chat holds the slot ~1 s
+
+
+def test_makeRunStartsRedisOnlyWhenConfiguredOnThisMachine(tmp_path):
+    import runAll
+    from tests.conftest import freePort
+
+    assert runAll.startRedisIfConfigured("") is None
+    assert runAll.startRedisIfConfigured("redis://10.1.2.3:6379/0") is None  # not ours to start (never contacted)
+    port = freePort()
+    process = runAll.startRedisIfConfigured(f"redis://127.0.0.1:{port}/0")
+    try:
+        assert process is not None
+        probe = RedisServer(tmp_path, port)
+        deadline = time.monotonic() + 10
+        while not probe.ping() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert probe.ping()
+        assert runAll.startRedisIfConfigured(f"redis://127.0.0.1:{port}/0") is None  # one answers already
+    finally:
+        runAll.stop(process)
+    assert process.returncode is not None
