@@ -401,9 +401,9 @@ STALL_ROUTES = ("v1ChatStream", "apiTextStream", "apiText", "apiAnalyze")
 def test_streamStallsAfterItsHead(h: Harness, route: str) -> None:
     h.control.post("/_stub/config", json={"chunks": 2, "chunkDelayMs": SLOW_ABOVE_MS}).raise_for_status()
     outcome = call(h, route)
-    streamed = ROUTES[route][2]
-    assertFailure(outcome, 200 if streamed else 504, "upstream_timeout", "did not answer in time",
-                  streamError=streamed)
+    # the service starts a client's stream only with Ollama's first line (until then another upstream could take
+    # the request), so a stall between the head and the first line is a plain 504 on streamed routes too
+    assertFailure(outcome, 504, "upstream_timeout", "did not answer in time")
     assert READ_TIMEOUT * 0.9 <= outcome.elapsed < READ_TIMEOUT + MARGIN, outcome
     deadline = time.monotonic() + MARGIN
     while not h.events("disconnect"):  # the service closed the stalled upstream request
