@@ -163,12 +163,18 @@ def checkEmbedInputs(tokens: TokenEstimator, ollamaName: str, window: int, texts
                                extra={"index": index, "estimatedTokens": estimate, "contextWindow": limit})
 
 
-def embedPayload(ollamaName: str, texts: list[str], window: int, truncate: bool) -> dict[str, Any]:
-    """/api/embed body: the model's window and an explicit truncate (false: Ollama refuses instead of cutting)."""
+def embedPayload(ollamaName: str, texts: list[str], window: int, truncate: bool, dimensions: int | None = None,
+                 keepAlive: str | None = None) -> dict[str, Any]:
+    """/api/embed body: the model's window and an explicit truncate (false: Ollama refuses instead of cutting),
+    plus ``dimensions`` and ``keep_alive`` when given."""
     payload: dict[str, Any] = {"model": ollamaName, "input": texts, "truncate": truncate}
     options = runnerOptions(window)
     if options:
         payload["options"] = options
+    if dimensions:
+        payload["dimensions"] = dimensions
+    if keepAlive:
+        payload["keep_alive"] = keepAlive
     return payload
 
 

@@ -343,11 +343,7 @@ class OllamaClient:
 
     async def embed(self, ollamaName: str, inputs: list[str], externalName: str, dimensions: int | None = None,
                     keepAlive: str | None = None, meta: RequestMeta | None = None, window: int = 0) -> dict[str, Any]:
-        payload = embedPayload(ollamaName, inputs, window, truncate=False)  # too long: refused, never cut
-        if dimensions:
-            payload["dimensions"] = dimensions
-        if keepAlive:
-            payload["keep_alive"] = keepAlive
+        payload = embedPayload(ollamaName, inputs, window, False, dimensions, keepAlive)  # too long: refused, not cut
         return await self.postJson("/api/embed", payload, externalName, meta=meta)
 
     async def version(self, timeout: float | None = None) -> str:
