@@ -243,6 +243,9 @@ async def test_fullQueueGives503WithRetryAfter(tightWhisper: WhisperProcess, spe
     assert int(busy.headers["retry-after"]) > 0 and "busy" in busy.json()["error"]["message"]
 
 
+CANCELLED_JOB_FREED_SECONDS = 6.0
+
+
 def _repeatedWav(clip: bytes, times: int) -> bytes:
     with wave.open(io.BytesIO(clip)) as source:
         params, frames = source.getparams(), source.readframes(source.getnframes())
@@ -255,8 +258,9 @@ def _repeatedWav(clip: bytes, times: int) -> bytes:
 
 async def test_clientLeavingStopsItsTranscription(tightWhisper: WhisperProcess, speech: dict[str, bytes]) -> None:
     """A non-streamed job whose client went away is cancelled between segments: its slot is free within seconds,
-    not after the whole (about four-minute) recording."""
-    audio = _repeatedWav(speech["long"], 8)
+    not after the whole (about eight-minute, 16 windows) recording. The bound allows for one slow window (a
+    temperature fallback re-decodes it: 4.1 s was seen once on a quiet machine) and stays far below the rest."""
+    audio = _repeatedWav(speech["long"], 16)
     async with httpx.AsyncClient(base_url=tightWhisper.baseUrl, timeout=120) as http:
         job = asyncio.create_task(http.post(PATH, files={"file": ("l.wav", audio)}, data={"model": "whisper-1"}))
         deadline = time.monotonic() + 30
@@ -269,7 +273,7 @@ async def test_clientLeavingStopsItsTranscription(tightWhisper: WhisperProcess, 
     while tightWhisper.health()["running"] and time.monotonic() - leftAt < 30:
         await asyncio.sleep(0.1)
     freedAfter = time.monotonic() - leftAt
-    assert freedAfter < 3.0, f"the abandoned transcription kept its slot for {freedAfter:.1f} s"
+    assert freedAfter < CANCELLED_JOB_FREED_SECONDS, f"the abandoned transcription kept its slot for {freedAfter:.1f} s"
 
 
 def test_idleModelIsUnloadedAndLoadedAgainOnDemand(tightWhisper: WhisperProcess, speech: dict[str, bytes]) -> None:
