@@ -187,8 +187,8 @@ def stub() -> Iterator[Any]:
 
 @pytest.fixture
 def stubControl(stub: Any) -> Iterator[httpx.Client]:
-    """A client for the stub's control API; the stub is reset first."""
-    with httpx.Client(base_url=stub.baseUrl, timeout=5.0) as control:
+    """A client for the stub's control API (and its Ollama routes); the stub is reset first."""
+    with httpx.Client(base_url=stub.baseUrl, timeout=15.0) as control:
         control.post("/_stub/reset").raise_for_status()
         yield control
 

@@ -24,17 +24,10 @@ WEATHER_TOOL = {"type": "function", "function": {
                                   "unit": {"type": "string", "enum": ["c", "f"]}}}}}
 
 
-@pytest.fixture(scope="module")
-def stub():
-    with StubServer() as server:
-        yield server
-
-
 @pytest.fixture
-def client(stub):
-    with httpx.Client(base_url=stub.baseUrl, timeout=10.0) as http:
-        http.post("/_stub/reset").raise_for_status()
-        yield http
+def client(stubControl):
+    """The stub (conftest's, one per module), reset, through a client."""
+    return stubControl
 
 
 def chat(model="qwen2.5:7b", content="Hello there, stub", **extra):

@@ -7,26 +7,17 @@ import base64
 import io
 import math
 
-import httpx
 import orjson
 import pytest
 from PIL import Image
 
-from tests.ollamaStub import StubServer
 from tests.stubRealism import BAD_SCHEMA, IMAGE_FAILED, INPUT_TOO_LONG, QWEN25VL_PIXELS_NEW, QWEN25VL_PIXELS_OLD
 
 
-@pytest.fixture(scope="module")
-def stub():
-    with StubServer() as server:
-        yield server
-
-
 @pytest.fixture
-def client(stub):
-    with httpx.Client(base_url=stub.baseUrl, timeout=15.0) as http:
-        http.post("/_stub/reset").raise_for_status()
-        yield http
+def client(stubControl):
+    """The stub (conftest's, one per module), reset, through a client."""
+    return stubControl
 
 
 def words(count: int) -> str:

@@ -10,21 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.ollamaStub import BUSY_MESSAGE, StubServer
+from tests.ollamaStub import BUSY_MESSAGE
 from tests.stubScheduler import defaultNumCtx, runnerOptions, versionTuple
 
 
-@pytest.fixture(scope="module")
-def stub():
-    with StubServer() as server:
-        yield server
-
-
 @pytest.fixture
-def client(stub):
-    with httpx.Client(base_url=stub.baseUrl, timeout=15.0) as http:
-        http.post("/_stub/reset").raise_for_status()
-        yield http
+def client(stubControl):
+    """The stub (conftest's, one per module), reset, through a client."""
+    return stubControl
 
 
 def chat(model="qwen2.5:7b", content="Hello there, stub", numCtx=None, **extra):
