@@ -32,6 +32,7 @@ from documents.documentAnalysis import (
     ModelCall,
     Usage,
     answerAll,
+    checkTextFits,
     combinedAnswer,
     documentCalls,
     doneReasonOf,
@@ -286,6 +287,7 @@ async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep
     meta.externalModel = resolved.externalName
     ollama.refuseIfFull(resolved.ollamaName)  # the model's queue is full: 503 before rendering
     checkGrammar(schema, resolved.features.label)
+    checkTextFits(settings, resolved, fields, registry.tokens)  # a prompt too long for the window: 413 unrendered
     try:  # a client gone while its document renders stops the render (the worker is replaced)
         document, renderSeconds = await untilDisconnect(request, _render(request, settings, resolved, data, fields))
     except ClientDisconnected:

@@ -119,6 +119,21 @@ def measuredCall(tokens: TokenEstimator, resolved: ResolvedModel, pages: list[in
     return ModelCall(pages, payload, measure)
 
 
+def systemMessages(fields: Any) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": fields.system}] if fields.system else []
+
+
+def checkTextFits(settings: Settings, resolved: ResolvedModel, fields: Any, tokens: TokenEstimator) -> None:
+    """Before rendering: refuse (413) an analysis whose text cannot fit the window with its answer budget even with
+    the cheapest page (every call carries at least one), so a prompt that is too long costs no render. It counts
+    less than ``measuredCall`` ever does (no page note, the smallest image), so it never refuses what would fit."""
+    messages = [*systemMessages(fields), {"role": "user", "content": fields.prompt}]
+    cheapestPage = imageTokens(resolved.ollamaName, 1, resolved.features)
+    promptTokens = tokens.promptTokens(resolved.ollamaName, messageChars(messages), len(messages), cheapestPage)
+    checkFits(resolved.window, promptTokens, answerBudget(settings, resolved, fields.maxTokens),
+              resolved.externalName, openAi=False)
+
+
 def pageGroups(images: list[PageImage], imagesPerMessage: int) -> list[list[PageImage]]:
     """All images in one message, or groups of ``imagesPerMessage`` (1 for models such as Llama 3.2 Vision)."""
     size = imagesPerMessage if imagesPerMessage > 0 else max(len(images), 1)
@@ -153,7 +168,7 @@ def documentCalls(settings: Settings, resolved: ResolvedModel, document: Rendere
 
 def _groupCalls(settings: Settings, resolved: ResolvedModel, document: RenderedDocument, fields: Any,
                 schema: Any, tokens: TokenEstimator, size: int) -> list[ModelCall]:
-    system = [{"role": "system", "content": fields.system}] if fields.system else []
+    system = systemMessages(fields)
     calls = []
     for group in pageGroups(document.images, size):
         content = pageNote(group, document) + fields.prompt
@@ -171,7 +186,7 @@ def textContent(prompt: str, text: str) -> str:
 
 def textCall(settings: Settings, resolved: ResolvedModel, fields: Any, schema: Any,
              tokens: TokenEstimator | None = None) -> ModelCall:
-    system = [{"role": "system", "content": fields.system}] if fields.system else []
+    system = systemMessages(fields)
     content = textContent(fields.prompt, fields.text)
     payload = chatPayload(settings, resolved, [*system, {"role": "user", "content": content}],
                           temperature=fields.temperature, maxTokens=fields.maxTokens, schema=schema)

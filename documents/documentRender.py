@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import ServiceError
-from documents.pdfInlineImages import largestInlineImage
+from documents.pdfInlineImages import inlineImagesOfPages
 
 PDF_MAGIC = b"%PDF-"
 PDF_MAGIC_WINDOW = 1024
@@ -263,16 +263,16 @@ def _checkEmbeddedImages(doc, pageIndex: int, maxImagePixels: int) -> None:  # n
                                 "are accepted ([limits] max_image_pixels)", "image_too_large")
 
 
-def _checkInlineImages(doc, maxImagePixels: int) -> None:  # noqa: ANN001
-    """Refuse a PDF whose content draws an inline image (BI ... ID ... EI) beyond the limit: MuPDF would decode it in
-    full, and MuPDF's image listing (``get_images``) does not see inline images."""
-    largest = largestInlineImage(doc)
-    if largest is not None and largest[0] * largest[1] > maxImagePixels:
-        width, height = largest
-        raise DocumentError(413, f"The PDF holds an inline image of {width}x{height} pixels "
-                            f"({width * height / 1e6:.0f} MP) in its page content; at most "
-                            f"{maxImagePixels / 1e6:.0f} MP per image are accepted ([limits] max_image_pixels)",
-                            "image_too_large")
+def _checkInlineImages(doc, pages: list[int], maxImagePixels: int) -> None:  # noqa: ANN001
+    """Refuse a PDF whose pages to render draw an inline image (BI ... ID ... EI) beyond the limit: MuPDF would decode
+    it in full, and MuPDF's image listing (``get_images``) does not see inline images. Pages not rendered are not
+    scanned."""
+    for pageIndex, width, height in inlineImagesOfPages(doc, pages):
+        if width * height > maxImagePixels:
+            raise DocumentError(413, f"The PDF holds an inline image of {width}x{height} pixels "
+                                f"({width * height / 1e6:.0f} MP) in the content of page {pageIndex + 1}; at most "
+                                f"{maxImagePixels / 1e6:.0f} MP per image are accepted ([limits] max_image_pixels)",
+                                "image_too_large")
 
 
 def renderPdf(job: RenderJob) -> RenderedDocument:
@@ -281,7 +281,7 @@ def renderPdf(job: RenderJob) -> RenderedDocument:
     try:
         pageCount = _pageCount(doc)
         pages, truncated = selectPages(job.pageRanges, pageCount, job.maxPages)
-        _checkInlineImages(doc, job.maxImagePixels)
+        _checkInlineImages(doc, pages, job.maxImagePixels)
         result = RenderedDocument("pdf", pageCount, truncated=truncated)
         for pageIndex in pages:
             _checkEmbeddedImages(doc, pageIndex, job.maxImagePixels)

@@ -2,8 +2,10 @@
 decoding anything, so a page that would make MuPDF decode a pixel bomb is refused before it renders.
 
 Image XObjects are listed by MuPDF (``Page.get_images``); inline images are not, and MuPDF's own image listing decodes
-them. So every content-like stream of the document (page contents, form XObjects at any depth, patterns, Type 3
-glyphs, annotation appearances) is scanned for ``BI`` dictionaries. Flate streams are inflated piecewise, so a
+them. So every content-like stream a page to be rendered can draw (its contents, its own or inherited resources with
+form XObjects at any depth, patterns and Type 3 glyphs, its annotations' appearances) is scanned for ``BI``
+dictionaries: the objects reachable from the page object, never through ``/Parent`` and never into another page, so
+a bomb on a page that is not rendered is neither refused nor read. Flate streams are inflated piecewise, so a
 compressed content stream is never held whole in memory.
 """
 
@@ -25,6 +27,11 @@ _SIZE_KEY = re.compile(rb"/(W|Width|H|Height)(?=[\s/\[<(])\s*\+?(\d{1,12})(?![\d
 _INNER_BI = re.compile(rb"\sBI\s")
 """A ``BI`` inside a match starts the real dictionary (the first was e.g. in a comment or string)."""
 _FLATE_NAMES = ("/FlateDecode", "/Fl", "[/FlateDecode]", "[/Fl]")
+_REFERENCE = re.compile(r"(\d+)\s+\d+\s+R(?![A-Za-z0-9_])")
+_PARENT = re.compile(r"/Parent\s*\d+\s+\d+\s+R")
+PAGE_TREE_TYPES = frozenset({"/Page", "/Pages", "/Catalog"})
+"""Objects a page's walk never enters: other pages (a link's /Dest names them) and the tree above them."""
+MAX_PARENT_DEPTH = 64
 
 
 def declaredSize(dictionary: bytes) -> tuple[int, int] | None:
@@ -71,17 +78,60 @@ def _streamChunks(doc, xref: int) -> Iterator[bytes]:  # noqa: ANN001
     yield doc.xref_stream(xref) or b""
 
 
-def largestInlineImage(doc) -> tuple[int, int] | None:  # noqa: ANN001
-    """The inline image with the most pixels in any content-like stream of the document (None if there is none).
-    Objects MuPDF cannot read are skipped: rendering reports that damage."""
-    largest: tuple[int, int] | None = None
-    for xref in range(1, doc.xref_length()):
+def _references(doc, xref: int) -> list[int]:  # noqa: ANN001
+    """Objects the object's dictionary (or array) refers to, except its /Parent."""
+    return [int(number) for number in _REFERENCE.findall(_PARENT.sub("", doc.xref_object(xref, compressed=True)))]
+
+
+def _inheritedResources(doc, pageXref: int) -> list[int]:  # noqa: ANN001
+    """The objects of the /Resources a page inherits from the page tree (none when it has its own)."""
+    xref, seen = pageXref, set()
+    while xref and xref not in seen and len(seen) < MAX_PARENT_DEPTH:
+        seen.add(xref)
+        kind, value = doc.xref_get_key(xref, "Resources")
+        if kind != "null":
+            return [] if xref == pageXref else [int(number) for number in _REFERENCE.findall(value)]
+        kind, value = doc.xref_get_key(xref, "Parent")
+        xref = int(value.split()[0]) if kind == "xref" else 0
+    return []
+
+
+def _enters(doc, xref: int, seen: set[int]) -> bool:  # noqa: ANN001
+    return (0 < xref < doc.xref_length() and xref not in seen
+            and doc.xref_get_key(xref, "Type")[1] not in PAGE_TREE_TYPES)
+
+
+def _pageStreams(doc, pageIndex: int, seen: set[int]) -> list[int]:  # noqa: ANN001
+    """The content-like streams reachable from one page; objects in ``seen`` (walked for an earlier page) are
+    skipped, so a stream shared by several pages is scanned once."""
+    pageXref = doc.page_xref(pageIndex)
+    seen.add(pageXref)
+    todo = [pageXref, *(ref for ref in _inheritedResources(doc, pageXref) if _enters(doc, ref, seen)
+                        and not seen.add(ref))]
+    streams = []
+    while todo:
+        xref = todo.pop()
         try:
-            if not _isContentLike(doc, xref):
-                continue
-            for width, height in inlineImageSizes(_streamChunks(doc, xref)):
-                if largest is None or width * height > largest[0] * largest[1]:
-                    largest = (width, height)
+            if _isContentLike(doc, xref):
+                streams.append(xref)
+            todo.extend(ref for ref in _references(doc, xref) if _enters(doc, ref, seen) and not seen.add(ref))
         except (RuntimeError, ValueError):
             continue
-    return largest
+    return streams
+
+
+def inlineImagesOfPages(doc, pages: list[int]) -> Iterator[tuple[int, int, int]]:  # noqa: ANN001
+    """(0-based page, width, height) of each inline image the given pages draw, in page order. Objects MuPDF
+    cannot read are skipped: rendering reports that damage."""
+    seen: set[int] = set()
+    for pageIndex in pages:
+        try:
+            streams = _pageStreams(doc, pageIndex, seen)
+        except (RuntimeError, ValueError):
+            continue
+        for xref in streams:
+            try:
+                for width, height in inlineImageSizes(_streamChunks(doc, xref)):
+                    yield pageIndex, width, height
+            except (RuntimeError, ValueError):
+                continue

@@ -131,7 +131,7 @@ def test_aBombOnAPageLeftOutDoesNotRefuseTheDocument() -> None:
 
 def test_aBombOnASelectedPageIsStillRefused() -> None:
     data, _ = pdfWithBombOnPage()
-    for pages in (((BOMB_PAGE, BOMB_PAGE),), ((1, 2), (BOMB_PAGE, None)), ((BOMB_PAGE - 2, BOMB_PAGE + 2),)):
+    for pages in (((BOMB_PAGE, BOMB_PAGE),), ((1, 2), (BOMB_PAGE, BOMB_PAGE + 1)), ((BOMB_PAGE - 2, BOMB_PAGE + 2),)):
         with pytest.raises(DocumentError) as caught:
             renderDocument(job(data, pages))
         error = caught.value
