@@ -4,7 +4,9 @@ pytest-socket (``--allow-hosts`` in pytest.ini) blocks ``socket.connect`` during
 closes what it leaves open: DNS lookups (a query leaves before any connect), ``connect_ex``, uvloop (which connects
 in C, past the Python socket layer), the phases outside a test (collection, fixtures, teardown) and processes the
 tests start (installed there by ``tests/subprocessGuard/sitecustomize.py``). Every refusal is recorded, so one that
-a broad ``except`` swallows still fails the test.
+a broad ``except`` swallows still fails the test. Allowed calls go on through the functions found at install time
+(``realConnect``, ``realUvloop``, ...), which is where the guard's own tests put a recorder underneath
+(tests/connectFloor.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 VIOLATION_MARKER = "NETWORK-GUARD: blocked"
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+UVLOOP_ENTRY_POINTS = ("create_connection", "getaddrinfo", "sock_connect", "create_datagram_endpoint")
 
 
 class NetworkViolation(RuntimeError):
@@ -56,6 +59,7 @@ class NetworkGuard:
         self.realGetaddrinfo = socket.getaddrinfo
         self.realGethostbyname = socket.gethostbyname
         self.realGethostbynameEx = socket.gethostbyname_ex
+        self.realUvloop: dict[str, Any] = {}
 
     def refuse(self, what: str) -> NetworkViolation:
         """Record a refusal and return the error to raise."""
@@ -131,7 +135,11 @@ class NetworkGuard:
         blocked.__init__ = recordingInit
 
     def patchUvloop(self) -> None:
-        """uvloop connects and resolves in C: guard the methods of its Python-level Loop class."""
+        """uvloop connects and resolves in C: guard the methods of its Python-level Loop class.
+
+        The methods found there are kept in ``realUvloop`` and called through it (as ``realConnect`` for sockets),
+        so whatever was installed first stays underneath: uvloop's C code, or a test's recorder
+        (tests/connectFloor.py)."""
         try:
             import uvloop
         except ImportError:
@@ -139,26 +147,26 @@ class NetworkGuard:
         if getattr(uvloop.Loop, "_poweronGuarded", False):
             return
         guard = self
-        base = uvloop.Loop.__mro__[1]
+        self.realUvloop = {name: getattr(uvloop.Loop, name) for name in UVLOOP_ENTRY_POINTS}
 
         async def createConnection(loop: Any, protocolFactory: Any, host: Any = None, port: Any = None,
                                    **kwargs: Any) -> Any:
             if host is not None and not isLoopbackHost(host):
                 raise guard.refuse(f"uvloop create_connection to {host!r}")
-            return await base.create_connection(loop, protocolFactory, host, port, **kwargs)
+            return await guard.realUvloop["create_connection"](loop, protocolFactory, host, port, **kwargs)
 
         async def getaddrinfo(loop: Any, host: Any, *args: Any, **kwargs: Any) -> Any:
             guard.checkName(host, "uvloop getaddrinfo")
-            return await base.getaddrinfo(loop, host, *args, **kwargs)
+            return await guard.realUvloop["getaddrinfo"](loop, host, *args, **kwargs)
 
         async def sockConnect(loop: Any, sock: Any, address: Any) -> Any:
             guard.checkAddress(address, "uvloop sock_connect")
-            return await base.sock_connect(loop, sock, address)
+            return await guard.realUvloop["sock_connect"](loop, sock, address)
 
         async def createDatagramEndpoint(loop: Any, protocolFactory: Any, *args: Any, **kwargs: Any) -> Any:
             remote = kwargs.get("remote_addr") or (args[1] if len(args) > 1 else None)
             guard.checkAddress(remote, "uvloop datagram endpoint")
-            return await base.create_datagram_endpoint(loop, protocolFactory, *args, **kwargs)
+            return await guard.realUvloop["create_datagram_endpoint"](loop, protocolFactory, *args, **kwargs)
 
         uvloop.Loop.create_connection = createConnection
         uvloop.Loop.getaddrinfo = getaddrinfo
