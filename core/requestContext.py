@@ -57,6 +57,9 @@ class RequestMeta:
     """Extra raw headers added to the response when it starts (e.g. X-RateLimit-*)."""
     finishCallbacks: list[Callable[[], None]] = field(default_factory=list)
     """Run when the response is complete (end of a stream included), before the observers; e.g. release a slot."""
+    answeredBelow: tuple[int, str] | None = None
+    """Status and error code the connection guard already answered (408 for a body too slow): the access line
+    records these, whatever the app then answered into the closed connection."""
 
 
 RequestObserver = Callable[[RequestMeta], None]
@@ -139,6 +142,8 @@ class RequestContextMiddleware:
         finally:
             meta.durationSeconds = time.perf_counter() - meta.startTime
             meta.route = getattr(scope.get("route"), "path_format", None) or _routeTemplateOf(scope)
+            if meta.answeredBelow is not None:
+                meta.status, meta.errorCode = meta.answeredBelow
             if meta.status is not None and meta.status >= 500 and not meta.errorCode:
                 meta.errorCode = f"status_{meta.status}"
             self._finish(meta)

@@ -36,6 +36,12 @@ class ServerSettings(Section):
     header_timeout_seconds: float = Field(10.0, gt=0)
     """Time a client has to send a request's line and headers (from connecting, or from the first byte of a further
     request on a kept-alive connection); then 408 and the connection is closed (slowloris guard)."""
+    body_timeout_seconds: float = Field(60.0, gt=0)
+    """Longest pause between two reads of a request body (nginx's client_body_timeout), and the grace period before
+    body_min_rate_bytes applies; then 408 and the connection is closed (slow-body guard)."""
+    body_min_rate_bytes: int = Field(1024, ge=0)
+    """Average bytes per second a request body must keep up after its first body_timeout_seconds (each further
+    body_min_rate_bytes received buy one more second, as Apache's mod_reqtimeout MinRate); 0 = no rate check."""
     keep_alive_seconds: float = Field(5.0, gt=0)
     """How long an idle kept-alive connection stays open between requests."""
     max_connections: int = Field(1000, ge=1)

@@ -14,12 +14,13 @@ import uvicorn
 
 
 @contextmanager
-def liveServer(app: Any, timeout: float = 10.0) -> Iterator[str]:
-    """Serve ``app`` (lifespan included) until the block ends; yields the base URL."""
+def liveServer(app: Any, timeout: float = 10.0, http: Any = "httptools") -> Iterator[str]:
+    """Serve ``app`` (lifespan included) until the block ends; yields the base URL. ``http``: uvicorn's protocol
+    (a name or a class, e.g. the connection guard's)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, loop="asyncio", http="httptools", ws="none", lifespan="on", access_log=False,
+    config = uvicorn.Config(app, loop="asyncio", http=http, ws="none", lifespan="on", access_log=False,
                             log_config=None, log_level="warning", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"live-{port}")
