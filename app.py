@@ -1,6 +1,7 @@
 """PowerOn private LLM service: the app factory, its lifespan and ``python app.py``.
 
-``uvicorn app:app`` works too: ``app`` is built on first access from the configuration.
+``uvicorn app:app`` works too: ``app`` is built on first access from the configuration. It runs without the connection
+guard's limits unless given ``--http app:WorkerProtocol`` (docu/security.md, "Request heads and connections").
 """
 
 from __future__ import annotations

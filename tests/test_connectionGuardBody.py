@@ -221,6 +221,7 @@ def test_uvicorn_cli_with_the_guard_protocol(tmp_path) -> None:
     env = guardedEnv({**os.environ, "PRIVATE_LLM_CONFIG": str(ini), **LIMITS})
     log = open(tmp_path / "uvicorn.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app:app", "--http", "app:WorkerProtocol",
+                                "--loop", "core.eventLoop:newEventLoop",
                                 "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--no-server-header"],
                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
