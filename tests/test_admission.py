@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from upstream.admission import Admission, AdmissionPolicy, AdmissionRefused
+from upstream.admission import Admission, AdmissionPolicy, AdmissionRefused, UpstreamClosed
 from upstream.fairQueue import FairLimiter, QueueFull, QueueTimeout
 
 
@@ -270,6 +270,79 @@ def test_serviceTimeIsAMovingAverage():
         clock.now += seconds
         ticket.release()
     assert admission.queueFor("default", "m").serviceSeconds == pytest.approx(12.0)
+
+
+# ------------------------------------------------------------------------------------------------ upstream closed
+
+
+async def test_closingAnUpstreamSendsItsWaitersElsewhereAndKeepsItsRunningRequests():
+    admission = Admission(AdmissionPolicy(numParallel=1))
+    running = admission.enqueue("gpu1", "m", "a")
+    waiting = admission.enqueue("gpu1", "m", "b")
+    notYetWaiting = admission.enqueue("gpu1", "m", "c")
+    elsewhereHolder = admission.enqueue("gpu2", "m", "a")
+    elsewhere = admission.enqueue("gpu2", "m", "b")
+    task = asyncio.create_task(admission.wait(waiting))
+    await asyncio.sleep(0)
+    assert admission.evict("gpu1") == 2
+    with pytest.raises(UpstreamClosed) as closed:
+        await task
+    assert closed.value.status == 503 and closed.value.headers["Retry-After"]
+    with pytest.raises(UpstreamClosed):
+        await admission.wait(notYetWaiting)
+    queue = admission.queueFor("gpu1", "m").limiter
+    assert running.admitted and not running.released and queue.busy == 1 and not queue.waiting
+    running.release()
+    assert queue.busy == 0 and not waiting.admitted and not notYetWaiting.admitted
+    assert not elsewhere.admitted and admission.queueFor("gpu2", "m").limiter.waiting == [elsewhere]
+    elsewhereHolder.release()
+    assert elsewhere.admitted
+
+
+async def test_aWaiterHandedASlotWhereNoRequestsGoAnyMoreGivesItBack():
+    admission = Admission(AdmissionPolicy(numParallel=1))
+    holder = admission.enqueue("gpu1", "m", "a")
+    waiter = admission.enqueue("gpu1", "m", "b")
+    task = asyncio.create_task(admission.wait(waiter))
+    await asyncio.sleep(0)
+    admission.accepting = lambda upstream: upstream != "gpu1"  # drained, nobody evicted the queue (yet)
+    holder.release()
+    with pytest.raises(UpstreamClosed):
+        await task
+    assert admission.queueFor("gpu1", "m").limiter.busy == 0 and waiter.released
+
+
+# ------------------------------------------------------------------------------------------------ reconfigure
+
+
+def test_reconfigureAppliesNewSlotsQueueLengthWaitAndWeights():
+    admission = Admission(AdmissionPolicy(numParallel=1, maxQueue=4, maxQueueWaitSeconds=60))
+    holder = admission.enqueue("default", "m", "a")
+    first, second = admission.enqueue("default", "m", "b"), admission.enqueue("default", "m", "c")
+    embed = admission.queueFor("default", "e", "embed").limiter
+    admission.reconfigure(AdmissionPolicy(numParallel=2, maxQueue=1, maxQueueWaitSeconds=5,
+                                          slotsPerModel={"e": 3}, weights={"b": 4}))
+    limiter = admission.queueFor("default", "m").limiter
+    assert holder.admitted and first.admitted and not second.admitted  # a slot more: the next waiter goes
+    assert (limiter.limit, limiter.maxQueue, limiter.maxWaitSeconds, limiter.weights) == (2, 1, 5, {"b": 4})
+    assert embed.limit == 3 and admission.policy.numParallel == 2
+    with pytest.raises(AdmissionRefused):  # the queue holds one now
+        admission.enqueue("default", "m", "d")
+    assert admission.queueFor("default", "new").limiter.limit == 2
+
+
+def test_reconfigureKeepsTheQueuedPlacesAndCancelsNoRunningRequest():
+    admission = Admission(AdmissionPolicy(numParallel=2))
+    running = [admission.enqueue("default", "m", "a") for _ in range(2)]
+    queued = [admission.enqueue("default", "m", key) for key in ("a", "b", "a", "b")]
+    before = [ticket.position() for ticket in queued]
+    admission.reconfigure(AdmissionPolicy(numParallel=1, weights={"b": 2}))
+    assert [ticket.position() for ticket in queued] == before
+    assert all(ticket.admitted and not ticket.released for ticket in running)
+    running[0].release()
+    assert not any(ticket.admitted for ticket in queued)  # still one busy: the one slot is taken
+    running[1].release()
+    assert [ticket.admitted for ticket in queued] == [True, False, False, False]
 
 
 # ------------------------------------------------------------------------------------------------ client view
