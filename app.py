@@ -74,6 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.http = http
     app.state.offload = OffloadPool(settings.limits.worker_threads)
     app.state.pool = pool = UpstreamPool(settings, http, admission=app.state.admission)
+    app.state.admission.accepting = pool.accepts  # a request that waited is never sent where none may go now
     app.state.registry = registry = ModelRegistry(settings, pool, http)
     app.state.warmup = warmup = ModelWarmup(settings)
     registry.listeners.append(warmup.onRefresh)
@@ -127,8 +128,9 @@ def installReloadSignal(app: FastAPI) -> set[asyncio.Task[bool]]:
 
 
 async def reloadConfig(app: FastAPI) -> bool:
-    """Read config.ini again and apply upstreams, drain marks, keys, per-key limits and the model mapping without
-    dropping a connection; a bad file is refused (one log line why) and the running configuration stays."""
+    """Read config.ini again and apply upstreams, drain marks, keys, per-key limits, admission (slots, queue
+    lengths, longest wait, queue weights) and the model mapping without dropping a connection; a bad file is
+    refused (one log line why) and the running configuration stays."""
     path = os.environ.get(CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH)
     try:
         settings = loadSettings()
@@ -150,7 +152,9 @@ def applySettings(app: FastAPI, settings: Settings, nodes: dict[str, UpstreamNod
     known = set(app.state.pool.nodes.values())
     app.state.settings = settings
     reconfigureKeys(app, settings)
-    app.state.pool.apply(settings, nodes)
+    app.state.pool.apply(settings, nodes)  # what waits at an upstream that closed now goes elsewhere
+    app.state.admission.reconfigure(policyFromSettings(settings))  # slots, queues, wait, weights: next decisions
+    app.state.renderPool.slots.weights = dict(settings.queueWeights)
     app.state.registry.settings = settings
     app.state.warmup.settings = settings
     metrics = getattr(app.state, "metrics", None)

@@ -1,8 +1,8 @@
 """Several Ollama daemons behind one service (stub daemons on loopback, the real service as a process): routing
 prefers the daemon with the model loaded, a model pulled on one daemon goes only there, a daemon killed under
 load loses no request that had not started streaming and comes back by itself, drain lets running streams finish
-and sends no new ones, SIGHUP swaps upstreams and rotates a key without a failed request, a bad file on SIGHUP
-keeps the running configuration."""
+and sends no new ones (a request queued there goes to another daemon), SIGHUP swaps upstreams and rotates a key
+without a failed request, a bad file on SIGHUP keeps the running configuration."""
 
 from __future__ import annotations
 
@@ -236,6 +236,33 @@ def test_drainLetsRunningStreamsFinishAndSendsNoNewOnes(stubs, service):
     assert all(status == 200 and streamEndedWell(text) for status, text in results), "a running stream was cut"
     assert chatsAt(gpu1) == atDrain, "a draining upstream got a new request"
     assert upstreamState(running.baseUrl, "gpu1")["inFlight"] == 0
+
+
+def test_aRequestQueuedAtADaemonThatStartsDrainingGoesToAnother(stubs, service):
+    warm = stubs("gpu1", [TEXT_MODEL], chunks=40, chunkDelayMs=100)
+    cold = stubs("gpu2", [TEXT_MODEL])
+    preload(warm, TEXT_MODEL)
+    running = service({"gpu1": warm, "gpu2": cold})
+    waitFor(lambda: upstreamState(running.baseUrl, "gpu1").get("modelsLoaded"), "gpu1's /api/ps")
+
+    def queuedAt(name: str) -> int:
+        return sum(entry["queued"] for entry in keyedHealth(running.baseUrl)["queues"] if entry["upstream"] == name)
+
+    with ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(chat, running.baseUrl, stream=True) for _ in range(2)]  # both slots at gpu1
+        waitFor(lambda: chatsAt(warm) == 2, "two streams running at gpu1")
+        waiting = pool.submit(chat, running.baseUrl)  # gpu1 has the model loaded: it waits there for a slot
+        waitFor(lambda: queuedAt("gpu1") == 1, "a request queued at gpu1")
+        reload(running, iniText({"gpu1": warm.baseUrl, "gpu2": cold.baseUrl}, drain="gpu1"))
+        status, text = waiting.result()
+        assert status == 200 and '"finish_reason":"stop"' in text, text
+        assert not any(stream.done() for stream in streams), "it waited for a stream at gpu1 to end"
+        results = [stream.result() for stream in streams]
+    assert all(status == 200 and streamEndedWell(text) for status, text in results), "a running stream was cut"
+    assert (chatsAt(warm), chatsAt(cold)) == (2, 1), "the queued request went to the draining daemon"
+    log = [orjson.loads(line) for line in running.logText().splitlines() if line.startswith('{"ts"')]
+    assert sorted(line["upstream"] for line in log if line["route"] == "/v1/chat/completions") == \
+        ["gpu1", "gpu1", "gpu2"]
 
 
 def test_sighupSwapsUpstreamsAndRotatesAKeyWithoutAFailedRequest(stubs, service):

@@ -26,6 +26,15 @@ hold them all, within the same longest wait), so all instances together keep at 
 Ollama; the lease goes back with the ticket (or expires after ``[state] lease_seconds`` if this instance dies).
 The fair order is kept per instance.
 
+Upstreams that stop taking requests (drained, down, removed): ``evict(upstream)`` takes every request waiting
+there out of its queues, and ``wait`` then raises ``UpstreamClosed`` (503 ``upstream_unavailable``), which routing
+(upstream/routing.py) answers by queueing the request at another upstream with the model. ``accepting(upstream)``
+(the pool's routability, set by the app) is checked once a ticket holds its slot too, so no request that waited is
+sent to such an upstream; requests already running there keep their slots and finish.
+
+Reload: ``reconfigure(policy)`` applies new slots, queue lengths, longest wait and weights to the next decisions
+(queued requests keep their places, running ones their slots; ``queue_order`` stays as started).
+
 Order: start-time fair queuing by key name with ``[ratelimit] queue_weights`` (upstream/fairQueue.py); a key's
 own requests keep their order. ``[ollama] queue_order = fifo`` turns fairness off (for comparison).
 """
@@ -37,19 +46,21 @@ import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from config import Settings
 from core.errors import ServiceError
 from state.slots import SlotPool
-from upstream.fairQueue import FairLimiter, QueueFull, QueueTimeout, Ticket
+from upstream.fairQueue import Evicted, FairLimiter, QueueFull, QueueTimeout, Ticket
 
 DEFAULT_UPSTREAM = "default"
 DEFAULT_SERVICE_SECONDS = 5.0
 """Service-time estimate of a model before any of its requests finished."""
 SERVICE_TIME_SMOOTHING = 0.2
 MAX_RETRY_AFTER_SECONDS = 3600
+CLOSED_RETRY_AFTER_SECONDS = 2
+"""Retry-After of a request whose upstream stopped taking requests while it waited (as for an unreachable one)."""
 Kind = Literal["generate", "embed"]
 AdmissionListener = Callable[[str, str, str, float], None]
 """(upstream, model, keyName, seconds waited): called when a request is admitted."""
@@ -86,6 +97,15 @@ def policyFromSettings(settings: Settings) -> AdmissionPolicy:
 
 class AdmissionRefused(ServiceError):
     """503 with Retry-After: the model's queue is full, or the request waited too long."""
+
+
+class UpstreamClosed(ServiceError):
+    """503 with Retry-After: the upstream stopped taking requests (drained, down, removed) while this request
+    waited for its slot there; routing queues it at another upstream with the model instead."""
+
+
+def acceptsEvery(upstream: str) -> bool:
+    return True
 
 
 @dataclass(slots=True)
@@ -126,6 +146,22 @@ class Admission:
         self.queues: dict[tuple[str, str], ModelQueue] = {}
         self.admissionListeners: list[AdmissionListener] = []
         self.refusalListeners: list[RefusalListener] = []
+        self.accepting: Callable[[str], bool] = acceptsEvery
+        """Whether an upstream takes requests now (the pool's routability); checked once a ticket has its slot."""
+
+    def reconfigure(self, policy: AdmissionPolicy) -> None:
+        """Apply new slots, queue lengths, longest wait and weights (a reload) to the next admission decisions of
+        every queue; the order (fair or FIFO) stays as started."""
+        self.policy = replace(policy, fair=self.policy.fair)
+        for queue in self.queues.values():
+            queue.limiter.reconfigure(policy.slotsFor(queue.model, queue.kind), policy.maxQueue,
+                                      policy.maxQueueWaitSeconds, policy.weights)
+
+    def evict(self, upstream: str) -> int:
+        """Take every request waiting for a slot at ``upstream`` out of its queues (it stopped taking requests);
+        their ``wait`` raises UpstreamClosed. Requests holding a slot there keep it. Returns how many moved."""
+        return sum(len(queue.limiter.evictWaiting()) for (name, _model), queue in self.queues.items()
+                   if name == upstream)
 
     def useSlots(self, slots: SlotPool | None) -> None:
         """Count slots across instances too when ``slots`` is shared (Redis); a local pool adds nothing."""
@@ -188,7 +224,12 @@ class Admission:
                 await ticket.wait()
             except QueueTimeout as timeout:
                 raise self._timedOut(queue, ticket, timeout.position) from None
+            except Evicted:
+                raise self._closed(queue) from None
             self._admitted(queue, ticket)
+        if not self.accepting(queue.upstream):  # closed while this one was handed its slot: never sent there
+            ticket.release()
+            raise self._closed(queue)
         if self.slots is not None and "lease" not in ticket.extra:
             await self._sharedSlot(queue, ticket)
 
@@ -197,6 +238,8 @@ class Admission:
         deadline = ticket.enqueuedAt + queue.limiter.maxWaitSeconds
         try:
             while (lease := await self.slots.tryAcquire(queue.upstream, queue.model, queue.limiter.limit)) is None:
+                if not self.accepting(queue.upstream):
+                    raise self._closed(queue)
                 if self.clock() + self.slots.retrySeconds > deadline:
                     raise self._timedOut(queue, ticket, 1)
                 await asyncio.sleep(self.slots.retrySeconds)
@@ -214,6 +257,13 @@ class Admission:
             503, f"The model `{queue.model}` stayed busy: this request waited "
             f"{queue.limiter.maxWaitSeconds:g} s in the queue (position {position}); retry after the "
             "Retry-After seconds", code="queue_timeout", headers={"Retry-After": str(queue.retryAfter(position - 1))})
+
+    @staticmethod
+    def _closed(queue: ModelQueue) -> UpstreamClosed:
+        return UpstreamClosed(
+            503, f"The Ollama upstream `{queue.upstream}` stopped taking requests while this one waited for a slot of "
+            f"`{queue.model}`; retry shortly", code="upstream_unavailable",
+            headers={"Retry-After": str(CLOSED_RETRY_AFTER_SECONDS)})
 
     @contextlib.asynccontextmanager
     async def slot(self, upstream: str, model: str, keyName: str,

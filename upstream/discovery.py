@@ -7,6 +7,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,8 @@ class UpstreamNode:
         self.error: str | None = "not checked yet"
         self.lastRefresh = 0.0
         self.capabilityCache: dict[tuple[str, str], frozenset[str]] = {}
+        self.onDown: Callable[[UpstreamNode], None] | None = None
+        """Called when the upstream is marked down (the pool moves the requests waiting for it elsewhere)."""
         self.inFlight = 0
         self.inFlightByModel: collections.Counter[str] = collections.Counter()
         self.picks = 0
@@ -149,6 +152,8 @@ class UpstreamNode:
         if self.reachable:
             logger.warning("ollama upstream %s unreachable: %s", self.name, reason)
         self.reachable, self.error = False, reason
+        if self.onDown is not None:
+            self.onDown(self)
 
     def pulledNameFor(self, ollamaName: str) -> str | None:
         return pulledNameIn(self.pulled, ollamaName)

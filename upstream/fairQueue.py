@@ -33,6 +33,10 @@ class QueueFull(Exception):
         self.ahead = ahead
 
 
+class Evicted(Exception):
+    """The waiter was taken out of the queue by ``evictWaiting`` (its owner sends it elsewhere)."""
+
+
 class QueueTimeout(Exception):
     """The waiter was not admitted within ``maxWaitSeconds``; ``position`` was its place when it gave up."""
 
@@ -53,6 +57,8 @@ class Ticket:
     future: asyncio.Future | None = None
     admittedAt: float | None = None
     released: bool = False
+    evicted: bool = False
+    """Taken out of the queue by ``evictWaiting``: never admitted here; ``wait`` raises Evicted."""
     extra: dict = field(default_factory=dict)
     """Free room for the owner (e.g. the upstream and model a ticket is for)."""
 
@@ -153,6 +159,8 @@ class FairLimiter:
         return 1 + sum(1 for other in self.waiting if self._order(other) < mine)
 
     async def waitFor(self, ticket: Ticket) -> None:
+        if ticket.evicted:
+            raise Evicted()
         if ticket.admitted:
             return
         if ticket.future is None:
@@ -163,12 +171,16 @@ class FairLimiter:
         except TimeoutError:
             if ticket.admitted:  # handed a slot as the time ran out: keep it
                 return
+            if ticket.evicted:
+                raise Evicted() from None
             position = self.positionOf(ticket)
             self._leave(ticket)
             raise QueueTimeout(position) from None
         except BaseException:
             self.release(ticket)  # cancelled: leave the queue, or give back the slot just handed over
             raise
+        if ticket.evicted:
+            raise Evicted()
 
     def _leave(self, ticket: Ticket) -> None:
         ticket.released = True
@@ -189,9 +201,33 @@ class FairLimiter:
         if self.onRelease is not None:
             self.onRelease(ticket, held)
         self._dispatch()
+        self._resetWhenIdle()
+
+    def _resetWhenIdle(self) -> None:
         if self.busy == 0 and not self.waiting:  # idle: nobody is ahead of anybody any more
             self.virtualTime = 0.0
             self.lastFinish.clear()
+
+    def evictWaiting(self) -> list[Ticket]:
+        """Take every waiter out of the queue at once (their ``wait`` raises Evicted); admitted tickets keep their
+        slots. The tickets evicted."""
+        evicted, self.waiting = self.waiting, []
+        for ticket in evicted:
+            ticket.evicted = ticket.released = True
+            if ticket.future is not None and not ticket.future.done():
+                ticket.future.set_result(None)
+        self._resetWhenIdle()
+        return evicted
+
+    def reconfigure(self, limit: int, maxQueue: int, maxWaitSeconds: float, weights: Mapping[str, float]) -> None:
+        """New limits for the next decisions: waiters keep their tags (their places), running tickets their slots
+        (fewer slots than busy: nobody new goes until enough have finished); more slots admit waiters now. A
+        waiter already waiting keeps the longest wait it started with."""
+        self.limit = max(1, limit)
+        self.maxQueue = max(0, maxQueue)
+        self.maxWaitSeconds = maxWaitSeconds
+        self.weights = dict(weights)
+        self._dispatch()
 
     def waitingByKey(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -114,7 +114,7 @@ class ModelRegistry:
             logger.exception("model discovery failed")
             cameBack = []
             for node in self.pool.active():
-                node.reachable, node.error = False, f"model discovery failed ({type(exc).__name__})"
+                node.markDown(f"model discovery failed ({type(exc).__name__})")
         self.lastRefresh = time.monotonic()
         self.refreshCount += 1
         self.cameBackNodes = cameBack

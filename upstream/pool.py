@@ -45,6 +45,8 @@ class UpstreamPool:
             nodes = (UpstreamNode(name, url, self.clientFor(name, url), name in settings.drainingUpstreams)
                      for name, url in settings.upstreams.items())
         self.nodes: dict[str, UpstreamNode] = {node.name: node for node in nodes}
+        for node in self.nodes.values():
+            node.onDown = self.closeQueues
         self.probes: dict[str, asyncio.Task[None]] = {}
         self.failovers = 0
 
@@ -62,6 +64,21 @@ class UpstreamPool:
 
     def active(self) -> list[UpstreamNode]:
         return [node for node in self.nodes.values() if not node.removed]
+
+    def accepts(self, name: str) -> bool:
+        """Whether the upstream of that name takes requests now (admission asks before a waiter goes there)."""
+        node = self.nodes.get(name)
+        return node is not None and node.routable
+
+    def closeQueues(self, node: UpstreamNode) -> None:
+        """The upstream takes no new requests (draining, down, removed): the requests waiting in its admission
+        queues move on at once (routing queues each at the next best upstream with the model, or answers 503);
+        the ones running there finish."""
+        moved = self.admission.evict(node.name) if self.admission is not None else 0
+        if moved:
+            state = "removed" if node.removed else "draining" if node.draining else "not reachable"
+            logger.info("%d requests waiting for ollama upstream %s (%s) go to another upstream", moved, node.name,
+                        state)
 
     # ------------------------------------------------------------------------------------------ routing
 
@@ -167,7 +184,8 @@ class UpstreamPool:
         return nodes
 
     def apply(self, settings: Settings, nodes: dict[str, UpstreamNode]) -> None:
-        """Switch to prepared nodes; removed ones finish what they run and take nothing new."""
+        """Switch to prepared nodes; removed and draining ones finish what they run and take nothing new (what
+        waits in their admission queues goes elsewhere)."""
         for name, node in self.nodes.items():
             if nodes.get(name) is not node:
                 node.removed = True
@@ -175,7 +193,12 @@ class UpstreamPool:
             node.draining = name in settings.drainingUpstreams
         added = sorted(set(nodes) - set(self.nodes))
         removed = sorted(set(self.nodes) - set(nodes))
+        closed = [node for node in (*self.nodes.values(), *nodes.values()) if not node.routable]
         self.settings, self.nodes = settings, nodes
+        for node in nodes.values():
+            node.onDown = self.closeQueues
+        for node in closed:
+            self.closeQueues(node)
         if added or removed:
             logger.info("ollama upstreams now %s (added: %s; removed: %s)", ", ".join(nodes),
                         ", ".join(added) or "none", ", ".join(removed) or "none")

@@ -1,12 +1,15 @@
 """The Ollama client route handlers use (one per request): every call goes to the upstream the pool picks for its
 model, and a call that fails before anything reached the client (refused, 503, an error before the first line of
 a stream, a daemon gone while a whole answer was being read) is retried once on another upstream with the model.
-After the first line of a stream has been handed on, an error ends the stream as before."""
+After the first line of a stream has been handed on, an error ends the stream as before. A call waiting for its
+admission slot at an upstream that stops taking requests (drained, down, removed) is queued at the next best
+upstream with the model instead (503 with Retry-After when none is left); it is never sent to that upstream."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -16,7 +19,7 @@ from core.errors import ServiceError
 from core.requestContext import RequestMeta
 from upstream.contextWindow import embedPayload
 from upstream.discovery import UpstreamNode
-from upstream.admission import Kind
+from upstream.admission import Kind, UpstreamClosed
 from upstream.fairQueue import Ticket
 from upstream.ollamaClient import OllamaClient, OllamaStream, midStreamError
 from upstream.pool import UpstreamPool
@@ -28,8 +31,21 @@ Attempt = Callable[[OllamaClient, dict[str, Any], Callable[[], None], "Ticket | 
 """One try on one upstream: (its client for this request, payload with the upstream's model name, release, the
 admission ticket taken already or None) -> result. A result that holds the upstream (an open stream) calls
 release itself when it ends; see ``holds``."""
-Reservation = tuple[UpstreamNode, str, "Ticket | None"]
-"""An upstream picked ahead of the call (``enqueue``): node, its model name, the admission ticket."""
+
+
+@dataclass(slots=True)
+class Reservation:
+    """An upstream picked ahead of the call (``enqueue``): node, its model name, the admission ticket there, and
+    the call (path, payload, meta) to queue elsewhere when that upstream stops taking requests. ``handle`` is the
+    ticket the caller was given (the first one), by which ``queuedPositions`` and ``openStream`` find this."""
+
+    node: UpstreamNode
+    pulledName: str
+    ticket: Ticket | None
+    handle: Ticket | None
+    path: str
+    payload: dict[str, Any]
+    meta: RequestMeta | None
 
 
 def isRetryable(error: ServiceError) -> bool:
@@ -96,19 +112,25 @@ class RoutedOllama:
     def enqueue(self, path: str, payload: dict[str, Any], meta: RequestMeta | None) -> Ticket | None:
         """Pick the upstream for the next ``openStream`` now and take a place in its admission queue for the model
         (a stream tells its client the place while it waits); a full queue there tries the next upstream once."""
+        self.reserved = self._reserve(path, payload, meta, [], None)
+        return self.reserved.ticket
+
+    def _reserve(self, path: str, payload: dict[str, Any], meta: RequestMeta | None, tried: list[UpstreamNode],
+                 handle: Ticket | None) -> Reservation:
+        """A place at the best upstream not in ``tried`` (the next one once when that queue is full)."""
         ollamaName, numCtx = self._target(payload, None)
-        tried: list[UpstreamNode] = []
+        full = 0
         while True:
             node, pulledName = self._choose(ollamaName, numCtx, tried)
             tried.append(node)
             try:
                 ticket = self._view(node).enqueue(path, {**payload, "model": pulledName or payload.get("model")}, meta)
             except ServiceError:
-                if len(tried) > 1 or not self._hasAlternative(ollamaName, numCtx, tried):
+                full += 1
+                if full > 1 or not self._hasAlternative(ollamaName, numCtx, tried):
                     raise
                 continue
-            self.reserved = (node, pulledName, ticket)
-            return ticket
+            return Reservation(node, pulledName, ticket, handle or ticket, path, payload, meta)
 
     def refuseIfFull(self, ollamaName: str, kind: Kind = "generate") -> None:
         """503 queue_full at once when the model's queue is full at every upstream that could take the call."""
@@ -126,16 +148,36 @@ class RoutedOllama:
             raise refused
 
     def queuedPositions(self, ticket: Ticket | None, everySeconds: float) -> AsyncIterator[int]:
-        """The ticket's queue place every ``everySeconds`` while it waits (see OllamaClient.queuedPositions)."""
-        node = self.reserved[0] if self.reserved is not None else next(iter(self.pool.nodes.values()))
-        return self._view(node).queuedPositions(ticket, everySeconds)
+        """The ticket's queue place every ``everySeconds`` while it waits (see OllamaClient.queuedPositions); a
+        request whose upstream stops taking requests meanwhile moves to the next best one (``_movingPositions``)."""
+        reserved = self.reserved
+        if reserved is not None and reserved.handle is ticket:
+            return self._movingPositions(reserved, everySeconds)
+        return self._view(next(iter(self.pool.nodes.values()))).queuedPositions(ticket, everySeconds)
+
+    async def _movingPositions(self, reserved: Reservation, everySeconds: float) -> AsyncIterator[int]:
+        """Places while the reserved ticket waits. When its upstream stops taking requests (drained, down,
+        removed) the request takes a place at the best other upstream with the model (the wait starts afresh
+        there), or gets that 503 with Retry-After when none is left; ``openStream`` then uses the new place."""
+        tried = [reserved.node]
+        while True:
+            positions = self._view(reserved.node).queuedPositions(reserved.ticket, everySeconds)
+            try:
+                async for position in positions:
+                    yield position
+                return
+            except UpstreamClosed:
+                reserved = self._reserve(reserved.path, reserved.payload, reserved.meta, tried, reserved.handle)
+                self.reserved = reserved
+            finally:
+                await positions.aclose()
 
     def _view(self, node: UpstreamNode) -> OllamaClient:
         return node.client.forRequest(self.meta)
 
     def _takeReservation(self, ticket: Ticket | None) -> Reservation | None:
         reserved, self.reserved = self.reserved, None
-        return reserved if reserved is not None and reserved[2] is ticket else None
+        return reserved if reserved is not None and reserved.handle is ticket else None
 
     def _target(self, payload: dict[str, Any], externalName: str | None) -> tuple[str, int | None]:
         spec = resolveModel(self.pool.settings, externalName) if externalName else None
@@ -149,43 +191,41 @@ class RoutedOllama:
             return self.pool.pick(ollamaName, numCtx, tried)
         return self.pool.anyRoutable(tried), ""
 
-    def _note(self, node: UpstreamNode, tried: list[UpstreamNode]) -> None:
+    def _note(self, node: UpstreamNode, failedFrom: UpstreamNode | None) -> None:
         if self.meta is not None:
             self.meta.upstream = node.name
-            if len(tried) > 1:
-                self.meta.failedOver = tried[0].name
+            if failedFrom is not None:
+                self.meta.failedOver = failedFrom.name
 
     async def _run(self, payload: dict[str, Any], externalName: str | None, attempt: Attempt[T],
                    holds: bool = False, reserved: Reservation | None = None) -> T:
         """Run ``attempt`` on the best upstream (or the reserved one); once more on the next best when it fails
-        retryably."""
+        retryably. A call whose upstream stopped taking requests while it waited for its slot there goes to the
+        next best without that counting as a failover (none left: 503 with Retry-After)."""
         ollamaName, numCtx = self._target(payload, externalName)
         tried: list[UpstreamNode] = []
+        failedFrom: UpstreamNode | None = None
         while True:
-            ticket = None
-            if reserved is not None and not tried:
-                node, pulledName, ticket = reserved
+            if reserved is not None:
+                node, pulledName, ticket, reserved = reserved.node, reserved.pulledName, reserved.ticket, None
             else:
-                node, pulledName = self._choose(ollamaName, numCtx, tried)
+                (node, pulledName), ticket = self._choose(ollamaName, numCtx, tried), None
             tried.append(node)
-            self._note(node, tried)
-            self.pool.acquire(node, pulledName)
-            released = False
-
-            def release(node: UpstreamNode = node, pulledName: str = pulledName) -> None:
-                nonlocal released
-                if not released:
-                    released = True
-                    self.pool.release(node, pulledName)
-
+            self._note(node, failedFrom)
+            release = self._hold(node, pulledName)
             sent = {**payload, "model": pulledName} if pulledName else payload
             try:
                 result = await attempt(self._view(node), sent, release, ticket)
+            except UpstreamClosed:
+                release()
+                continue
             except ServiceError as error:
                 release()
                 self.pool.suspect(node, error)
-                if len(tried) > 1 or not isRetryable(error) or not self._hasAlternative(ollamaName, numCtx, tried):
+                if failedFrom is not None or not isRetryable(error) or \
+                        not self._hasAlternative(ollamaName, numCtx, tried):
                     raise
+                failedFrom = node
                 self.pool.failovers += 1
                 continue
             except BaseException:
@@ -196,6 +236,19 @@ class RoutedOllama:
             if pulledName:
                 node.noteServed(pulledName, numCtx)
             return result
+
+    def _hold(self, node: UpstreamNode, pulledName: str) -> Callable[[], None]:
+        """Count the call in flight at the upstream; the function returned (idempotent) ends that."""
+        self.pool.acquire(node, pulledName)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.pool.release(node, pulledName)
+
+        return release
 
     def _hasAlternative(self, ollamaName: str, numCtx: int | None, tried: list[UpstreamNode]) -> bool:
         try:
