@@ -312,6 +312,24 @@ async def test_aWaiterHandedASlotWhereNoRequestsGoAnyMoreGivesItBack():
     assert admission.queueFor("gpu1", "m").limiter.busy == 0 and waiter.released
 
 
+async def test_aRequestPollingForASharedSlotStopsWhenItsUpstreamCloses():
+    class FullEverywhere:  # other instances hold every slot of the model (Redis)
+        shared, retrySeconds = True, 0.01
+
+        async def tryAcquire(self, upstream: str, model: str, limit: int) -> None:
+            return None
+
+    admission = Admission(AdmissionPolicy(numParallel=1), slots=FullEverywhere())  # type: ignore[arg-type]
+    ticket = admission.enqueue("gpu1", "m", "a")
+    task = asyncio.create_task(admission.wait(ticket))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    admission.accepting = lambda upstream: False
+    with pytest.raises(UpstreamClosed):
+        await asyncio.wait_for(task, 5)
+    assert ticket.released and admission.queueFor("gpu1", "m").limiter.busy == 0
+
+
 # ------------------------------------------------------------------------------------------------ reconfigure
 
 

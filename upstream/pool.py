@@ -77,8 +77,8 @@ class UpstreamPool:
         moved = self.admission.evict(node.name) if self.admission is not None else 0
         if moved:
             state = "removed" if node.removed else "draining" if node.draining else "not reachable"
-            logger.info("%d requests waiting for ollama upstream %s (%s) go to another upstream", moved, node.name,
-                        state)
+            logger.info("%d requests waiting for ollama upstream %s (%s) move to another upstream with the model "
+                        "(or get 503 when none is left)", moved, node.name, state)
 
     # ------------------------------------------------------------------------------------------ routing
 
