@@ -2,7 +2,8 @@
 and the Ollama stub: keys, model picker, streamed chat, stop, PDF/image thumbnails and analysis, errors a person can
 read, and real transcriptions with the multilingual whisper base (a German upload and an English recording from
 Chromium's fake microphone, each with its detected language). Every request the browser makes is routed through a
-guard that aborts it and fails the test when it leaves loopback. Screenshots of each step go to
+guard that aborts it and fails the test when it leaves loopback; under the guard, Chromium's resolver knows only
+127.0.0.1 and localhost (BROWSER_FLOOR). Screenshots of each step go to
 tests/artifacts/webui-*.png (git-ignored)."""
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ from tests.whisperSupport import MAX_WORD_ERROR_RATE, SHORT_TEXT, WhisperProcess
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 CHROMIUM = "/usr/bin/chromium"
+BROWSER_FLOOR = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost"
+"""Under the route guard (BrowserGuard), the browser's own floor: its resolver answers "not found" for every name and
+address but 127.0.0.1 and localhost (IP literals too: the rule applies before any socket), so a request the guard
+missed fails with net::ERR_NAME_NOT_RESOLVED in Chromium without a DNS query or a connection."""
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+               "--disable-background-networking", "--disable-component-update", "--disable-sync", BROWSER_FLOOR]
+GUARD_ABORT = "blockedbyclient"
+"""How the guard aborts: the page sees net::ERR_BLOCKED_BY_CLIENT, told apart from the floor's ERR_NAME_NOT_RESOLVED."""
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 STUB_MODELS = ["qwen2.5:7b", "qwen2.5vl:7b", "deepseek-r1:70b", "nomic-embed-text:latest"]
@@ -67,7 +74,7 @@ class BrowserGuard:
         parts = urlsplit(request.url)
         if parts.scheme in ("http", "https", "ws", "wss") and parts.hostname not in LOOPBACK_HOSTS:
             self.outside.append(request.url)
-            route.abort()
+            route.abort(GUARD_ABORT)
             return
         self.requests.append((request.method, parts.path, request.headers))
         route.continue_()
@@ -512,11 +519,18 @@ def test_audioUploadGivesTheTranscriptAndItsLanguage(serviceFactory, stub, openB
 
 
 def test_guardAbortsAndReportsRequestsThatLeaveLoopback(openBrowser) -> None:
+    """The route guard stops a request for another host before Chromium's network stack: the page sees the guard's
+    abort (not the resolver floor's "not resolved"), and the guard reports the URL. The target is an .invalid name
+    (RFC 6761), never a real address, and the floor (BROWSER_FLOOR) would stop it without a DNS query anyway."""
     browser = openBrowser()
-    outside = "http://198.51.100.20/pixel.png"
+    failed: list[tuple[str, str | None]] = []
+    browser.page.on("requestfailed", lambda request: failed.append((request.url, request.failure)))
+    outside = "http://pixel.invalid/pixel.png"
     browser.page.set_content(f'<img id="leak" src="{outside}">')
     expect(browser.page.locator("#leak")).to_have_js_property("complete", True)
     assert browser.page.eval_on_selector("#leak", "image => image.naturalWidth") == 0
+    assert [url for url, _ in failed] == [outside], failed
+    assert failed[0][1].startswith("net::ERR_BLOCKED_BY_CLIENT"), failed  # Chromium adds ".Inspector"
     assert browser.guard.outside == [outside]
     browser.guard.outside.clear()  # reported as intended: the teardown check must not fail this test
 
