@@ -15,8 +15,9 @@ import httpx
 import pytest
 
 from config import Settings, loadSettings
-from tests.networkGuard import VIOLATION_MARKER, NetworkGuard
+from tests.networkGuard import NATIVE_TELEMETRY_OFF, VIOLATION_MARKER, NetworkGuard
 
+os.environ.update(NATIVE_TELEMETRY_OFF)  # before anything imports onnxruntime (pymupdf does)
 NETWORK_GUARD = NetworkGuard().install()
 """Loopback-only guard for this process (tests/networkGuard.py); processes started by tests get it via guardedEnv."""
 SUBPROCESS_GUARD_DIR = Path(__file__).resolve().parent / "subprocessGuard"
@@ -52,7 +53,7 @@ models =
 def guardedEnv(env: dict[str, str]) -> dict[str, str]:
     """Environment for a Python process started by a test: installs the loopback-only network guard in it."""
     paths = [str(SUBPROCESS_GUARD_DIR), env.get("PYTHONPATH", "")]
-    return {**env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    return {**env, **NATIVE_TELEMETRY_OFF, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 def assertNoNetworkViolation(logText: str) -> None:

@@ -19,6 +19,10 @@ from typing import Any
 VIOLATION_MARKER = "NETWORK-GUARD: blocked"
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 UVLOOP_ENTRY_POINTS = ("create_connection", "getaddrinfo", "sock_connect", "create_datagram_endpoint")
+NATIVE_TELEMETRY_OFF = {"ORT_DISABLE_TELEMETRY": "1"}
+"""Telemetry that native threads send past the socket module, where no guard sees it: onnxruntime (imported by
+pymupdf and faster-whisper) otherwise resolves and posts to mobile.events.data.microsoft.com after import and at exit,
+and writes a device id under ~/.cache/Microsoft. Set in the test process (conftest) and by guardedEnv."""
 
 
 class NetworkViolation(RuntimeError):

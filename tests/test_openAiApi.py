@@ -126,7 +126,7 @@ async def test_image_for_a_text_model_is_a_clear_400(client: AsyncOpenAI) -> Non
 
 
 async def test_remote_image_url_is_refused(client: AsyncOpenAI, stubControl: httpx.Client) -> None:
-    content = [{"type": "image_url", "image_url": {"url": "https://example.org/cat.png"}}]
+    content = [{"type": "image_url", "image_url": {"url": "https://images.invalid/cat.png"}}]
     with pytest.raises(openai.BadRequestError) as info:
         await client.chat.completions.create(model=VISION, messages=[{"role": "user", "content": content}])
     assert "must be a data URL" in info.value.message and upstreamChats(stubControl) == []
@@ -197,7 +197,7 @@ async def test_response_format_with_a_remote_ref_is_400_and_never_reaches_ollama
                                                                                   stubControl) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         await client.chat.completions.create(model=TEXT, messages=HELLO, response_format={
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "https://example.com/s.json"}}})
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "https://schemas.invalid/s.json"}}})
     assert info.value.body["param"] == "response_format" and "only local references" in info.value.message
     assert upstreamChats(stubControl) == []
 

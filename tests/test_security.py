@@ -276,10 +276,11 @@ def _runService(iniText: str, tmp_path: Path, **env: str) -> subprocess.Complete
 @pytest.mark.e2e
 def test_serviceProcessRefusesToStartWithPlaceholdersOrRemoteUpstream(tmp_path: Path) -> None:
     placeholder = _runService(EXAMPLE_CONFIG_PATH.read_text(encoding="utf-8"), tmp_path)
-    remote = _runService(TEST_INI, tmp_path, PRIVATE_LLM_OLLAMA__BASE_URL="http://203.0.113.7:11434")
+    # an .invalid name (RFC 6761), never an address: should the refusal break, the name leads nowhere
+    remote = _runService(TEST_INI, tmp_path, PRIVATE_LLM_OLLAMA__BASE_URL="http://ollama.invalid:11434")
     assert placeholder.returncode != 0 and "still the placeholder" in placeholder.stderr
     assert "[auth] api_keys" in placeholder.stderr
-    assert remote.returncode != 0 and "[ollama] base_url = http://203.0.113.7:11434" in remote.stderr
+    assert remote.returncode != 0 and "[ollama] base_url = http://ollama.invalid:11434" in remote.stderr
     assert "allow_remote_upstream" in remote.stderr
 
 
