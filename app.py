@@ -178,11 +178,11 @@ def createApp(settings: Settings) -> FastAPI:
     installDisconnectHandler(app)
     if settings.metrics.enabled:
         installMetrics(app, observers)
+    app.include_router(routeOpenAi.router, dependencies=[Depends(requireOpenAiKey)])  # the busiest routes first:
+    app.include_router(routeApi.router, dependencies=[Depends(requireApiKey)])  # FastAPI tries routes in order
+    app.include_router(whisperProxy.router, dependencies=[Depends(requireOpenAiKey)])
     app.include_router(routeHealth.router)
     routeWeb.installWeb(app)
-    app.include_router(routeApi.router, dependencies=[Depends(requireApiKey)])
-    app.include_router(routeOpenAi.router, dependencies=[Depends(requireOpenAiKey)])
-    app.include_router(whisperProxy.router, dependencies=[Depends(requireOpenAiKey)])
     observers.append(logAccess)
     installSecurity(app, settings)
     app.state.slots = slotPoolFor(app.state.sharedState, settings.state.failure_mode == "fail_closed",

@@ -11,10 +11,10 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from config import ModelSpec, Settings, resolveModel
-from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
+from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, RelayResponse, untilDisconnect
 from core.errors import ServiceError
 from core.requestContext import RequestMeta, getMeta
 from documents import wireSchemas
@@ -184,7 +184,7 @@ async def _streamResponse(mode: str, events: AsyncIterator[dict[str, Any]], star
             _recordUsage(meta, usage)
 
     mediaType = "text/event-stream" if mode == "sse" else "application/x-ndjson"
-    return StreamingResponse(body(), media_type=mediaType, headers=STREAM_HEADERS)
+    return RelayResponse(body(), media_type=mediaType, headers=STREAM_HEADERS)
 
 
 def _recordUsage(meta: RequestMeta, usage: Usage) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -20,8 +19,15 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, UpstreamSseResponse, untilDisconnect
+from core.clientDisconnect import (
+    CLIENT_CLOSED_STATUS,
+    ClientDisconnected,
+    RelayResponse,
+    UpstreamSseResponse,
+    untilDisconnect,
+)
 from core.errors import ServiceError
+from core.eventLoop import giveTurn
 from core.offload import offloadOf
 from core.requestContext import RequestMeta, getMeta
 from guard.jsonBody import parseJsonBody
@@ -34,8 +40,8 @@ from openaiCompat.embeddings import embeddingInputs, embeddingOptions, embedding
 from openaiCompat.images import carriesImages
 from upstream.contextWindow import checkEmbedInputs, observeEmbed
 from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
-from upstream.modelRegistry import ModelRegistry, ResolvedModel
 from upstream.fairQueue import Ticket
+from upstream.modelRegistry import ModelRegistry, ResolvedModel
 from upstream.routing import PrimedStream, RoutedOllama
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -101,6 +107,7 @@ async def chatCompletions(request: Request, settings: SettingsDep, registry: Reg
     else:
         plan = buildChatPlan(body, resolved, settings, registry.tokens)
     onDone = partial(_observePrompt, plan, registry)
+    await giveTurn()
     try:
         if plan.stream:
             return await _streamChat(request, ollama, plan, resolved, meta, onDone)
@@ -123,6 +130,7 @@ async def _answerChat(request: Request, ollama: RoutedOllama, plan: ChatPlan, re
         answer = await untilDisconnect(request, ollama.chat(plan.payload, resolved.externalName))
     finally:
         meta.upstreamSeconds = time.perf_counter() - started
+    await giveTurn()
     _recordUsage(meta, answer)
     onDone(answer)
     return _jsonResponse(chatCompletion(answer, resolved.externalName, plan.leakedThink))
@@ -190,14 +198,15 @@ async def _queuedSseFrames(ollama: RoutedOllama, plan: ChatPlan, resolved: Resol
 
 async def _sseFrames(stream: PrimedStream, translator: ChatStreamTranslator, meta: RequestMeta,
                      includeUsage: bool) -> AsyncIterator[bytes]:
-    """Role frame, one frame per upstream chunk as it arrives, finish (+usage) frames; an error frame on an
-    upstream failure; always ``[DONE]`` unless the client is gone."""
-    chunks = stream.chunks()
+    """Role frame, the frames of the upstream chunks as they arrive (those that arrived together are passed on
+    together), finish (+usage) frames; an error frame on an upstream failure; always ``[DONE]`` unless the client is
+    gone."""
+    batches = stream.batches()
     try:
         yield translator.roleFrame()
-        async for chunk in chunks:
-            for frame in _framesOf(chunk, translator, meta, includeUsage):
-                yield frame
+        async for batch in batches:
+            for frames in _slicedFrames(batch, translator, meta, includeUsage):
+                yield frames
     except ServiceError as exc:
         meta.errorCode = exc.code or exc.errorType
         yield errorFrame(exc)
@@ -210,8 +219,25 @@ async def _sseFrames(stream: PrimedStream, translator: ChatStreamTranslator, met
         meta.errorCode = "client_disconnected"
         raise
     finally:
-        await _closeUpstream(chunks, stream, meta)
+        await _closeUpstream(batches, stream, meta)
     yield DONE_FRAME
+
+
+def _slicedFrames(batch: list[dict[str, Any]], translator: ChatStreamTranslator, meta: RequestMeta,
+                  includeUsage: bool) -> Iterator[bytes]:
+    """The frames of one batch of chunks, joined, in pieces of at most one relay time slice of work (so a long
+    burst still lets the loop turn between pieces; see RelayResponse)."""
+    perfCounter, sliceSeconds = time.perf_counter, RelayResponse.SLICE_SECONDS
+    pending: list[bytes] = []
+    sliceStart = perfCounter()
+    for chunk in batch:
+        pending.extend(_framesOf(chunk, translator, meta, includeUsage))
+        if perfCounter() - sliceStart > sliceSeconds:
+            yield b"".join(pending)
+            pending.clear()
+            sliceStart = perfCounter()
+    if pending:
+        yield b"".join(pending)
 
 
 def _framesOf(chunk: dict[str, Any], translator: ChatStreamTranslator, meta: RequestMeta,
@@ -230,12 +256,12 @@ def _framesOf(chunk: dict[str, Any], translator: ChatStreamTranslator, meta: Req
     return frames
 
 
-async def _closeUpstream(chunks: Any, stream: PrimedStream, meta: RequestMeta) -> None:
+async def _closeUpstream(batches: Any, stream: PrimedStream, meta: RequestMeta) -> None:
     """Close the upstream response at once (Ollama stops generating), shielded from the cancellation."""
     with anyio.CancelScope(shield=True):
         meta.upstreamSeconds = time.perf_counter() - stream.startedAt
         await stream.aclose()
-        await chunks.aclose()
+        await batches.aclose()
 
 
 def checkEmbeddingModel(resolved: ResolvedModel) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import TypeVar
 
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from core.requestContext import getMeta
@@ -77,15 +78,56 @@ def installDisconnectHandler(app: Starlette) -> None:
     app.add_exception_handler(ClientDisconnect, clientGoneResponse)
 
 
-class UpstreamSseResponse(StreamingResponse):
-    """SSE relay that always closes its frame generator (and with it the upstream request) when it ends,
-    including when the client disconnects and Starlette cancels the send loop."""
+class RelayResponse(Response):
+    """Streams frames (an async iterator of bytes) to the client as they come, one ``http.response.body`` each.
 
-    media_type = "text/event-stream"
+    - The client leaving cancels the relay at its next await (one small watcher task, as in ``untilDisconnect``,
+      instead of Starlette's task group per stream); the frame generator is always closed, shielded, so the
+      upstream request ends with it.
+    - Fair to the other requests on the loop: when frames arrive in a burst (a whole answer in one read), sending
+      them never yields, so one stream could hold the loop for milliseconds. After ``SLICE_SECONDS`` of relaying
+      without a turn the relay gives one up (``asyncio.sleep(0)``), so one loop iteration stays short at any
+      number of streams and every stream moves on at the same pace.
+    """
+
+    SLICE_SECONDS = 0.0002
+
+    def __init__(self, frames: AsyncIterator[bytes], status_code: int = 200,
+                 headers: Mapping[str, str] | None = None, media_type: str | None = None) -> None:
+        self.frames = frames
+        self.status_code = status_code
+        self.media_type = media_type or self.media_type
+        self.background = None
+        self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watch = DisconnectWatch(receive)
         try:
-            await super().__call__(scope, receive, send)
+            await self._relay(send, watch)
+        except asyncio.CancelledError:
+            if not (watch.gone and watch.handler is not None and watch.handler.uncancel() == 0):
+                raise
+        except OSError:
+            raise ClientDisconnect() from None
         finally:
+            watch.stop()
             with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self.frames.aclose()  # type: ignore[attr-defined]
+
+    async def _relay(self, send: Send, watch: DisconnectWatch) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        perfCounter, sliceSeconds = time.perf_counter, self.SLICE_SECONDS
+        turnTaken = perfCounter()
+        async for frame in self.frames:
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+            if perfCounter() - turnTaken > sliceSeconds:
+                await asyncio.sleep(0)
+                turnTaken = perfCounter()
+        watch.stop()  # the end of the response reports http.disconnect to the watcher: not a client leaving
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class UpstreamSseResponse(RelayResponse):
+    """The SSE relay of /v1 chat streams and transcription streams."""
+
+    media_type = "text/event-stream"

@@ -1,19 +1,15 @@
-"""The Ollama HTTP client: one shared httpx.AsyncClient, NDJSON streams, and the one place upstream failures map
-to the service's errors (503 unreachable/busy, 404 model, 504 timeout, 502 anything else)."""
+"""The Ollama HTTP client: one shared httpx.AsyncClient and NDJSON streams (failures map in upstreamErrors.py)."""
 
 from __future__ import annotations
 
 import copy
-import logging
-import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
 import orjson
 
-from core.errors import ServiceError
 from core.requestContext import RequestMeta
 from upstream.admission import DEFAULT_UPSTREAM, Admission, Kind, positionsWhileQueued
 from upstream.contextWindow import embedPayload
@@ -21,8 +17,13 @@ from upstream.fairQueue import Ticket
 from upstream.httpClient import LEAN_TRANSPORT_ATTRIBUTE
 from upstream.httpClient import createHttpClient as createHttpClient
 from upstream.transport import UpstreamTransport
+from upstream.upstreamErrors import BUSY_RETRY_AFTER_SECONDS as BUSY_RETRY_AFTER_SECONDS
+from upstream.upstreamErrors import OLLAMA as OLLAMA
+from upstream.upstreamErrors import UpstreamError as UpstreamError
+from upstream.upstreamErrors import mapStatusError as mapStatusError
+from upstream.upstreamErrors import mapTransportError as mapTransportError
+from upstream.upstreamErrors import midStreamError as midStreamError
 
-BUSY_RETRY_AFTER_SECONDS = 2
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 EMBED_PATHS = frozenset({"/api/embed", "/api/embeddings"})
 ADMITTED_PATHS = frozenset({"/api/chat", "/api/generate"}) | EMBED_PATHS
@@ -30,94 +31,7 @@ ADMITTED_PATHS = frozenset({"/api/chat", "/api/generate"}) | EMBED_PATHS
 ANONYMOUS_KEY = "anonymous"
 DONE_FINISH_SECONDS = 0.25
 """After a stream's done line, how long to wait for the end of its HTTP body so the connection can be kept."""
-OLLAMA = "Ollama"
-KNOWN_OLLAMA_ERRORS = (  # (pattern in Ollama's text, our words); Ollama's own text goes to the log only
-    (re.compile(r"does not support tools", re.I), "does not support tools; send the request without `tools`"),
-    (re.compile(r"does not support thinking", re.I), "cannot think; leave out reasoning_effort / think"),
-    (re.compile(r"does not support (insert|generate|chat|completion)", re.I), "cannot generate text"),
-    (re.compile(r"does not support (embed|embedding)", re.I), "cannot compute embeddings"),
-    (re.compile(r"context (length|window)|input length|too long", re.I),
-     "got an input longer than its context window; send less text"),
-    (re.compile(r"image", re.I), "could not read an image of the request; send PNG, JPEG or WebP"),
-    (re.compile(r"format|schema|grammar", re.I), "could not use the requested response format or schema"),
-    (re.compile(r"memory|cuda|gpu|vram", re.I), "could not be loaded (not enough memory on the server)"),
-)
-logger = logging.getLogger("poweron.upstream")
-
-
-class UpstreamError(ServiceError):
-    """Ollama (or the whisper service) failed or could not be reached."""
-
-
-def _errorMessageOf(body: bytes) -> str:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body.decode("utf-8", "replace").strip()[:300]
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-        return parsed["error"]
-    return ""
-
-
-def ourWords(raw: str, service: str) -> str | None:
-    """What an upstream error means in our own words: Ollama's text can name blob paths and internal model names,
-    so it goes to the log only; the whisper service is ours and its messages are written for callers."""
-    if service != OLLAMA:
-        return raw
-    if raw:
-        logger.warning("ollama said: %s", raw[:1000])
-    return next((words for pattern, words in KNOWN_OLLAMA_ERRORS if pattern.search(raw)), None)
-
-
-def mapTransportError(exc: httpx.HTTPError, baseUrl: str, service: str = OLLAMA) -> UpstreamError:
-    """Connection refused -> 503, timeouts -> 504, a broken connection -> 502. ``baseUrl`` is internal: it is never
-    part of the message (nor of the log)."""
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return UpstreamError(503, f"{service} is not reachable", code="upstream_unavailable",
-                             headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
-    if isinstance(exc, httpx.PoolTimeout):
-        return UpstreamError(503, f"Too many requests waiting for {service}; retry shortly", code="upstream_busy",
-                             headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamError(504, f"{service} did not answer in time", code="upstream_timeout")
-    return UpstreamError(502, f"{service} closed the connection unexpectedly ({type(exc).__name__})",
-                         code="upstream_error")
-
-
-def mapStatusError(status: int, body: bytes, externalName: str | None, service: str = OLLAMA) -> UpstreamError:
-    """Translate an upstream error status and body into a ServiceError a caller can act on."""
-    words = ourWords(_errorMessageOf(body), service)
-    modelText = f"`{externalName}`" if externalName else "the requested model"
-    if status == 404:
-        return UpstreamError(404, f"The model {modelText} is not available in {service} (not pulled?)",
-                             code="model_not_found", param="model")
-    if status == 503:
-        return UpstreamError(503, f"{service} is busy ({words or 'server busy'}); retry shortly",
-                             code="upstream_busy", headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
-    if status == 400 and "context length" in (raw := _errorMessageOf(body).lower()) and "exceed" in raw:
-        return UpstreamError(400, f"The input does not fit the context window of {modelText} ({service} refused "
-                             "it rather than cut it); shorten it", code="context_length_exceeded")
-    if status in (400, 422):
-        if words and service == OLLAMA:
-            return UpstreamError(400, f"{service} rejected the request: the model {modelText} {words}",
-                                 code="upstream_rejected")
-        return UpstreamError(400, f"{service} rejected the request for {modelText}: "
-                             f"{words or 'the log tells why under the request id'}", code="upstream_rejected")
-    if status == 403 and not body:
-        return UpstreamError(502, f"{service} refused the request (Host check); check its base_url",
-                             code="upstream_error")
-    if service != OLLAMA:
-        return UpstreamError(502, f"{service} failed with status {status}: {words or 'no message'}",
-                             code="upstream_error")
-    return UpstreamError(502, f"{service} failed with status {status} for {modelText}: "
-                         f"{words or 'the log tells why under the request id'}",
-                         code="upstream_error")
-
-
-def midStreamError(message: str) -> UpstreamError:
-    words = ourWords(message, OLLAMA)
-    return UpstreamError(502, f"Ollama failed while generating{': the model ' + words if words else ''}",
-                         code="upstream_stream_error")
+NOT_JSON_MESSAGE = "Ollama sent a line that is not JSON"
 
 
 def splitLines(buffer: bytes) -> tuple[list[bytes], bytes]:
@@ -129,14 +43,41 @@ def splitLines(buffer: bytes) -> tuple[list[bytes], bytes]:
 
 
 def parseStreamLine(line: bytes) -> dict[str, Any]:
-    """One NDJSON line; an ``{"error": ...}`` line raises (Ollama's mid-stream failure)."""
-    chunk = orjson.loads(line)
+    """One NDJSON line; an ``{"error": ...}`` line (Ollama's mid-stream failure) or a line that is not JSON raises."""
+    try:
+        chunk = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(502, NOT_JSON_MESSAGE, code="upstream_error") from None
     if "error" in chunk:
         raise midStreamError(str(chunk["error"]))
     return chunk
 
 
+def parseLines(lines: list[bytes]) -> tuple[list[dict[str, Any]], UpstreamError | bool | None]:
+    """The chunks up to the done line, and how the stream ends: True (done), an error line's error, None (goes on)."""
+    batch: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            chunk = parseStreamLine(line)
+        except UpstreamError as error:
+            return batch, error
+        batch.append(chunk)
+        if chunk.get("done"):
+            return batch, True
+    return batch, None
+
+
 TRUNCATED_STREAM_MESSAGE = "Ollama's stream ended before it was complete (no final done line)"
+
+
+async def flattened(batches: AsyncGenerator[list[dict[str, Any]], None]) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of ``batches`` one by one; closing this closes ``batches`` (and with it the stream's slot)."""
+    try:
+        async for batch in batches:
+            for chunk in batch:
+                yield chunk
+    finally:
+        await batches.aclose()
 
 
 class OllamaStream:
@@ -149,31 +90,36 @@ class OllamaStream:
         self.ticket = ticket
         """The admission slot this stream holds; given back at the done line or when the stream is closed."""
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        """Parsed lines; raises UpstreamError on an error line or a stream without ``done:true``."""
+    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
+        """Parsed lines, one list per read (the lines that arrived together, to be passed on together); raises
+        UpstreamError on an error line (after the lines before it) or on a stream without ``done:true``."""
         pending = b""
         try:
             async for data in self.response.aiter_bytes():
                 lines, pending = splitLines(pending + data)
-                for line in lines:
-                    chunk = parseStreamLine(line)
-                    yield chunk
-                    if chunk.get("done"):
-                        await self.finishBody()
-                        return
+                batch, ending = parseLines(lines)
+                if batch:
+                    yield batch
+                if ending is not None:
+                    if ending is not True:
+                        raise ending
+                    await self.finishBody()
+                    return
             if pending.strip():  # a last line without its newline
                 chunk = parseStreamLine(pending)
-                yield chunk
+                yield [chunk]
                 if chunk.get("done"):
                     return
         except httpx.HTTPError as exc:
             raise mapTransportError(exc, str(self.response.url.copy_with(path="/")).rstrip("/")) from None
-        except orjson.JSONDecodeError:
-            raise UpstreamError(502, "Ollama sent a line that is not JSON", code="upstream_error") from None
         finally:
             self.upstreamSeconds = time.perf_counter() - self.startedAt
             self.releaseSlot()
         raise UpstreamError(502, TRUNCATED_STREAM_MESSAGE, code="upstream_stream_error")
+
+    def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """Parsed lines one by one."""
+        return flattened(self.batches())
 
     async def finishBody(self) -> None:
         """Ollama ends the chunked body just after the done line: read that end (briefly) so the connection is

@@ -21,7 +21,7 @@ from upstream.contextWindow import embedPayload
 from upstream.discovery import UpstreamNode
 from upstream.admission import Kind, UpstreamClosed
 from upstream.fairQueue import Ticket
-from upstream.ollamaClient import OllamaClient, OllamaStream, midStreamError
+from upstream.ollamaClient import OllamaClient, OllamaStream, flattened, midStreamError
 from upstream.pool import UpstreamPool
 
 T = TypeVar("T")
@@ -53,10 +53,10 @@ def isRetryable(error: ServiceError) -> bool:
 
 
 class PrimedStream:
-    """An open stream whose first line has arrived already (so failing before it could go elsewhere); same
+    """An open stream whose first lines have arrived already (so failing before them could go elsewhere); same
     interface as OllamaStream. Closing it frees its place at the upstream."""
 
-    def __init__(self, stream: OllamaStream, inner: AsyncIterator[dict[str, Any]], first: dict[str, Any],
+    def __init__(self, stream: OllamaStream, inner: AsyncIterator[list[dict[str, Any]]], first: list[dict[str, Any]],
                  release: Callable[[], None]) -> None:
         self.stream, self.inner, self.first, self.release = stream, inner, first, release
         self.startedAt = stream.startedAt
@@ -66,15 +66,18 @@ class PrimedStream:
     def upstreamSeconds(self) -> float | None:
         return self.stream.upstreamSeconds
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
         try:
             yield self.first
-            if self.first.get("done"):
+            if self.first[-1].get("done"):
                 return
-            async for chunk in self.inner:
-                yield chunk
+            async for batch in self.inner:
+                yield batch
         finally:
             await self.inner.aclose()
+
+    def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        return flattened(self.batches())
 
     async def aclose(self) -> None:
         try:
@@ -92,6 +95,10 @@ class BufferedStream:
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         for chunk in self.buffered:
             yield chunk
+
+    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
+        if self.buffered:
+            yield self.buffered
 
     async def aclose(self) -> None:
         return None
@@ -286,7 +293,7 @@ class RoutedOllama:
         async def attempt(client: OllamaClient, sent: dict[str, Any], release: Callable[[], None],
                           held: Ticket | None) -> PrimedStream:
             stream = await client.openStream(path, sent, externalName, meta, ticket=held)
-            inner = stream.chunks()
+            inner = stream.batches()
             try:
                 first = await inner.__anext__()
             except BaseException:

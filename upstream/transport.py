@@ -131,15 +131,21 @@ class UpstreamConnection(asyncio.Protocol):
                 raise self.error
             await self._wait(timeout)
 
+    def _drainChunks(self) -> list[bytes]:
+        chunks = list(self.chunks)
+        self.chunks.clear()
+        return chunks
+
     async def nextChunk(self, timeout: float | None) -> bytes | None:
-        """The next body chunk as it arrived; None at the end of the body."""
+        """The body bytes that have arrived since the last call (all chunks of the chunked encoding that are here:
+        what arrived together is passed on together); None at the end of the body."""
         while not self.chunks:
             if self.complete:
                 return None
             if self.error is not None:
                 raise self.error
             await self._wait(timeout)
-        chunk = self.chunks.popleft()
+        chunk = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self._drainChunks())
         self.buffered -= len(chunk)
         if self.paused and self.buffered < HIGH_WATER_BYTES // 2 and self.transport is not None:
             self.paused = False
