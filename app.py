@@ -28,6 +28,7 @@ from apidoc import openApi
 from config import CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH, ConfigError, Settings, loadSettings
 from core.clientDisconnect import installDisconnectHandler
 from core.errors import installErrorHandlers, sendInternalError
+from core.nativeTelemetry import switchOffNativeTelemetry
 from core.offload import OffloadPool
 from core.requestContext import RequestContextMiddleware, RequestObserver
 from documents.renderWorkers import RenderPool
@@ -167,6 +168,7 @@ def applySettings(app: FastAPI, settings: Settings, nodes: dict[str, UpstreamNod
 
 def createApp(settings: Settings) -> FastAPI:
     """Build the service for the given settings."""
+    switchOffNativeTelemetry()  # before the render workers (pymupdf imports onnxruntime) start
     app = FastAPI(title="PowerOn private LLM service", version="1.0.0", lifespan=lifespan, redirect_slashes=False,
                   docs_url=None, redoc_url=None, openapi_url=None, **fastApiTelemetryOff())
     app.state.settings = settings

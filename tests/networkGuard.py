@@ -11,7 +11,9 @@ a broad ``except`` swallows still fails the test. Allowed calls go on through th
 
 from __future__ import annotations
 
+import importlib.abc
 import ipaddress
+import os
 import socket
 import sys
 from typing import Any
@@ -22,7 +24,9 @@ UVLOOP_ENTRY_POINTS = ("create_connection", "getaddrinfo", "sock_connect", "crea
 NATIVE_TELEMETRY_OFF = {"ORT_DISABLE_TELEMETRY": "1"}
 """Telemetry that native threads send past the socket module, where no guard sees it: onnxruntime (imported by
 pymupdf and faster-whisper) otherwise resolves and posts to mobile.events.data.microsoft.com after import and at exit,
-and writes a device id under ~/.cache/Microsoft. Set in the test process (conftest) and by guardedEnv."""
+and writes a device id under ~/.cache/Microsoft. The programs set it themselves (core/nativeTelemetry.py); the test
+process (conftest) and guardedEnv set it too, and the guard refuses to import onnxruntime without it."""
+TELEMETRY_MODULES = frozenset({"onnxruntime"})
 
 
 class NetworkViolation(RuntimeError):
@@ -50,6 +54,21 @@ def _isIpLiteral(host: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+class NativeTelemetryTripwire(importlib.abc.MetaPathFinder):
+    """Refuses to import onnxruntime while its telemetry is on: its native threads would resolve and post past the
+    socket layer, where the guard cannot stop them (NATIVE_TELEMETRY_OFF)."""
+
+    def __init__(self, guard: NetworkGuard) -> None:
+        self.guard = guard
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name.partition(".")[0] in TELEMETRY_MODULES and any(
+                os.environ.get(key) != value for key, value in NATIVE_TELEMETRY_OFF.items()):
+            raise self.guard.refuse(f"import of {name} with its native telemetry on (set ORT_DISABLE_TELEMETRY=1 "
+                                    "before importing it)")
+        return None
 
 
 class NetworkGuard:
@@ -93,6 +112,7 @@ class NetworkGuard:
         if pytestSocket is not None:
             self._patchPytestSocket(pytestSocket)
         self.patchUvloop()
+        sys.meta_path.insert(0, NativeTelemetryTripwire(self))
         return self
 
     def _patchSocket(self) -> None:

@@ -26,7 +26,8 @@ from app import createApp
 from tests.conftest import (NETWORK_GUARD, OPENAI_KEY, REPO_ROOT, SUBPROCESS_GUARD_DIR, TEST_INI, freePort, guardedEnv,
                             stopProcess)
 from tests.connectFloor import FLOOR_MARKER, ConnectFloor
-from tests.networkGuard import VIOLATION_MARKER, NetworkGuard, NetworkViolation, isLoopbackHost
+from tests.networkGuard import (NATIVE_TELEMETRY_OFF, VIOLATION_MARKER, NetworkGuard, NetworkViolation,
+                                isLoopbackHost)
 from tests.ollamaStub import StubServer
 
 # What the guard tests aim at. Nothing is a routable outside address, and every attempt meets the floor
@@ -236,6 +237,29 @@ def test_serviceProcessCannotReachARemoteUpstream(tmp_path: Path) -> None:
     text = logPath.read_text(errors="replace")
     assert expected.search(text), text[-3000:]
     assert FLOOR_INSTALLED in text and FLOOR_MARKER not in text, text[-3000:]
+
+
+PROGRAM_STARTS = {
+    "service": "import app\nfrom config import loadSettings\napp.createApp(loadSettings())\nimport pymupdf\n",
+    "whisper": ("import uvicorn\nuvicorn.run = lambda *args, **kwargs: None\n"
+                "from whisperServer import engine, service\n"
+                "engine.WhisperEngine.preload = lambda self: __import__('onnxruntime')\n"
+                "service.main()\n"),
+}
+"""Each program's start up to its first use of onnxruntime: the service's render workers import pymupdf (which
+imports it) after createApp; the whisper service's engine (faster-whisper's VAD) after main's setup."""
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAM_STARTS))
+def test_programsSwitchOffNativeTelemetryBeforeOnnxruntimeLoads(program: str, testIni: Path) -> None:
+    """onnxruntime's telemetry runs in native threads, past the socket guard: the programs must switch it off
+    themselves. The test's own switch is taken out of the environment; the guard in the process refuses the import
+    while telemetry is on (so nothing starts, let alone leaves)."""
+    env = {k: v for k, v in guardedEnv(dict(os.environ)).items() if k not in NATIVE_TELEMETRY_OFF}
+    result = subprocess.run([sys.executable, "-c", PROGRAM_STARTS[program] + "print('loaded')"], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert VIOLATION_MARKER not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 0 and result.stdout.strip().endswith("loaded"), result.stdout + result.stderr[-3000:]
 
 
 # --- the service never fetches what it is given ---------------------------------------------------------------

@@ -25,6 +25,7 @@ from starlette.types import Message
 from config import ConfigError, Settings, loadSettings, resolveModel
 from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, untilDisconnect
 from core.errors import ServiceError, installErrorHandlers, openAiErrorBody
+from core.nativeTelemetry import switchOffNativeTelemetry
 from core.requestContext import RequestContextMiddleware, RequestMeta
 from whisperServer.engine import ModelLoadError, TranscriptionJob, WhisperEngine
 from whisperServer.languages import languageCode, languageName
@@ -359,7 +360,7 @@ def main() -> None:
         sys.exit(f"configuration error: {exc}")
     if problem := bindHostProblem(settings.whisper.host, settings.whisper.allow_private_bind):
         sys.exit(f"configuration error: {problem}")
-    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    switchOffNativeTelemetry()  # before the engine can import onnxruntime (faster-whisper's VAD)
     if not settings.whisper.allow_download:
         os.environ["HF_HUB_OFFLINE"] = "1"
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(message)s")
