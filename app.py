@@ -31,6 +31,7 @@ from core.errors import installErrorHandlers, sendInternalError
 from core.nativeTelemetry import switchOffNativeTelemetry
 from core.offload import OffloadPool
 from core.requestContext import RequestContextMiddleware, RequestObserver
+from core.turns import TurnGate
 from documents.renderWorkers import RenderPool
 from guard.connectionGuard import protocolFor
 from guard.security import fastApiTelemetryOff, installSecurity, reconfigureKeys, requireApiKey, requireOpenAiKey
@@ -190,7 +191,9 @@ def createApp(settings: Settings) -> FastAPI:
     app.state.slots = slotPoolFor(app.state.sharedState, settings.state.failure_mode == "fail_closed",
                                   settings.state.instances)
     app.state.admission.useSlots(app.state.slots)
-    app.add_middleware(RequestContextMiddleware, observers=observers, renderError=sendInternalError)
+    app.state.turns = TurnGate()
+    app.add_middleware(RequestContextMiddleware, observers=observers, renderError=sendInternalError,
+                       turns=app.state.turns)
     return app
 
 

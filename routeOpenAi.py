@@ -27,9 +27,9 @@ from core.clientDisconnect import (
     untilDisconnect,
 )
 from core.errors import ServiceError
-from core.eventLoop import giveTurn
 from core.offload import offloadOf
 from core.requestContext import RequestMeta, getMeta
+from core.turns import takeTurn
 from guard.jsonBody import parseJsonBody
 from guard.requestLimits import checkChatBudget
 from openaiCompat import wireSchemas
@@ -107,7 +107,7 @@ async def chatCompletions(request: Request, settings: SettingsDep, registry: Reg
     else:
         plan = buildChatPlan(body, resolved, settings, registry.tokens)
     onDone = partial(_observePrompt, plan, registry)
-    await giveTurn()
+    await takeTurn(request.scope)  # the next steps (admission, the upstream call) in the loop's next turn
     try:
         if plan.stream:
             return await _streamChat(request, ollama, plan, resolved, meta, onDone)
@@ -130,7 +130,7 @@ async def _answerChat(request: Request, ollama: RoutedOllama, plan: ChatPlan, re
         answer = await untilDisconnect(request, ollama.chat(plan.payload, resolved.externalName))
     finally:
         meta.upstreamSeconds = time.perf_counter() - started
-    await giveTurn()
+    await takeTurn(request.scope)  # building and sending the answer in the next turn
     _recordUsage(meta, answer)
     onDone(answer)
     return _jsonResponse(chatCompletion(answer, resolved.externalName, plan.leakedThink))

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from core.requestContext import getMeta
+from core.turns import takeTurn
 
 CLIENT_CLOSED_STATUS = 499
 """Status recorded (nginx's convention) when the client closed the connection before the answer."""
@@ -86,7 +87,7 @@ class RelayResponse(Response):
       upstream request ends with it.
     - Fair to the other requests on the loop: when frames arrive in a burst (a whole answer in one read), sending
       them never yields, so one stream could hold the loop for milliseconds. After ``SLICE_SECONDS`` of relaying
-      without a turn the relay gives one up (``asyncio.sleep(0)``), so one loop iteration stays short at any
+      without a turn the relay takes its next one (core/turns.py), so one loop iteration stays short at any
       number of streams and every stream moves on at the same pace.
     """
 
@@ -103,7 +104,7 @@ class RelayResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watch = DisconnectWatch(receive)
         try:
-            await self._relay(send, watch)
+            await self._relay(scope, send, watch)
         except asyncio.CancelledError:
             if not (watch.gone and watch.handler is not None and watch.handler.uncancel() == 0):
                 raise
@@ -114,14 +115,14 @@ class RelayResponse(Response):
             with anyio.CancelScope(shield=True):
                 await self.frames.aclose()  # type: ignore[attr-defined]
 
-    async def _relay(self, send: Send, watch: DisconnectWatch) -> None:
+    async def _relay(self, scope: Scope, send: Send, watch: DisconnectWatch) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         perfCounter, sliceSeconds = time.perf_counter, self.SLICE_SECONDS
         turnTaken = perfCounter()
         async for frame in self.frames:
             await send({"type": "http.response.body", "body": frame, "more_body": True})
             if perfCounter() - turnTaken > sliceSeconds:
-                await asyncio.sleep(0)
+                await takeTurn(scope)
                 turnTaken = perfCounter()
         watch.stop()  # the end of the response reports http.disconnect to the watcher: not a client leaving
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -128,11 +128,3 @@ def newEventLoop() -> asyncio.AbstractEventLoop:
     """The loop factory for uvicorn (``loop="core.eventLoop:newEventLoop"``)."""
     return AcceptAllLoop()
 
-
-async def giveTurn() -> None:
-    """Let the other ready requests run before this one goes on (costs one pass through the loop's ready queue).
-
-    Called between the CPU-heavy phases of a request (after reading and planning it, after the upstream's answer).
-    Under load one loop iteration runs one phase of every busy request, and everything else waiting on the loop (a
-    new connection, a health probe, a timer) waits for the whole iteration: shorter phases, shorter waits."""
-    await asyncio.sleep(0)

@@ -16,6 +16,8 @@ from typing import Any, Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.turns import TURNS_SCOPE_KEY, TurnGate
+
 META_SCOPE_KEY = "poweron.meta"
 PARAMETER = re.compile(r"\{[^}/]+\}")
 REQUEST_ID_HEADER = b"x-request-id"
@@ -112,10 +114,12 @@ class RequestContextMiddleware:
     with the request id, so every response carries X-Request-ID and every 5xx access line an error code."""
 
     def __init__(self, app: ASGIApp, observers: list[RequestObserver],
-                 renderError: ErrorRenderer | None = None) -> None:
+                 renderError: ErrorRenderer | None = None, turns: TurnGate | None = None) -> None:
         self.app = app
         self.observers = observers
         self.renderError = renderError
+        self.turns = turns
+        """The loop's turn gate (core/turns.py): a request takes its first turn here, before any of its work."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,6 +136,9 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            if self.turns is not None:
+                scope[TURNS_SCOPE_KEY] = self.turns
+                await self.turns.turn()
             await self.app(scope, receive, sendWithId)
         except Exception:
             if not await self._answerUnexpected(meta, scope, receive, sendWithId):
