@@ -12,7 +12,13 @@ import pytest
 from config import WhisperSettings, resolveModel
 from core.errors import ServiceError
 from tests.whisperSupport import FAKE_PDF, silenceWav, toneWav
-from whisperServer.engine import AdmissionControl, WhisperEngine, decodeAudio, resolveComputeType
+from whisperServer.engine import (
+    AdmissionControl,
+    TranscriptionJob,
+    WhisperEngine,
+    decodeAudio,
+    resolveComputeType,
+)
 from whisperServer.languages import LANGUAGE_NAMES, languageCode, languageName
 from whisperServer.transcriptFormats import (
     Transcript,
@@ -144,3 +150,40 @@ def test_turboModelsRefuseToTranslate() -> None:
     assert WhisperEngine(WhisperSettings(model="large-v3-turbo", translation_model="large-v3")).translationProblem() \
         is None
     assert resolveComputeType("default", "cuda") == "float16" and resolveComputeType("default", "cpu") == "int8"
+
+
+class EnglishOnlyModel:
+    """Stands in for a loaded tiny.en: faster-whisper reports ``supported_languages == ["en"]`` for it."""
+
+    name = "/models/tiny.en"
+    supportedLanguages = frozenset({"en"})
+    isLoaded = True
+
+    def ensureLoaded(self) -> None:
+        pass
+
+
+ENGLISH_ONLY_REFUSAL = ("Translation is not available: the model /models/tiny.en is English-only and cannot translate "
+                        "(it transcribes English speech only); set [whisper] translation_model to a multilingual "
+                        "model, e.g. large-v3")
+
+
+def test_englishOnlyModelsRefuseToTranslate() -> None:
+    """tiny.en would answer German speech with English-sounding words: translations are refused like turbo's."""
+    engine = WhisperEngine(WhisperSettings(model="/models/tiny.en"))
+    engine.models["/models/tiny.en"] = EnglishOnlyModel()  # type: ignore[assignment]
+    assert engine.translationProblem() == ENGLISH_ONLY_REFUSAL
+    multilingual = WhisperEngine(WhisperSettings(model="/models/base"))
+    multilingual.models["/models/base"] = SimpleNamespace(supportedLanguages=frozenset({"en", "de"}))  # type: ignore
+    assert multilingual.translationProblem() is None
+
+
+def test_anEnglishOnlyTranslationModelIsRefusedOnceLoaded() -> None:
+    """A translation_model loaded on first use: the worker refuses it after loading, before any decoding."""
+    engine = WhisperEngine(WhisperSettings(model="/models/base", translation_model="/models/tiny.en"))
+    assert engine.translationProblem() is None  # not loaded yet: nothing known
+    engine.models["/models/tiny.en"] = EnglishOnlyModel()  # type: ignore[assignment]
+    with pytest.raises(ServiceError) as refused:
+        engine._run(TranscriptionJob(task="translate", audio=io.BytesIO(silenceWav(1.0))), None)
+    assert (refused.value.status, refused.value.code) == (501, "translation_unavailable")
+    assert refused.value.message == ENGLISH_ONLY_REFUSAL and engine.active == 0

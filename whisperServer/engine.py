@@ -20,6 +20,7 @@ import numpy as np
 
 from config import WhisperSettings
 from core.errors import ServiceError
+from whisperServer.languages import ENGLISH_ONLY
 from whisperServer.transcriptFormats import Transcript, TranscriptSegment, segmentFromWhisper
 
 logger = logging.getLogger("poweron.whisper")
@@ -220,12 +221,15 @@ class WhisperEngine:
         return self.settings.model
 
     def translationProblem(self) -> str | None:
-        """Why translations cannot be served (turbo models answer in the source language), or None."""
+        """Why translations cannot be served, or None: turbo models answer in the source language, English-only
+        models (tiny.en; known once loaded) in English-sounding words. Not loaded yet: the worker checks."""
         name = self.modelNameFor("translate")
         if "turbo" in os.path.basename(name.rstrip("/")).lower():
             return (f"Translation is not available: the model {name} cannot translate (it answers in the original "
                     "language); set [whisper] translation_model, e.g. large-v3")
-        return None
+        loaded = self.models.get(name)
+        englishOnly = loaded is not None and loaded.supportedLanguages == ENGLISH_ONLY
+        return englishOnlyRefusal(name) if englishOnly else None
 
     def acquireModel(self, task: str) -> LoadedModel:
         """The model for ``task``, created on first use, its weights loaded again after an idle unload; marks it
@@ -305,6 +309,8 @@ class WhisperEngine:
             raise ServiceError(503, f"Speech-to-text is unavailable: {exc}", code="stt_model_unavailable",
                                headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)}) from None
         try:
+            if job.task == "translate" and loaded.supportedLanguages == ENGLISH_ONLY:
+                raise ServiceError(501, englishOnlyRefusal(loaded.name), code="translation_unavailable")
             generator, info = self._segments(loaded, job, samples)
             segments: list[TranscriptSegment] = []
             for raw in generator:
@@ -371,6 +377,11 @@ class WhisperEngine:
             if self.active == 0:
                 for loaded in self.models.values():
                     loaded.unload()
+
+
+def englishOnlyRefusal(name: str) -> str:
+    return (f"Translation is not available: the model {name} is English-only and cannot translate (it transcribes "
+            "English speech only); set [whisper] translation_model to a multilingual model, e.g. large-v3")
 
 
 def isSilentSpan(samples: np.ndarray, start: float, end: float) -> bool:

@@ -21,6 +21,8 @@ LANGUAGE_NAMES: dict[str, str] = dict(
     entry.strip().split(" ", 1) for entry in _NAMES.replace("\n", " ").split(",") if entry.strip())
 """Whisper's 100 language codes and OpenAI's names for them."""
 LANGUAGE_CODES: dict[str, str] = {name: code for code, name in LANGUAGE_NAMES.items()}
+ENGLISH_ONLY = frozenset({"en"})
+"""faster-whisper's ``supported_languages`` of the English-only ``*.en`` models: they cannot translate either."""
 
 
 def languageName(code: str) -> str:

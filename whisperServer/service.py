@@ -28,7 +28,7 @@ from core.errors import ServiceError, installErrorHandlers, openAiErrorBody
 from core.nativeTelemetry import switchOffNativeTelemetry
 from core.requestContext import RequestContextMiddleware, RequestMeta
 from whisperServer.engine import ModelLoadError, TranscriptionJob, WhisperEngine
-from whisperServer.languages import languageCode, languageName
+from whisperServer.languages import ENGLISH_ONLY, languageCode, languageName
 from whisperServer.transcriptFormats import (
     MEDIA_TYPES,
     RESPONSE_FORMATS,
@@ -141,7 +141,7 @@ def _language(form: FormData, supported: frozenset[str]) -> str | None:
     if not supported or language in supported:
         return language
     named = f"'{language[:20]}'" + (f" ({languageName(language)})" if language != languageName(language) else "")
-    if supported == {"en"}:
+    if supported == ENGLISH_ONLY:
         raise ServiceError(400, f"language {named} cannot be transcribed: the speech-to-text model is English-only; "
                            "send English audio, or leave language empty", param="language",
                            code="unsupported_language")
