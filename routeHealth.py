@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from core.requestContext import getMeta
 from guard.security import presentsValidKey
 from observe import healthSchemas
+from settings.sections import StateSettings
 from state.redisStore import RedisStore
 from upstream.dependencies import RegistryDep
 from upstream.modelRegistry import ModelRegistry
@@ -33,7 +34,7 @@ def _withDetails(request: Request) -> bool:
 
 def _healthBody(request: Request, registry: ModelRegistry, details: bool) -> dict:
     ollama: dict = {"reachable": registry.ollamaReachable}
-    state = stateHealth(request.app.state.sharedState, registry.settings.state.failure_mode)
+    state = stateHealth(request.app.state.sharedState, registry.settings.state)
     body: dict = {
         "status": "ok" if registry.ollamaReachable and state["reachable"] is not False else "degraded",
         "ollama": ollama,
@@ -57,11 +58,15 @@ async def health(request: Request, registry: RegistryDep) -> JSONResponse:
     return JSONResponse(_healthBody(request, registry, _withDetails(request)))
 
 
-def stateHealth(store: RedisStore | None, failureMode: str) -> dict:
-    """Where the shared limits live: this process, or Redis (reachable or not; while not, per-instance limits)."""
+def stateHealth(store: RedisStore | None, settings: StateSettings) -> dict:
+    """Where the shared limits live: this process, or Redis (reachable or not; while not, per-instance limits), the
+    instances alive at the last heartbeat and what fail_closed divides the limits by."""
     if store is None:
-        return {"backend": "process", "reachable": None, "failure_mode": None}
-    return {"backend": "redis", "reachable": store.reachable, "failure_mode": failureMode}
+        return {"backend": "process", "reachable": None, "failure_mode": None, "instances": None,
+                "share_divisor": None}
+    divisor = store.shareDivisor(settings.instances) if settings.failure_mode == "fail_closed" else 1
+    return {"backend": "redis", "reachable": store.reachable, "failure_mode": settings.failure_mode,
+            "instances": store.liveInstances, "share_divisor": divisor}
 
 
 @router.get("/health/liveliness", response_class=PlainTextResponse, **healthSchemas.livelinessDoc())

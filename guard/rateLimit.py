@@ -142,6 +142,20 @@ class RateLimiter:
                 states[(keyClass, name)] = state
         self.states = states
 
+    def resize(self, settings: Settings, instances: int) -> None:
+        """Another share of the limits (``fail_closed`` with another number of live instances): each bucket keeps
+        the fraction of its capacity it holds (a full one stays full), in-flight counts stay."""
+        now = self.clock()
+        fractions: dict[tuple[str, str], float] = {}
+        for key, state in self.states.items():
+            state.bucket._refill(now)  # noqa: SLF001 - tokens earned under the old share count
+            fractions[key] = state.bucket.tokens / state.bucket.capacity
+        self.instances = instances
+        self.reconfigure(settings)
+        for key, fraction in fractions.items():
+            if (state := self.states.get(key)) is not None:
+                state.bucket.tokens = fraction * state.bucket.capacity
+
     def admit(self, keyClass: str, name: str) -> KeyState:
         """Count one request against the key; raises a 429 ServiceError when a limit is reached.
 

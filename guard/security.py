@@ -226,7 +226,8 @@ def sharedStoreFor(settings: Settings) -> RedisStore | None:
     url = settings.state.redis_url.strip()
     if not url:
         return None
-    return RedisStore(url, settings.state.lease_seconds, settings.state.timeout_seconds)
+    return RedisStore(url, settings.state.lease_seconds, settings.state.timeout_seconds,
+                      settings.state.heartbeat_seconds)
 
 
 def reconfigureKeys(app: FastAPI, settings: Settings) -> None:

@@ -3,7 +3,8 @@ cap as guard/rateLimit.py, kept in Redis by one atomic script per request (state
 limits once however many instances serve it.
 
 While Redis is unreachable the per-instance ``RateLimiter`` answers instead: with the configured limits
-(``fail_open``) or with this instance's share of them (``fail_closed``: limits divided by ``[state] instances``).
+(``fail_open``) or with this instance's share of them (``fail_closed``: limits divided by the instances alive at
+the last successful heartbeat, or by ``[state] instances`` when no count was ever seen; state/redisStore.py).
 Either way the client gets a 200 or a 429, never a 5xx; the store probes Redis back and the shared limits resume.
 """
 
@@ -28,14 +29,21 @@ class SharedRateLimiter:
         for keyClass, keys in (("api", settings.apiKeys), ("openai", settings.openAiKeys)):
             for name in keys:
                 self.limits[(keyClass, name)] = keyLimitsFor(settings, keyClass, name)
-        share = settings.state.instances if settings.state.failure_mode == FAIL_CLOSED else 1
-        self.fallback = RateLimiter(settings, clock, instances=share)
+        self.settings = settings
+        self.fallback = RateLimiter(settings, clock, instances=self.shareDivisor())
+
+    def shareDivisor(self) -> int:
+        """What the per-instance fallback divides the limits by (1 for fail_open)."""
+        if self.settings.state.failure_mode != FAIL_CLOSED:
+            return 1
+        return self.store.shareDivisor(self.settings.state.instances)
 
     def reconfigure(self, settings: Settings) -> None:
         """New keys and limits (a reload); the counts in Redis stay."""
         self.limits = {(keyClass, name): keyLimitsFor(settings, keyClass, name)
                        for keyClass, keys in (("api", settings.apiKeys), ("openai", settings.openAiKeys))
                        for name in keys}
+        self.settings = settings
         self.fallback.reconfigure(settings)
 
     async def acquire(self, keyClass: str, name: str) -> Admission:
@@ -45,6 +53,8 @@ class SharedRateLimiter:
                 return await self._acquireShared(keyClass, name)
             except StateUnavailable:
                 pass
+        if (share := self.shareDivisor()) != self.fallback.instances:
+            self.fallback.resize(self.settings, share)
         return await self.fallback.acquire(keyClass, name)
 
     async def _acquireShared(self, keyClass: str, name: str) -> Admission:

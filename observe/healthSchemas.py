@@ -50,6 +50,13 @@ class StateHealth(WireModel):
     reachable: bool | None = Field(description="Redis answers (null without Redis); false: per-instance limits")
     failure_mode: Literal["fail_open", "fail_closed"] | None = Field(
         description="What the limits are while Redis is unreachable (null without Redis)")
+    instances: int | None = Field(
+        None, description="Instances of the service alive at the last successful heartbeat in Redis, this one "
+                          "included (null without Redis or before the first heartbeat answered)")
+    share_divisor: int | None = Field(
+        None, description="While Redis is unreachable each instance applies a key's limits divided by this: with "
+                          "fail_closed the instances above, or [state] instances when no count was ever seen; 1 with "
+                          "fail_open (null without Redis)")
 
 
 class LoadedModelHealth(WireModel):

@@ -84,6 +84,34 @@ class AvailabilityCollector:
                                   "(last /api/ps)", labels=["upstream"]))
 
 
+class StateCollector:
+    """Shared state in Redis (``[state] redis_url``), read at scrape time: whether Redis answers and the instances
+    alive at the last successful heartbeat (no sample without Redis or before a count was seen)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        families = reachable, instances = self._families()
+        store = getattr(self.app.state, "sharedState", None)
+        if store is not None:
+            reachable.add_metric([], 1.0 if store.reachable else 0.0)
+            if store.liveInstances is not None:
+                instances.add_metric([], float(store.liveInstances))
+        yield from families
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (GaugeMetricFamily("poweron_state_redis_reachable", "1 while the Redis of [state] redis_url answers, "
+                                  "else 0 (per-instance limits)"),
+                GaugeMetricFamily("poweron_state_instances", "Instances of the service alive at the last successful "
+                                  "heartbeat in Redis, this one included (kept while Redis is unreachable: fail_closed "
+                                  "divides the limits by it)"))
+
+
 class InFlightMiddleware:
     """Pure ASGI wrapper counting the HTTP requests being served (open streams included)."""
 
@@ -136,6 +164,7 @@ class ServiceMetrics:
                                   "collector, by generation", ["generation"], buckets=GC_PAUSE_BUCKETS,
                                   registry=registry)
         registry.register(AvailabilityCollector(app))
+        registry.register(StateCollector(app))
 
     def reconfigure(self, settings: Settings) -> None:
         """Label sets of a (re)loaded configuration: model, key and upstream names."""

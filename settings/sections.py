@@ -132,9 +132,14 @@ class StateSettings(Section):
     """Redis holding the shared limits of all instances (redis://127.0.0.1:6379/0); empty = in this process only."""
     failure_mode: Literal["fail_open", "fail_closed"] = "fail_open"
     """While Redis is unreachable: fail_open = per-instance limits as configured; fail_closed = each instance
-    gets its share (limits divided by instances), so all instances together stay within a key's limits."""
+    gets its share (limits divided by the instances alive at the last heartbeat), so all instances together stay
+    within a key's limits."""
     instances: int = Field(2, ge=1, le=64)
-    """How many instances (processes) share the limits; used only for fail_closed while Redis is unreachable."""
+    """Fallback for fail_closed: how many instances share the limits when no live count was ever seen (Redis down
+    since the start); otherwise the instances alive at the last successful heartbeat divide the limits."""
+    heartbeat_seconds: float = Field(5.0, ge=0.1, le=300)
+    """Each instance announces itself in Redis this often; one that stops announcing (crashed, hung) counts as gone
+    after 3 times this, one that shuts down at once."""
     lease_seconds: float = Field(30.0, ge=1, le=3600)
     """An in-flight slot held by an instance that stopped renewing it (crashed) is freed after this long."""
     timeout_seconds: float = Field(0.25, gt=0, le=10)

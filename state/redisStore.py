@@ -1,14 +1,22 @@
-"""Shared state in Redis through redis-py's asyncio client and three Lua scripts, each one atomic round trip:
+"""Shared state in Redis through redis-py's asyncio client and Lua scripts, each one atomic round trip:
 
 - ``admit``: a key's token bucket and its in-flight leases together (prune expired leases, check the in-flight cap,
   refill and take one token, add a lease);
 - ``lease``: one slot of a bounded pool (e.g. per upstream and model) as a lease;
-- ``renew``: push the expiry of the leases this instance still holds.
+- ``renew``: push the expiry of the leases this instance still holds;
+- ``count``: the live leases of a pool;
+- ``heartbeat``: announce this instance and count the live ones (below).
 
 Time is Redis' own clock (``TIME``), so instances with drifting clocks agree. A lease is a member of a sorted set
 scored by its expiry; this instance renews what it holds every ``lease_seconds / 3``, so a crashed instance's
 leases fall out within ``lease_seconds``. Redis' reachability is tracked here: the first failure logs one line and
 switches callers to their fallback, a probe every second brings it back (one line again).
+
+Instances announce themselves (``heartbeat``): every ``heartbeat_seconds`` each one puts its id into one sorted set
+scored by an expiry ``HEARTBEAT_TTL_FACTOR`` intervals ahead, drops the expired ids and counts the rest, so a hung or
+crashed instance is gone after that TTL (a closing one takes its id out at once).
+``liveInstances`` is the count of the last successful heartbeat; it stays while Redis is unreachable, and
+``shareDivisor`` gives it to the ``fail_closed`` fallbacks (``[state] instances`` until a count was ever seen).
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ logger = logging.getLogger("poweron.state")
 
 KEY_PREFIX = "poweron:"
 PROBE_SECONDS = 1.0
+HEARTBEAT_TTL_FACTOR = 3
+"""An instance's announcement outlives its last heartbeat by this many intervals (one late beat is no departure)."""
+INSTANCES_KEY = KEY_PREFIX + "instances"
 RELEASE_TIMEOUT_SECONDS = 2.0
 
 ADMIT_SCRIPT = """
@@ -87,6 +98,16 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 
+HEARTBEAT_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttlMs = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ttlMs, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttlMs * 2)
+return redis.call('ZCARD', KEYS[1])
+"""
+
 
 class StateUnavailable(Exception):
     """Redis did not answer (in time); the caller uses its per-instance fallback."""
@@ -106,7 +127,7 @@ class AdmitResult:
 class RedisStore:
     """One Redis connection pool, the scripts, the leases this instance holds, and whether Redis is reachable."""
 
-    def __init__(self, url: str, leaseSeconds: float, timeoutSeconds: float) -> None:
+    def __init__(self, url: str, leaseSeconds: float, timeoutSeconds: float, heartbeatSeconds: float = 5.0) -> None:
         self.client = redisAsyncio.Redis.from_url(url, socket_timeout=timeoutSeconds,
                                                   socket_connect_timeout=timeoutSeconds, decode_responses=True,
                                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
@@ -121,29 +142,39 @@ class RedisStore:
         self.leaseScript = self.client.register_script(LEASE_SCRIPT)
         self.renewScript = self.client.register_script(RENEW_SCRIPT)
         self.countScript = self.client.register_script(COUNT_SCRIPT)
+        self.heartbeatScript = self.client.register_script(HEARTBEAT_SCRIPT)
+        self.heartbeatSeconds = heartbeatSeconds
+        self.liveInstances: int | None = None
         self.maintainer: asyncio.Task | None = None
+        self.heartbeater: asyncio.Task | None = None
         self.announced = False
         self.closing = False
 
     # --- life cycle ---------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Check Redis once (logging where things stand) and start renewing leases / probing."""
-        await self.probe()
+        """Check Redis once (logging where things stand), announce this instance, and start renewing leases /
+        probing and the heartbeat."""
+        if await self.probe():
+            with contextlib.suppress(StateUnavailable):
+                await self.heartbeat()
         self.maintainer = asyncio.create_task(self._maintain(), name="shared-state")
+        self.heartbeater = asyncio.create_task(self._beat(), name="shared-state-heartbeat")
 
     async def close(self) -> None:
         """Give back what this instance holds (releases under way first), then close; silent about Redis now."""
         self.closing = True
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=RELEASE_TIMEOUT_SECONDS)
-        if self.maintainer is not None:
-            self.maintainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.maintainer
+        for task in (self.maintainer, self.heartbeater):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.reachable:
             with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
                 async with asyncio.timeout(RELEASE_TIMEOUT_SECONDS):
+                    await self.client.zrem(INSTANCES_KEY, self.instanceId)  # the others count it out at once
                     for key, ids in list(self.held.items()):
                         if ids:
                             await self.client.zrem(key, *ids)
@@ -159,6 +190,28 @@ class RedisStore:
                 await self._renewAll()
             else:
                 await self.probe()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeatSeconds)
+            if self.reachable:
+                with contextlib.suppress(StateUnavailable):
+                    await self.heartbeat()
+
+    async def heartbeat(self) -> int:
+        """Announce this instance for ``HEARTBEAT_TTL_FACTOR`` intervals and count the live ones (itself included);
+        one log line when the count changes."""
+        ttlMs = int(self.heartbeatSeconds * HEARTBEAT_TTL_FACTOR * 1000)
+        count = int(await self._call(self.heartbeatScript, [INSTANCES_KEY], [ttlMs, self.instanceId]))
+        if count != self.liveInstances:
+            logger.info("shared state: %d instance(s) alive", count)
+        self.liveInstances = count
+        return count
+
+    def shareDivisor(self, configured: int) -> int:
+        """What ``fail_closed`` divides a limit by: the instances alive at the last successful heartbeat, or
+        ``configured`` (``[state] instances``) when no count was ever seen (Redis down since the start)."""
+        return self.liveInstances or configured
 
     async def probe(self) -> bool:
         try:

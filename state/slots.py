@@ -6,7 +6,8 @@ before sending a request to Ollama and calls ``lease.release()`` when the answer
 every slot is busy: the caller queues the request and tries again when one of its own requests finishes, and, when
 ``pool.shared`` (other instances free slots it does not see), at least every ``pool.retrySeconds``. A lease of a
 crashed instance expires after ``[state] lease_seconds``; while Redis is unreachable the pool counts per instance
-(fail_closed: ``limit // instances``, at least 1).
+(fail_closed: ``limit // instances``, at least 1, with the instances alive at the last successful heartbeat, or
+``[state] instances`` when no count was ever seen).
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ class SharedSlots:
     shared = True
     retrySeconds = SHARED_RETRY_SECONDS
 
-    def __init__(self, store: RedisStore, fallback: LocalSlots) -> None:
+    def __init__(self, store: RedisStore, fallback: LocalSlots, failClosedInstances: int | None = None) -> None:
         self.store = store
         self.fallback = fallback
+        self.failClosedInstances = failClosedInstances  # [state] instances with fail_closed, None with fail_open
 
     async def tryAcquire(self, upstream: str, model: str, limit: int) -> SlotLease | None:
         if self.store.reachable:
@@ -93,6 +95,8 @@ class SharedSlots:
                 return None if lease is None else _SharedLease(self.store, *lease)
             except StateUnavailable:
                 pass
+        if self.failClosedInstances is not None:
+            self.fallback.divisor = self.store.shareDivisor(self.failClosedInstances)
         return await self.fallback.tryAcquire(upstream, model, limit)
 
     async def inUse(self, upstream: str, model: str) -> int:
@@ -112,4 +116,5 @@ def slotPoolFor(store: RedisStore | None, failClosed: bool, instances: int) -> S
     """Shared slots when Redis is configured, else slots of this process."""
     if store is None:
         return LocalSlots()
-    return SharedSlots(store, LocalSlots(instances if failClosed else 1))
+    return SharedSlots(store, LocalSlots(store.shareDivisor(instances) if failClosed else 1),
+                       instances if failClosed else None)

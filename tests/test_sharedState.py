@@ -120,7 +120,8 @@ def _waitForHealth(baseUrl: str, reachable: bool, timeout: float = 6.0) -> dict:
 def test_redisDownKeepsServingWithPerInstanceLimitsAndRejoins(redis, stub, serviceFactory):
     service = serviceFactory(serviceEnv(redis, stub, "cursor=6/3/64"))
     with httpx.Client(base_url=service.baseUrl, headers=BEARER, timeout=5) as client:
-        assert _health(service.baseUrl)["state"] == {"backend": "redis", "reachable": True, "failure_mode": "fail_open"}
+        assert _health(service.baseUrl)["state"] == {"backend": "redis", "reachable": True, "failure_mode": "fail_open",
+                                                     "instances": 1, "share_divisor": 1}
         assert [client.get("/v1/models").status_code for _ in range(4)] == [200, 200, 200, 429]
         redis.stop()
         during = [client.get("/v1/models").status_code for _ in range(6)]
