@@ -32,6 +32,7 @@ from core.nativeTelemetry import switchOffNativeTelemetry
 from core.offload import OffloadPool
 from core.requestContext import RequestContextMiddleware, RequestObserver
 from core.turns import TurnGate
+from core.workerSupervisor import runWorkers
 from documents.renderWorkers import RenderPool
 from guard.connectionGuard import protocolFor
 from guard.security import fastApiTelemetryOff, installSecurity, reconfigureKeys, requireApiKey, requireOpenAiKey
@@ -247,8 +248,8 @@ def main() -> None:
     if server.workers > 1:  # N processes on one port; the per-key limits live in Redis ([state] redis_url)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         common["http"] = "app:WorkerProtocol"
-        uvicorn.run("app:workerApp", factory=True, workers=server.workers, **common,  # type: ignore[arg-type]
-                    timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS)
+        runWorkers("app:workerApp", factory=True, workers=server.workers, **common,  # SIGHUP: reload each in place
+                   timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS)
         return
     uvicorn.run(servedApp(settings), **common)  # type: ignore[arg-type]
 
