@@ -67,7 +67,7 @@ def errorFrame(error: ServiceError) -> bytes:
 class ChatStreamTranslator:
     """Turns Ollama's NDJSON chunks into OpenAI ``chat.completion.chunk`` SSE frames, one frame per chunk."""
 
-    __slots__ = ("completionId", "created", "model", "toolCallCount", "splitter", "onDone")
+    __slots__ = ("completionId", "created", "model", "toolCallCount", "splitter", "onDone", "head")
 
     def __init__(self, externalName: str, onDone: Callable[[dict[str, Any]], None] | None = None,
                  leaked: bool = False) -> None:
@@ -79,11 +79,14 @@ class ChatStreamTranslator:
         self.toolCallCount = 0
         self.splitter = ThinkSplitter(leaked)
         """A leading <think>...</think> in content goes to reasoning_content (upstream/thinkSplit.py)."""
+        self.head = sseFrame({"id": self.completionId, "object": "chat.completion.chunk", "created": self.created,
+                              "model": self.model, "choices": []})[:-len(b'[]}\n\n')] + b'[{"index":0,"delta":'
+        """The bytes every chunk frame starts with (only the delta and finish reason differ from frame to frame)."""
 
     def _frame(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return sseFrame({"id": self.completionId, "object": "chat.completion.chunk", "created": self.created,
-                         "model": self.model,
-                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+        """Same bytes as ``sseFrame`` of the whole chunk object, with only the delta serialised per frame."""
+        return b"".join((self.head, orjson.dumps(delta), b',"logprobs":null,"finish_reason":',
+                         orjson.dumps(finish), b"}]}\n\n"))
 
     def roleFrame(self) -> bytes:
         return self._frame({"role": "assistant", "content": ""})

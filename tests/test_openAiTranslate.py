@@ -402,3 +402,18 @@ def test_responses_shaped_body_from_cursor_is_translated() -> None:
     assert payload["options"]["num_predict"] == 64 and payload["think"] == "low"
     assert payload["tools"][0]["function"]["name"] == "read_file"
     assert plan({"input": "Hallo"}).payload["messages"] == [{"role": "user", "content": "Hallo"}]
+
+
+@pytest.mark.parametrize("delta, finish", [({"content": 'héllo "q" \\ \n'}, None), ({}, "stop"),
+                                           ({"role": "assistant", "content": ""}, None),
+                                           ({"reasoning_content": "hm", "content": "x"}, "length")])
+def test_aChunkFrameIsTheWholeChunkObjectSerialised(delta: dict, finish: str | None) -> None:
+    """The translator writes only the delta per frame (the rest is prebuilt): the bytes must be those of the whole
+    ``chat.completion.chunk`` object, as a client parses it."""
+    translator = ChatStreamTranslator('poweron-"odd"-name')
+    frame = translator._frame(delta, finish)
+    assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
+    assert orjson.loads(frame[6:]) == {
+        "id": translator.completionId, "object": "chat.completion.chunk", "created": translator.created,
+        "model": 'poweron-"odd"-name',
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
