@@ -178,3 +178,21 @@ def parseCoreBusyTicks(procStatText: str, core: int) -> int:
 
 def coreBusySeconds(core: int) -> float:
     return parseCoreBusyTicks(Path("/proc/stat").read_text(), core) / CLOCK_TICKS
+
+
+IDLE_WINDOW_SECONDS = 0.25
+IDLE_SHARE = 0.05
+IDLE_WAIT_LIMIT_SECONDS = 30.0
+
+
+def waitUntilIdle(process: "BenchProcess", limit: float = IDLE_WAIT_LIMIT_SECONDS) -> float:
+    """Wait until the process (and its children) use less than IDLE_SHARE of a core over IDLE_WINDOW_SECONDS: a
+    gateway that keeps working on requests the load generator abandoned at the end of its run (LiteLLM finishes
+    every stream whose client left) would otherwise take the core from the next target's run. Returns the wait."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit and process.alive():
+        before = process.cpuSeconds()
+        time.sleep(IDLE_WINDOW_SECONDS)
+        if process.cpuSeconds() - before < IDLE_SHARE * IDLE_WINDOW_SECONDS:
+            break
+    return time.monotonic() - started

@@ -36,7 +36,7 @@ import httpx
 import orjson
 
 from bench import litellmProxy, report, tails
-from bench.procs import BenchProcess, coreBusySeconds, freePort
+from bench.procs import BenchProcess, coreBusySeconds, freePort, waitUntilIdle
 from bench.streamProbe import (
     Endpoint,
     analyseGaps,
@@ -282,6 +282,11 @@ class BenchRun:
             busy = coreBusySeconds(core) - busyBefore
         result.update(serverCpu(cpuUsed, busy, result["requests"], result["seconds"]))
         result.update(loopLagBetween(metricsBefore, scrapeMetrics(target)))
+        if process is not None:
+            result["idleWaitSeconds"] = waited = round(waitUntilIdle(process), 2)
+            if waited >= 1.0:
+                self.notes.append(f"{target.label} kept its core busy {waited:g} s after its wrk run (c={concurrency}, "
+                                  f"{'streaming' if stream else 'non-streaming'}): the next run waited for it")
         return result
 
     def warmUp(self) -> None:

@@ -319,3 +319,18 @@ def test_benchOptionsDefaults() -> None:
     options = BenchOptions()
     assert options.concurrencies == [1, 16, 64] and options.serviceCore != options.loadCore
     assert asyncio.iscoroutinefunction(__import__("bench.streamProbe", fromlist=["x"]).probeLatency)
+
+
+def test_waitUntilIdle_waitsForAServerThatKeepsWorkingAfterItsRun(tmp_path: Path) -> None:
+    """The next wrk run must not start while the previous target still burns the core on abandoned requests."""
+    from bench.procs import BenchProcess, waitUntilIdle
+
+    busyThenIdle = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass\ntime.sleep(60)\n"
+    process = BenchProcess("busy", [sys.executable, "-c", busyThenIdle], dict(os.environ), 0,
+                           tmp_path / "busy.log").start()
+    try:
+        waited = waitUntilIdle(process, limit=20)
+        assert 1.0 <= waited < 20, waited  # it waited for the busy second and a half, then stopped waiting
+        assert waitUntilIdle(process, limit=20) < 1.0  # idle now: at once
+    finally:
+        process.stop()
