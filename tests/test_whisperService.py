@@ -252,7 +252,7 @@ async def test_fullQueueGives503WithRetryAfter(tightWhisper: WhisperProcess, spe
     assert int(busy.headers["retry-after"]) > 0 and "busy" in busy.json()["error"]["message"]
 
 
-CANCELLED_JOB_FREED_SECONDS = 6.0
+CANCELLED_JOB_FREED_SECONDS = 15.0
 
 
 def _repeatedWav(clip: bytes, times: int) -> bytes:
@@ -267,8 +267,10 @@ def _repeatedWav(clip: bytes, times: int) -> bytes:
 
 async def test_clientLeavingStopsItsTranscription(tightWhisper: WhisperProcess, speech: dict[str, bytes]) -> None:
     """A non-streamed job whose client went away is cancelled between segments: its slot is free within seconds,
-    not after the whole (about eight-minute, 16 windows) recording. The bound allows for one slow window (a
-    temperature fallback re-decodes it: 4.1 s was seen once on a quiet machine) and stays far below the rest."""
+    not after the whole (about eight-minute, 16 windows) recording. The bound allows for slow windows (a
+    temperature fallback re-decodes one: 4.1 s was seen on a quiet machine, 6.7 s and 8.4 s in full CI runs) and
+    stays below the rest of the recording: with the cancellation patched out the slot stays busy past 30 s.
+    (32 windows would be clearer but exceed the upload limit.)"""
     audio = _repeatedWav(speech["long"], 16)
     async with httpx.AsyncClient(base_url=tightWhisper.baseUrl, timeout=120) as http:
         job = asyncio.create_task(http.post(PATH, files={"file": ("l.wav", audio)}, data={"model": "whisper-1"}))
