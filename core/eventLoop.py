@@ -127,4 +127,3 @@ class AcceptAllLoop(uvloop.Loop):  # type: ignore[misc]
 def newEventLoop() -> asyncio.AbstractEventLoop:
     """The loop factory for uvicorn (``loop="core.eventLoop:newEventLoop"``)."""
     return AcceptAllLoop()
-

@@ -96,10 +96,6 @@ class BufferedStream:
         for chunk in self.buffered:
             yield chunk
 
-    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
-        if self.buffered:
-            yield self.buffered
-
     async def aclose(self) -> None:
         return None
 
