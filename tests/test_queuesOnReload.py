@@ -1,9 +1,9 @@
 """Admission queues across a configuration reload (in-process service, Ollama daemons played by stubs, the reload
 read from config.ini by ``reloadConfig`` as SIGHUP does): requests waiting in the queue of an upstream that starts
-draining (or goes down) move to another upstream with the model, or get 503 with Retry-After when none is left,
-and are never sent to it; its running requests finish. ``num_parallel``, ``max_queue``, ``max_queue_wait_seconds``
-and ``queue_weights`` apply to the next admission decisions. Slots are taken directly on ``app.state.admission`` so
-the tests decide who waits, not the clock."""
+draining (or goes down) move to another upstream with the model (keeping the deadline of their wait), or get 503
+with Retry-After when none is left, and are never sent to it; its running requests finish. ``num_parallel``,
+``max_queue``, ``max_queue_wait_seconds`` and ``queue_weights`` apply to the next admission decisions. Slots are
+taken directly on ``app.state.admission`` so the tests decide who waits, not the clock."""
 
 from __future__ import annotations
 
@@ -200,3 +200,49 @@ async def test_aReloadAppliesSlotsQueueLimitsWaitAndWeightsToTheNextDecisions(st
     assert holder.admitted and not holder.released and second.admitted and limiter.busy == 2
     holder.release()
     second.release()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_aMovedRequestKeepsTheDeadlineItArrivedWith(start, daemons, stream: bool) -> None:
+    """Moved after waiting most of its longest wait, it waits only the rest at the other upstream (not a fresh
+    longest wait there) and then gets the usual queue_timeout with Retry-After."""
+    maxWait, movedAfter = 3.0, 2.0
+    upstreams = {name: daemons[name] for name in ("gpu1", "gpu2")}
+    service = await start(upstreams=upstreams, maxWait=maxWait)
+    holders = {name: service.hold(name) for name in upstreams}
+    loop = asyncio.get_running_loop()
+    startedAt = loop.time()
+    request = asyncio.create_task(service.http.post("/v1/chat/completions", json={**HELLO, "stream": stream},
+                                                    headers=BEARER))
+    drained, other = await queuedAtOneOf(service, request)
+    await asyncio.sleep(movedAfter - (loop.time() - startedAt))
+    await service.reload(iniText(upstreams, drain=drained, maxWait=maxWait))
+    await service.until(lambda: service.waiting(other) == 1 or request.done(), f"the request queued at {other}")
+    response = await request
+    waited = loop.time() - startedAt
+    assert waited < maxWait + 1.0, f"the moved request waited {waited:.1f} s in all (longest wait {maxWait} s)"
+    if stream:
+        assert response.status_code == 200 and "queue_timeout" in response.text, response.text
+    else:
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "queue_timeout" and int(response.headers["retry-after"]) >= 1
+    for holder in holders.values():
+        holder.release()
+
+
+async def test_aRequestThatWaitedTooLongIsNotQueuedAfreshElsewhere(start, daemons) -> None:
+    """A queue_timeout at one upstream may still try another one, but within the same deadline: a free slot there
+    serves it, a busy one refuses it at once."""
+    maxWait = 1.5
+    upstreams = {name: daemons[name] for name in ("gpu1", "gpu2")}
+    service = await start(upstreams=upstreams, maxWait=maxWait)
+    holders = {name: service.hold(name) for name in upstreams}
+    loop = asyncio.get_running_loop()
+    startedAt = loop.time()
+    response = await service.http.post("/v1/chat/completions", json=HELLO, headers=BEARER)
+    waited = loop.time() - startedAt
+    assert response.status_code == 503 and response.json()["error"]["code"] == "queue_timeout", response.text
+    assert int(response.headers["retry-after"]) >= 1
+    assert waited < maxWait + 1.0, f"the request waited {waited:.1f} s in all (longest wait {maxWait} s)"
+    for holder in holders.values():
+        holder.release()

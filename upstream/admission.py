@@ -28,7 +28,9 @@ The fair order is kept per instance.
 
 Upstreams that stop taking requests (drained, down, removed): ``evict(upstream)`` takes every request waiting
 there out of its queues, and ``wait`` then raises ``UpstreamClosed`` (503 ``upstream_unavailable``), which routing
-(upstream/routing.py) answers by queueing the request at another upstream with the model. ``accepting(upstream)``
+(upstream/routing.py) answers by queueing the request at another upstream with the model, passing the error's
+``deadline`` to ``enqueue`` so the moved request waits only what is left of its longest wait (a queue_timeout's
+``deadline`` likewise bounds a try at another upstream). ``accepting(upstream)``
 (the pool's routability, set by the app) is checked once a ticket holds its slot too, so no request that waited is
 sent to such an upstream; requests already running there keep their slots and finish.
 
@@ -96,12 +98,18 @@ def policyFromSettings(settings: Settings) -> AdmissionPolicy:
 
 
 class AdmissionRefused(ServiceError):
-    """503 with Retry-After: the model's queue is full, or the request waited too long."""
+    """503 with Retry-After: the model's queue is full, or the request waited too long (then ``deadline`` is the
+    one it had: a try at another upstream keeps it)."""
+
+    deadline: float | None = None
 
 
 class UpstreamClosed(ServiceError):
     """503 with Retry-After: the upstream stopped taking requests (drained, down, removed) while this request
-    waited for its slot there; routing queues it at another upstream with the model instead."""
+    waited for its slot there; routing queues it at another upstream with the model instead, with ``deadline``
+    (the end of the wait it arrived with)."""
+
+    deadline: float | None = None
 
 
 def acceptsEvery(upstream: str) -> bool:
@@ -184,11 +192,13 @@ class Admission:
             lease.release()
         ticket.extra["queue"].record(ticket, heldSeconds)
 
-    def enqueue(self, upstream: str, model: str, keyName: str, kind: Kind = "generate") -> Ticket:
-        """Admitted at once or queued; AdmissionRefused (queue_full) when the queue has no room."""
+    def enqueue(self, upstream: str, model: str, keyName: str, kind: Kind = "generate",
+                deadline: float | None = None) -> Ticket:
+        """Admitted at once or queued; AdmissionRefused (queue_full) when the queue has no room. ``deadline`` (from
+        UpstreamClosed or a queue_timeout elsewhere) ends the wait instead of now + the longest wait."""
         queue = self.queueFor(upstream, model, kind)
         try:
-            ticket = queue.limiter.enqueue(keyName)
+            ticket = queue.limiter.enqueue(keyName, deadline)
         except QueueFull as full:
             raise self._full(queue, keyName, full.ahead) from None
         ticket.extra["queue"] = queue
@@ -225,21 +235,21 @@ class Admission:
             except QueueTimeout as timeout:
                 raise self._timedOut(queue, ticket, timeout.position) from None
             except Evicted:
-                raise self._closed(queue) from None
+                raise self._closed(queue, ticket) from None
             self._admitted(queue, ticket)
         if not self.accepting(queue.upstream):  # closed while this one was handed its slot: never sent there
             ticket.release()
-            raise self._closed(queue)
+            raise self._closed(queue, ticket)
         if self.slots is not None and "lease" not in ticket.extra:
             await self._sharedSlot(queue, ticket)
 
     async def _sharedSlot(self, queue: ModelQueue, ticket: Ticket) -> None:
         """One of the model's slots across all instances (Redis), polled for within the longest wait."""
-        deadline = ticket.enqueuedAt + queue.limiter.maxWaitSeconds
+        deadline = ticket.deadline
         try:
             while (lease := await self.slots.tryAcquire(queue.upstream, queue.model, queue.limiter.limit)) is None:
                 if not self.accepting(queue.upstream):
-                    raise self._closed(queue)
+                    raise self._closed(queue, ticket)
                 if self.clock() + self.slots.retrySeconds > deadline:
                     raise self._timedOut(queue, ticket, 1)
                 await asyncio.sleep(self.slots.retrySeconds)
@@ -253,17 +263,21 @@ class Admission:
 
     def _timedOut(self, queue: ModelQueue, ticket: Ticket, position: int) -> AdmissionRefused:
         self._refused(queue, ticket.keyName, "queue_timeout")
-        return AdmissionRefused(
+        refused = AdmissionRefused(
             503, f"The model `{queue.model}` stayed busy: this request waited "
             f"{queue.limiter.maxWaitSeconds:g} s in the queue (position {position}); retry after the "
             "Retry-After seconds", code="queue_timeout", headers={"Retry-After": str(queue.retryAfter(position - 1))})
+        refused.deadline = ticket.deadline
+        return refused
 
     @staticmethod
-    def _closed(queue: ModelQueue) -> UpstreamClosed:
-        return UpstreamClosed(
+    def _closed(queue: ModelQueue, ticket: Ticket) -> UpstreamClosed:
+        closed = UpstreamClosed(
             503, f"The Ollama upstream `{queue.upstream}` stopped taking requests while this one waited for a slot of "
             f"`{queue.model}`; retry shortly", code="upstream_unavailable",
             headers={"Retry-After": str(CLOSED_RETRY_AFTER_SECONDS)})
+        closed.deadline = ticket.deadline
+        return closed
 
     @contextlib.asynccontextmanager
     async def slot(self, upstream: str, model: str, keyName: str,

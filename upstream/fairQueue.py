@@ -9,7 +9,9 @@ its own later requests back; a key that was idle starts at the current virtual t
 when no slot is busy the tags start afresh. Within
 one key the tags grow, so a key's own requests keep their order. ``fair=False`` gives plain FIFO (benchmarks).
 
-No timing in here besides ``maxWaitSeconds`` (asyncio.timeout) and the injected ``clock`` for measurements; the
+Each ticket's wait ends at its ``deadline`` (enqueued + ``maxWaitSeconds``, or one handed to ``enqueue`` by an owner
+that moves a waiter here from another queue, so its wait from arrival stays bounded). No timing in here besides
+that deadline (asyncio.timeout) and the injected ``clock`` for measurements; the
 unit tests drive it step by step. Used by ``upstream/admission.py`` (one per upstream and model) and by the render
 pool (one for its workers).
 """
@@ -54,6 +56,8 @@ class Ticket:
     tag: float
     sequence: int
     enqueuedAt: float
+    deadline: float
+    """When the wait gives up (``clock`` time): enqueued + max wait, or the deadline it brought from another queue."""
     future: asyncio.Future | None = None
     admittedAt: float | None = None
     released: bool = False
@@ -112,19 +116,25 @@ class FairLimiter:
     def weightOf(self, keyName: str) -> float:
         return self.weights.get(keyName, DEFAULT_WEIGHT)
 
-    def enqueue(self, keyName: str) -> Ticket:
+    def enqueue(self, keyName: str, deadline: float | None = None) -> Ticket:
         """A ticket, admitted at once when a slot is free and nobody waits; else queued. QueueFull when the queue
-        holds ``maxQueue`` waiters already."""
-        sequence = next(self.sequence)
+        holds ``maxQueue`` waiters already. ``deadline`` (``clock`` time) ends its wait instead of now + max wait
+        (a waiter moved here from another queue keeps the deadline it arrived with)."""
         if self.busy < self.limit and not self.waiting:
-            ticket = Ticket(self, keyName, self._nextTag(keyName, sequence), sequence, self.clock())
+            ticket = self._newTicket(keyName, deadline)
             self._admit(ticket)
             return ticket
         if len(self.waiting) >= self.maxQueue:
             raise QueueFull(len(self.waiting))
-        ticket = Ticket(self, keyName, self._nextTag(keyName, sequence), sequence, self.clock())
+        ticket = self._newTicket(keyName, deadline)
         self.waiting.append(ticket)
         return ticket
+
+    def _newTicket(self, keyName: str, deadline: float | None) -> Ticket:
+        sequence = next(self.sequence)
+        now = self.clock()
+        return Ticket(self, keyName, self._nextTag(keyName, sequence), sequence, now,
+                      now + self.maxWaitSeconds if deadline is None else deadline)
 
     def _nextTag(self, keyName: str, sequence: int) -> float:
         if not self.fair:
@@ -166,7 +176,7 @@ class FairLimiter:
         if ticket.future is None:
             ticket.future = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(self.maxWaitSeconds):
+            async with asyncio.timeout(max(0.0, ticket.deadline - self.clock())):
                 await asyncio.shield(ticket.future)
         except TimeoutError:
             if ticket.admitted:  # handed a slot as the time ran out: keep it
@@ -222,7 +232,7 @@ class FairLimiter:
     def reconfigure(self, limit: int, maxQueue: int, maxWaitSeconds: float, weights: Mapping[str, float]) -> None:
         """New limits for the next decisions: waiters keep their tags (their places), running tickets their slots
         (fewer slots than busy: nobody new goes until enough have finished); more slots admit waiters now. A
-        waiter already waiting keeps the longest wait it started with."""
+        waiter already queued keeps the deadline it was given."""
         self.limit = max(1, limit)
         self.maxQueue = max(0, maxQueue)
         self.maxWaitSeconds = maxWaitSeconds

@@ -158,12 +158,15 @@ class OllamaClient:
         """How often a stream waiting for its slot tells its client the queue position."""
         self.meta: RequestMeta | None = None
         """The request this view of the client calls for (``forRequest``); None for the service's own calls."""
+        self.deadline: float | None = None
+        """End of the admission wait of this view's calls when the request brings one from another upstream."""
 
-    def forRequest(self, meta: RequestMeta | None) -> OllamaClient:
+    def forRequest(self, meta: RequestMeta | None, deadline: float | None = None) -> OllamaClient:
         """A view of this client (same connections, same admission) whose model calls are made for one request:
-        they wait for their admission slot under the request's key name and record the wait on ``meta``."""
+        they wait for their admission slot under the request's key name and record the wait on ``meta``; a
+        ``deadline`` (a request moved here from another upstream) ends that wait instead of the longest wait."""
         view = copy.copy(self)
-        view.meta = meta
+        view.meta, view.deadline = meta, deadline
         return view
 
     def enqueue(self, path: str, payload: dict[str, Any], meta: RequestMeta | None) -> Ticket | None:
@@ -174,7 +177,7 @@ class OllamaClient:
             return None
         kind: Kind = "embed" if path in EMBED_PATHS else "generate"
         return self.admission.enqueue(self.upstreamName, str(payload.get("model", "")),
-                                      meta.keyName or ANONYMOUS_KEY, kind)
+                                      meta.keyName or ANONYMOUS_KEY, kind, self.deadline)
 
     def refuseIfFull(self, ollamaName: str, kind: Kind = "generate") -> None:
         """503 queue_full at once when this request's model call would find the model's queue full (before the

@@ -3,7 +3,9 @@ model, and a call that fails before anything reached the client (refused, 503, a
 a stream, a daemon gone while a whole answer was being read) is retried once on another upstream with the model.
 After the first line of a stream has been handed on, an error ends the stream as before. A call waiting for its
 admission slot at an upstream that stops taking requests (drained, down, removed) is queued at the next best
-upstream with the model instead (503 with Retry-After when none is left); it is never sent to that upstream."""
+upstream with the model instead (503 with Retry-After when none is left); it is never sent to that upstream. A
+moved call keeps the admission deadline it arrived with (``UpstreamClosed.deadline``), and so does a retry after
+its wait ran out (queue_timeout): its wait from arrival stays within ``max_queue_wait_seconds``."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from core.errors import ServiceError
 from core.requestContext import RequestMeta
 from upstream.contextWindow import embedPayload
 from upstream.discovery import UpstreamNode
-from upstream.admission import Kind, UpstreamClosed
+from upstream.admission import AdmissionRefused, Kind, UpstreamClosed
 from upstream.fairQueue import Ticket
 from upstream.ollamaClient import OllamaClient, OllamaStream, flattened, midStreamError
 from upstream.pool import UpstreamPool
@@ -119,15 +121,17 @@ class RoutedOllama:
         return self.reserved.ticket
 
     def _reserve(self, path: str, payload: dict[str, Any], meta: RequestMeta | None, tried: list[UpstreamNode],
-                 handle: Ticket | None) -> Reservation:
-        """A place at the best upstream not in ``tried`` (the next one once when that queue is full)."""
+                 handle: Ticket | None, deadline: float | None = None) -> Reservation:
+        """A place at the best upstream not in ``tried`` (the next one once when that queue is full); ``deadline``
+        ends its wait (a request moved from another upstream)."""
         ollamaName, numCtx = self._target(payload, None)
         full = 0
         while True:
             node, pulledName = self._choose(ollamaName, numCtx, tried)
             tried.append(node)
             try:
-                ticket = self._view(node).enqueue(path, {**payload, "model": pulledName or payload.get("model")}, meta)
+                sent = {**payload, "model": pulledName or payload.get("model")}
+                ticket = self._view(node, deadline).enqueue(path, sent, meta)
             except ServiceError:
                 full += 1
                 if full > 1 or not self._hasAlternative(ollamaName, numCtx, tried):
@@ -160,8 +164,8 @@ class RoutedOllama:
 
     async def _movingPositions(self, reserved: Reservation, everySeconds: float) -> AsyncIterator[int]:
         """Places while the reserved ticket waits. When its upstream stops taking requests (drained, down,
-        removed) the request takes a place at the best other upstream with the model (the wait starts afresh
-        there), or gets that 503 with Retry-After when none is left; ``openStream`` then uses the new place."""
+        removed) the request takes a place at the best other upstream with the model (keeping the deadline its wait
+        started with), or gets that 503 with Retry-After when none is left; ``openStream`` then uses the new place."""
         tried = [reserved.node]
         while True:
             positions = self._view(reserved.node).queuedPositions(reserved.ticket, everySeconds)
@@ -169,14 +173,15 @@ class RoutedOllama:
                 async for position in positions:
                     yield position
                 return
-            except UpstreamClosed:
-                reserved = self._reserve(reserved.path, reserved.payload, reserved.meta, tried, reserved.handle)
+            except UpstreamClosed as closed:
+                reserved = self._reserve(reserved.path, reserved.payload, reserved.meta, tried, reserved.handle,
+                                         closed.deadline)
                 self.reserved = reserved
             finally:
                 await positions.aclose()
 
-    def _view(self, node: UpstreamNode) -> OllamaClient:
-        return node.client.forRequest(self.meta)
+    def _view(self, node: UpstreamNode, deadline: float | None = None) -> OllamaClient:
+        return node.client.forRequest(self.meta, deadline)
 
     def _takeReservation(self, ticket: Ticket | None) -> Reservation | None:
         reserved, self.reserved = self.reserved, None
@@ -204,10 +209,12 @@ class RoutedOllama:
                    holds: bool = False, reserved: Reservation | None = None) -> T:
         """Run ``attempt`` on the best upstream (or the reserved one); once more on the next best when it fails
         retryably. A call whose upstream stopped taking requests while it waited for its slot there goes to the
-        next best without that counting as a failover (none left: 503 with Retry-After)."""
+        next best without that counting as a failover (none left: 503 with Retry-After). Both keep the admission
+        deadline of the first wait, so the wait from arrival stays within the longest wait."""
         ollamaName, numCtx = self._target(payload, externalName)
         tried: list[UpstreamNode] = []
         failedFrom: UpstreamNode | None = None
+        deadline: float | None = None
         while True:
             if reserved is not None:
                 node, pulledName, ticket, reserved = reserved.node, reserved.pulledName, reserved.ticket, None
@@ -218,12 +225,15 @@ class RoutedOllama:
             release = self._hold(node, pulledName)
             sent = {**payload, "model": pulledName} if pulledName else payload
             try:
-                result = await attempt(self._view(node), sent, release, ticket)
-            except UpstreamClosed:
+                result = await attempt(self._view(node, deadline), sent, release, ticket)
+            except UpstreamClosed as closed:
                 release()
+                deadline = closed.deadline
                 continue
             except ServiceError as error:
                 release()
+                if isinstance(error, AdmissionRefused) and error.deadline is not None:
+                    deadline = error.deadline
                 self.pool.suspect(node, error)
                 if failedFrom is not None or not isRetryable(error) or \
                         not self._hasAlternative(ollamaName, numCtx, tried):
