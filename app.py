@@ -132,8 +132,8 @@ def installReloadSignal(app: FastAPI) -> set[asyncio.Task[bool]]:
 
 async def reloadConfig(app: FastAPI) -> bool:
     """Read config.ini again and apply upstreams, drain marks, keys, per-key limits, admission (slots, queue
-    lengths, longest wait, queue weights) and the model mapping without dropping a connection; a bad file is
-    refused (one log line why) and the running configuration stays."""
+    lengths, longest wait, queue weights), the model mapping and the Redis heartbeat period without dropping a
+    connection; a bad file is refused (one log line why) and the running configuration stays."""
     path = os.environ.get(CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH)
     try:
         settings = loadSettings()
@@ -160,6 +160,8 @@ def applySettings(app: FastAPI, settings: Settings, nodes: dict[str, UpstreamNod
     app.state.renderPool.slots.weights = dict(settings.queueWeights)
     app.state.registry.settings = settings
     app.state.warmup.settings = settings
+    if app.state.sharedState is not None:
+        app.state.sharedState.reconfigure(settings.state.heartbeat_seconds)  # the next beat: new period and TTL
     metrics = getattr(app.state, "metrics", None)
     if metrics is not None:
         metrics.reconfigure(settings)

@@ -139,7 +139,7 @@ class StateSettings(Section):
     since the start); otherwise the instances alive at the last successful heartbeat divide the limits."""
     heartbeat_seconds: float = Field(5.0, ge=0.1, le=300)
     """Each instance announces itself in Redis this often; one that stops announcing (crashed, hung) counts as gone
-    after 3 times this, one that shuts down at once."""
+    after 3 times this, one that shuts down at once. A reload (SIGHUP) applies a change at once."""
     lease_seconds: float = Field(30.0, ge=1, le=3600)
     """An in-flight slot held by an instance that stopped renewing it (crashed) is freed after this long."""
     timeout_seconds: float = Field(0.25, gt=0, le=10)

@@ -14,7 +14,8 @@ switches callers to their fallback, a probe every second brings it back (one lin
 
 Instances announce themselves (``heartbeat``): every ``heartbeat_seconds`` each one puts its id into one sorted set
 scored by an expiry ``HEARTBEAT_TTL_FACTOR`` intervals ahead, drops the expired ids and counts the rest, so a hung or
-crashed instance is gone after that TTL (a closing one takes its id out at once).
+crashed instance is gone after that TTL (a closing one takes its id out at once). A reload (SIGHUP) with another
+``heartbeat_seconds`` calls ``reconfigure``: one beat at once with the new TTL, the next ones at the new period.
 ``liveInstances`` is the count of the last successful heartbeat; it stays while Redis is unreachable, and
 ``shareDivisor`` gives it to the ``fail_closed`` fallbacks (``[state] instances`` until a count was ever seen).
 """
@@ -144,6 +145,8 @@ class RedisStore:
         self.countScript = self.client.register_script(COUNT_SCRIPT)
         self.heartbeatScript = self.client.register_script(HEARTBEAT_SCRIPT)
         self.heartbeatSeconds = heartbeatSeconds
+        self.rescheduled = asyncio.Event()
+        """Set by ``reconfigure``: the heartbeat loop beats now and sleeps the new period from then on."""
         self.liveInstances: int | None = None
         self.maintainer: asyncio.Task | None = None
         self.heartbeater: asyncio.Task | None = None
@@ -191,9 +194,19 @@ class RedisStore:
             else:
                 await self.probe()
 
+    def reconfigure(self, heartbeatSeconds: float) -> None:
+        """A reload: a changed heartbeat period applies at once (a beat now announces with the new TTL, so a longer
+        period never lets the last, shorter announcement run out; the next beats follow the new period)."""
+        if heartbeatSeconds != self.heartbeatSeconds:
+            self.heartbeatSeconds = heartbeatSeconds
+            self.rescheduled.set()
+
     async def _beat(self) -> None:
         while True:
-            await asyncio.sleep(self.heartbeatSeconds)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.heartbeatSeconds):
+                    await self.rescheduled.wait()
+            self.rescheduled.clear()
             if self.reachable:
                 with contextlib.suppress(StateUnavailable):
                     await self.heartbeat()

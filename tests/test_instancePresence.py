@@ -5,6 +5,7 @@ service processes (and, for the slots, two stores in this process against one re
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import OPENAI_KEY
+from tests.conftest import OPENAI_KEY, TEST_INI
 from tests.redisServer import RedisServer, redisAvailable
 
 pytestmark = pytest.mark.skipif(not redisAvailable(), reason="redis-server not installed (make test-deps)")
@@ -153,3 +154,34 @@ async def test_failClosedSlotsFollowTheLastLiveCount(redis):
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_aReloadAppliesANewHeartbeatPeriodAndItsExpiry(redis, testIni):
+    """SIGHUP's reload (``reloadConfig``) with a changed ``heartbeat_seconds``: the announcement in Redis lasts three
+    new intervals at once, and the next beats come at the new period (not after the old one has run out)."""
+    from app import createApp, reloadConfig
+    from config import loadSettings
+    from state.redisStore import INSTANCES_KEY
+
+    def iniWith(heartbeatSeconds: float) -> str:
+        return TEST_INI + f"\n[state]\nredis_url = {redis.url}\nheartbeat_seconds = {heartbeatSeconds}\n"
+
+    testIni.write_text(iniWith(0.5))
+    app = createApp(loadSettings())
+    async with app.router.lifespan_context(app):
+        store = app.state.sharedState
+
+        async def expiresIn() -> float:
+            """Seconds until this instance's announcement expires, by Redis' clock."""
+            score = await store.client.zscore(INSTANCES_KEY, store.instanceId)
+            seconds, micros = await store.client.time()
+            return score / 1000 - (seconds + micros / 1e6)
+
+        testIni.write_text(iniWith(30))
+        assert await reloadConfig(app)
+        await asyncio.sleep(1.2)  # two beats of the old period
+        assert await expiresIn() > 60, "the announcement does not last three new intervals"
+        testIni.write_text(iniWith(0.2))
+        assert await reloadConfig(app)
+        await asyncio.sleep(1.2)  # no beat within it would have let a 0.6 s announcement run out
+        assert 0 < await expiresIn() <= 0.6 + 0.1, "the beats do not come at the new period"
