@@ -41,7 +41,7 @@ from documents.documentAnalysis import (
 )
 from documents.documentRender import RenderedDocument, RenderJob, detectFileType, parsePageRanges
 from upstream.contextWindow import TokenEstimator, checkEmbedInputs, embedPayload, observeEmbed
-from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
+from upstream.dependencies import ModelCallDep, RegistryDep, SettingsDep
 from upstream.modelRegistry import ModelRegistry, ResolvedModel
 from upstream.ollamaVersion import imagePixelBudget
 from upstream.routing import RoutedOllama
@@ -274,8 +274,9 @@ async def _render(request: Request, settings: Settings, resolved: ResolvedModel,
 
 
 @router.post("/analyze", **wireSchemas.analyzeDoc())
-async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
+async def analyze(request: Request, call: ModelCallDep) -> Response:
     """Analyse an image or PDF with a vision model (multipart upload, or JSON with the file in base64)."""
+    settings, registry, ollama = call
     startedAt, meta = time.perf_counter(), _metaOf(request)
     fields, data = await readAnalyzeRequest(request, settings)
     detectFileType(data)
@@ -301,8 +302,9 @@ async def analyze(request: Request, settings: SettingsDep, registry: RegistryDep
 
 
 @router.post("/text", **wireSchemas.textDoc())
-async def text(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
+async def text(request: Request, call: ModelCallDep) -> Response:
     """Run an instruction on a text with a text model, e.g. replace personal data by placeholders."""
+    settings, registry, ollama = call
     startedAt, meta = time.perf_counter(), _metaOf(request)
     fields = parseFields(TextBody, await readJsonBody(request))
     mode = _streamMode(fields.stream, request)
@@ -355,8 +357,9 @@ async def _embedBatches(ollama: RoutedOllama, resolved: ResolvedModel, fields: E
 
 
 @router.post("/embed", **wireSchemas.embedDoc())
-async def embed(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
+async def embed(request: Request, call: ModelCallDep) -> Response:
     """Texts to embedding vectors (poweron-embed by default), sent to Ollama in batches."""
+    settings, registry, ollama = call
     meta = _metaOf(request)
     fields = parseFields(EmbedBody, await readJsonBody(request))
     _checkTexts(fields.texts)

@@ -39,7 +39,7 @@ from openaiCompat.chatResponse import DONE_FRAME, ChatStreamTranslator, chatComp
 from openaiCompat.embeddings import embeddingInputs, embeddingOptions, embeddingResponse
 from openaiCompat.images import carriesImages
 from upstream.contextWindow import checkEmbedInputs, observeEmbed
-from upstream.dependencies import OllamaDep, RegistryDep, SettingsDep
+from upstream.dependencies import ModelCallDep, RegistryDep
 from upstream.fairQueue import Ticket
 from upstream.modelRegistry import ModelRegistry, ResolvedModel
 from upstream.routing import PrimedStream, RoutedOllama
@@ -93,9 +93,9 @@ async def getModel(modelId: str, registry: RegistryDep) -> dict:
 
 
 @router.post("/chat/completions", **wireSchemas.chatCompletionsDoc())
-async def chatCompletions(request: Request, settings: SettingsDep, registry: RegistryDep,
-                          ollama: OllamaDep) -> Response:
+async def chatCompletions(request: Request, call: ModelCallDep) -> Response:
     """OpenAI Chat Completions (streaming or not) on Ollama's native /api/chat."""
+    settings, registry, ollama = call
     body = await readJsonObject(request)
     checkChatBudget(body, settings)
     resolved = await registry.resolve(requireModelName(body))
@@ -270,8 +270,9 @@ def checkEmbeddingModel(resolved: ResolvedModel) -> None:
 
 
 @router.post("/embeddings", **wireSchemas.embeddingsDoc())
-async def embeddings(request: Request, settings: SettingsDep, registry: RegistryDep, ollama: OllamaDep) -> Response:
+async def embeddings(request: Request, call: ModelCallDep) -> Response:
     """OpenAI Embeddings (float or base64, optional dimensions) on Ollama's /api/embed."""
+    settings, registry, ollama = call
     body = await readJsonObject(request)
     resolved = await registry.resolve(requireModelName(body))
     checkEmbeddingModel(resolved)

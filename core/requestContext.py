@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.turns import TURNS_SCOPE_KEY, TurnGate
+from core.turns import TURNS_SCOPE_KEY, TurnGate, takeTurn
 
 META_SCOPE_KEY = "poweron.meta"
 PARAMETER = re.compile(r"\{[^}/]+\}")
@@ -135,10 +135,12 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", ()), requestIdHeader, *meta.responseHeaders]
             await send(message)
 
+        turns = self.turns
         try:
-            if self.turns is not None:
-                scope[TURNS_SCOPE_KEY] = self.turns
-                await self.turns.turn()
+            if turns is not None:
+                scope[TURNS_SCOPE_KEY] = turns
+                turns.requests += 1
+                await takeTurn(scope)
             await self.app(scope, receive, sendWithId)
         except Exception:
             if not await self._answerUnexpected(meta, scope, receive, sendWithId):
@@ -147,6 +149,8 @@ class RequestContextMiddleware:
             meta.status = meta.status or 500
             raise
         finally:
+            if turns is not None:
+                turns.requests -= 1
             meta.durationSeconds = time.perf_counter() - meta.startTime
             meta.route = getattr(scope.get("route"), "path_format", None) or _routeTemplateOf(scope)
             if meta.answeredBelow is not None:

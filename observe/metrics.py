@@ -21,6 +21,7 @@ from config import Settings
 from core.errors import ServiceError
 from core.requestContext import RequestMeta, RequestObserver, getMeta
 from guard.security import KEY_CLASS_API, KEY_CLASS_OPENAI, authenticate
+from observe.labelCache import LabelCache
 from observe.loopLag import GC_PAUSE_BUCKETS, LAG_BUCKETS, SAMPLE_INTERVAL_SECONDS
 from observe.queueMetrics import installQueueMetrics
 
@@ -132,6 +133,7 @@ class ServiceMetrics:
 
     def __init__(self, app: FastAPI, settings: Settings) -> None:
         self.reconfigure(settings)
+        self.children = LabelCache()
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("poweron_requests", "Completed requests by route template, method, model and status",
                                 ["route", "method", "model", "status"], registry=registry)
@@ -180,28 +182,28 @@ class ServiceMetrics:
 
     def observe(self, meta: RequestMeta) -> None:
         """Request observer: record one completed request (called by RequestContextMiddleware)."""
-        route = meta.route or UNMATCHED_ROUTE
+        route, child = meta.route or UNMATCHED_ROUTE, self.children
         model = self._modelLabel(meta.externalModel)
         key = self._keyLabel(meta.keyName)
-        self.requests.labels(route, methodLabel(meta.method), model, str(meta.status or NO_LABEL)).inc()
+        child(self.requests, route, methodLabel(meta.method), model, str(meta.status or NO_LABEL)).inc()
         if meta.durationSeconds is not None:
-            self.duration.labels(route, model).observe(meta.durationSeconds)
+            child(self.duration, route, model).observe(meta.durationSeconds)
         if meta.ttftSeconds is not None:
-            self.ttft.labels(model).observe(meta.ttftSeconds)
+            child(self.ttft, model).observe(meta.ttftSeconds)
         if meta.upstreamSeconds is not None:
-            self.upstream.labels(model).observe(meta.upstreamSeconds)
+            child(self.upstream, model).observe(meta.upstreamSeconds)
         if meta.promptTokens:
-            self.promptTokens.labels(model, key).inc(meta.promptTokens)
+            child(self.promptTokens, model, key).inc(meta.promptTokens)
         if meta.completionTokens:
-            self.completionTokens.labels(model, key).inc(meta.completionTokens)
+            child(self.completionTokens, model, key).inc(meta.completionTokens)
         if meta.rateLimited:
-            self.rateLimited.labels(route, key).inc()
+            child(self.rateLimited, route, key).inc()
         if meta.upstream in self.upstreamNames:
-            self.upstreamRequests.labels(meta.upstream, model, str(meta.status or NO_LABEL)).inc()
+            child(self.upstreamRequests, meta.upstream, model, str(meta.status or NO_LABEL)).inc()
         if meta.failedOver in self.upstreamNames:
-            self.failovers.labels(meta.failedOver).inc()
+            child(self.failovers, meta.failedOver).inc()
         if meta.errorCode:
-            self.errors.labels(route, meta.errorCode if ERROR_CODE.fullmatch(meta.errorCode) else OTHER_LABEL).inc()
+            child(self.errors, route, meta.errorCode if ERROR_CODE.fullmatch(meta.errorCode) else OTHER_LABEL).inc()
 
 
 async def requireAnyKey(request: Request) -> str:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from config import Settings
+from observe.labelCache import LabelCache
 from upstream.admission import Admission
 
 NO_LABEL = "none"
@@ -90,9 +91,10 @@ def installQueueMetrics(app: FastAPI, registry: CollectorRegistry, settings: Set
     admission: Admission | None = getattr(app.state, "admission", None)
     if admission is None:
         return
+    child = LabelCache()
     admission.admissionListeners.append(
-        lambda upstream, model, keyName, seconds: wait.labels(upstream, labels.model(model),
-                                                              labels.key(keyName)).observe(seconds))
+        lambda upstream, model, keyName, seconds: child(wait, upstream, labels.model(model),
+                                                        labels.key(keyName)).observe(seconds))
     admission.refusalListeners.append(
         lambda upstream, model, keyName, reason: refused.labels(upstream, labels.model(model), labels.key(keyName),
                                                                 reason).inc())

@@ -98,6 +98,7 @@ async def test_withoutAGateATurnIsOneLoopPass() -> None:
 
 
 def test_theServiceInstallsTheGateAndRequestsTakeTurns(monkeypatch, makeSettings) -> None:
+    """A request is counted while in flight; alone it goes straight on, beside another one it takes turns."""
     from fastapi.testclient import TestClient
 
     import app as appModule
@@ -106,12 +107,34 @@ def test_theServiceInstallsTheGateAndRequestsTakeTurns(monkeypatch, makeSettings
     original = TurnGate.turn
 
     async def counting(self: TurnGate) -> None:
-        taken.append(1)
+        taken.append(self.requests)
         await original(self)
 
     monkeypatch.setattr(TurnGate, "turn", counting)
     service = appModule.createApp(makeSettings())
-    assert isinstance(service.state.turns, TurnGate)
+    gate = service.state.turns
+    assert isinstance(gate, TurnGate)
     with TestClient(service) as client:
         assert client.get("/health/liveliness").status_code == 200
-    assert taken, "the request took no turn"
+        assert taken == [] and gate.requests == 0, "a request alone took a turn, or was not counted out"
+        gate.requests += 1  # another request in flight
+        assert client.get("/health/liveliness").status_code == 200
+    assert taken and set(taken) == {2}, "the request took no turn beside another one"
+
+
+async def test_aRequestAloneGoesStraightOn() -> None:
+    """No loop pass for a turn while one request is in flight and nobody waits; a pass as soon as there are two."""
+    gate = TurnGate()
+    scope = {TURNS_SCOPE_KEY: gate}
+    gate.requests = 1
+    assert gate.alone()
+    with IterationCounter() as counter:
+        before = counter.count
+        await takeTurn(scope)
+        assert counter.count == before
+        gate.requests = 2
+        assert not gate.alone()
+        await asyncio.wait_for(takeTurn(scope), 2)
+        assert counter.count > before
+    gate.requests = 0  # nothing counts requests (the gate used on its own): every turn is a turn
+    assert not gate.alone()

@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from config import isCloudModelName
@@ -17,6 +18,8 @@ from upstream.ollamaClient import OllamaClient
 
 logger = logging.getLogger("poweron.models")
 PROBE_TIMEOUT_SECONDS = 2.0
+MODEL_NAME_CACHE_SIZE = 1024
+"""Normalised model names remembered (names come from the configuration, Ollama's lists and requests)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +41,10 @@ class LoadedModel:
     expiresAt: str
 
 
+@lru_cache(maxsize=MODEL_NAME_CACHE_SIZE)
 def normaliseModelName(name: str) -> str:
-    """Lower-case ``name:tag`` with the implicit ``:latest`` and the default registry prefix removed."""
+    """Lower-case ``name:tag`` with the implicit ``:latest`` and the default registry prefix removed (remembered:
+    a request normalises the same few names about ten times)."""
     name = name.strip().lower()
     for prefix in ("registry.ollama.ai/library/", "registry.ollama.ai/", "library/"):
         if name.startswith(prefix):
