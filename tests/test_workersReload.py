@@ -173,7 +173,32 @@ def test_onlyStartedWorkersGetTheSighup(monkeypatch, caplog):
     with caplog.at_level("INFO", logger="poweron"):
         supervisor.handle_hup()
     assert killed == [(11, signal.SIGHUP)]
-    assert "SIGHUP passed on to workers 11" in caplog.text and "not passed on to workers 12" in caplog.text
+    assert "SIGHUP passed on to workers 11" in caplog.text and "SIGHUP for workers 12 held back" in caplog.text
+    assert supervisor.pendingHangups == {12}
+
+
+def test_aWorkerStillStartingGetsTheSighupOnceItHasStarted(monkeypatch, caplog):
+    """Not lost: the supervisor remembers the SIGHUP for a worker that was starting and passes it on from its loop
+    once that worker has started (once only); a worker replaced meanwhile is forgotten (its successor reads
+    config.ini as it starts)."""
+    from core import workerSupervisor
+
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(workerSupervisor.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    supervisor = object.__new__(workerSupervisor.supervisorClass())  # no sockets, no signal handlers
+    starting, replaced = FakeWorker(12, False), FakeWorker(13, False)
+    supervisor.processes = [FakeWorker(11, True), starting, replaced]
+    supervisor.signal_queue = []
+    with caplog.at_level("INFO", logger="poweron"):
+        supervisor.handle_hup()
+        supervisor.handle_signals()  # the supervisor's loop, while 12 and 13 are still starting
+        assert killed == [(11, signal.SIGHUP)]
+        starting.started = True
+        supervisor.processes[2] = FakeWorker(14, False)  # 13 died while starting and was replaced
+        supervisor.handle_signals()
+        supervisor.handle_signals()
+    assert killed == [(11, signal.SIGHUP), (12, signal.SIGHUP)]
+    assert "passed on to worker 12" in caplog.text
 
 
 def test_aUvicornWithoutTheHangupHandlerKeepsItsOwnSupervisor(monkeypatch, caplog):
