@@ -16,6 +16,7 @@ from starlette.responses import Response
 from config import ModelSpec, Settings, resolveModel
 from core.clientDisconnect import CLIENT_CLOSED_STATUS, ClientDisconnected, RelayResponse, untilDisconnect
 from core.errors import ServiceError
+from core.leanRoute import LeanRoute
 from core.requestContext import RequestMeta, getMeta
 from documents import wireSchemas
 from documents.analysisRequest import (
@@ -48,7 +49,7 @@ from upstream.routing import RoutedOllama
 from upstream.schemaGrammar import checkGrammar
 from upstream.structuredOutput import parseSchema
 
-router = APIRouter(prefix="/api", tags=["analysis"])
+router = APIRouter(prefix="/api", tags=["analysis"], route_class=LeanRoute)
 EMBED_BATCH_SIZE = 64
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 TYPE_CAPABILITIES = {"text": ["completion"], "reasoning": ["completion", "thinking"],

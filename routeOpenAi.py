@@ -27,6 +27,7 @@ from core.clientDisconnect import (
     untilDisconnect,
 )
 from core.errors import ServiceError
+from core.leanRoute import LeanRoute
 from core.offload import offloadOf
 from core.requestContext import RequestMeta, getMeta
 from core.turns import takeTurn
@@ -44,7 +45,7 @@ from upstream.fairQueue import Ticket
 from upstream.modelRegistry import ModelRegistry, ResolvedModel
 from upstream.routing import PrimedStream, RoutedOllama
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=LeanRoute)
 logger = logging.getLogger("poweron.openai")
 MODEL_OWNER = "poweron"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
