@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Activate a release on the server (run by deploy/push.sh as the deploy account):
 #   deploy/activate.sh <revision>
-# 1. install the release's requirements.txt into the shared venv $POWERON_ROOT/venv,
+# 1. install the release's requirements.txt (at the exact versions of its constraints.txt) into the shared venv
+#    $POWERON_ROOT/venv,
 # 2. point $POWERON_ROOT/current at releases/<revision> (atomic symlink switch),
 # 3. restart the units (sudo systemctl restart; see the sudoers line in docu/setupserver.md; POWERON_UNITS
 #    overrides the list, e.g. without poweron-whisper.service where speech to text is not installed); with
@@ -32,9 +33,13 @@ fi
 log() { printf 'deploy: %s\n' "$*" >&2; }
 
 activate() {
-  local release=$1
+  local release=$1 constraints=()
   log "activating $release"
-  "$root/venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/releases/$release/requirements.txt" \
+  if [ -f "$root/releases/$release/constraints.txt" ]; then  # the exact versions the release was tested with
+    constraints=(-c "$root/releases/$release/constraints.txt")
+  fi
+  "$root/venv/bin/pip" install --quiet --disable-pip-version-check "${constraints[@]}" \
+    -r "$root/releases/$release/requirements.txt" \
     && ln -sfn "releases/$release" "$root/current.new" \
     && mv -T "$root/current.new" "$root/current" \
     && restartUnits

@@ -78,6 +78,7 @@ def repo(tmp_path: Path) -> Path:
     for name in ("push.sh", "activate.sh"):
         shutil.copy2(REPO_ROOT / "deploy" / name, repo / "deploy" / name)
     (repo / "requirements.txt").write_text("fastapi\n")
+    (repo / "constraints.txt").write_text("fastapi==0.165.0\n")
     git(repo, "init", "-q")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@localhost", "add", ".")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-q", "-m", "good")
@@ -110,6 +111,7 @@ def test_aReadyReleaseGoesLive(repo, server):
     assert (server["root"] / "releases" / revision / "requirements.txt").read_text() == "fastapi\n"
     calls = server["calls"].read_text().splitlines()
     assert calls[0].startswith("pip install") and calls[0].endswith(f"releases/{revision}/requirements.txt")
+    assert f"-c {server['root']}/releases/{revision}/constraints.txt -r " in calls[0]  # the tested versions
     assert "systemctl restart poweron-llm.service poweron-whisper.service" in calls
     assert "systemctl is-active --quiet poweron-llm.service poweron-whisper.service" in calls
 
