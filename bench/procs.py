@@ -66,6 +66,16 @@ class BenchProcess:
                 except (ProcessLookupError, PermissionError):
                     pass
 
+    def signalTree(self, signum: int) -> None:
+        """Send ``signum`` to the process and its children (SIGSTOP / SIGCONT around another target's runs)."""
+        if not self.alive():
+            return
+        for pid in processTree(self.pid):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
     def rssBytes(self) -> int:
         return treeRssBytes(self.pid) if self.alive() else 0
 
@@ -83,6 +93,7 @@ class BenchProcess:
         if not self.alive():
             return
         assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGCONT)  # a process stopped for another target's run would not see TERM
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout)

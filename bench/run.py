@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import os
 import platform
+import signal
 import secrets
 import subprocess
 import sys
@@ -263,8 +264,12 @@ class BenchRun:
                 and self.targets[name].available]
 
     def underTest(self, target: Target) -> Any:
-        """Context: the direct upstream is moved to the server core while it is the target."""
-        return _Pinned(self.upstream, self.options.serviceCore, self.options.loadCore, target.name == "direct")
+        """Context: the direct upstream is moved to the server core while it is the target, and the other gateways
+        (on the server core too) are stopped meanwhile."""
+        others = [other.process for other in self.targets.values() if other.process is not None
+                  and other.process not in (target.process, self.upstream)]
+        return _Isolated(self.upstream, self.options.serviceCore, self.options.loadCore, target.name == "direct",
+                         others)
 
     def wrkOnce(self, target: Target, stream: bool, concurrency: int, seconds: float) -> dict[str, Any] | None:
         """One wrk run; adds the server's CPU time per request (robust against other load on the machine)."""
@@ -446,19 +451,29 @@ def loopLagBetween(before: str | None, after: str | None) -> dict[str, Any]:
     return {"loopLag": lag, "gcSeconds": {gen: gcAfter[gen] - gcBefore.get(gen, 0.0) for gen in gcAfter}}
 
 
-class _Pinned:
-    """Moves the upstream to the server core while it is the target under test, and back afterwards."""
+class _Isolated:
+    """While a target is measured: the upstream moves to the server core when it is the target (and back after),
+    and the other gateways on the server core are stopped (SIGSTOP, SIGCONT after). An idle LiteLLM proxy keeps
+    running its background loops, about 15 % of that core in earlier runs ("other load"): it took the core from the
+    target whenever it ran and evicted the target's caches, which inflated the target's CPU per request and its
+    latency at concurrency 1. Stopped, the others neither run nor lose anything (their connections stay open)."""
 
-    def __init__(self, upstream: BenchProcess | None, serverCore: int, loadCore: int, active: bool) -> None:
+    def __init__(self, upstream: BenchProcess | None, serverCore: int, loadCore: int, active: bool,
+                 others: list[BenchProcess]) -> None:
         self.upstream, self.serverCore, self.loadCore, self.active = upstream, serverCore, loadCore, active
+        self.others = others
 
     def __enter__(self) -> None:
+        for other in self.others:
+            other.signalTree(signal.SIGSTOP)
         if self.active and self.upstream is not None:
             self.upstream.pinTo(self.serverCore)
 
     def __exit__(self, *exc: object) -> None:
         if self.active and self.upstream is not None:
             self.upstream.pinTo(self.loadCore)
+        for other in self.others:
+            other.signalTree(signal.SIGCONT)
 
 
 def serverCpu(cpuUsed: float, coreBusy: float, requests: int, seconds: float) -> dict[str, float]:

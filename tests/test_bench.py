@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,28 @@ def test_waitUntilIdle_waitsForAServerThatKeepsWorkingAfterItsRun(tmp_path: Path
         assert waitUntilIdle(process, limit=20) < 1.0  # idle now: at once
     finally:
         process.stop()
+
+
+def test_otherGatewaysAreStoppedWhileATargetIsMeasured(tmp_path: Path) -> None:
+    """A gateway that keeps working in the background (LiteLLM's loops) takes no CPU during another target's run,
+    continues afterwards, and a stopped one is still stopped cleanly at the end."""
+    from bench.procs import BenchProcess
+    from bench.run import _Isolated
+
+    spinning = "while True: pass\n"
+    other = BenchProcess("other", [sys.executable, "-c", spinning], dict(os.environ), 0, tmp_path / "o.log").start()
+    try:
+        time.sleep(0.5)
+        with _Isolated(None, 0, 1, False, [other]):
+            time.sleep(0.2)
+            before = other.cpuSeconds()
+            time.sleep(0.6)
+            assert other.cpuSeconds() - before < 0.05  # stopped: no CPU while the target runs
+        before = other.cpuSeconds()
+        time.sleep(0.6)
+        assert other.cpuSeconds() - before > 0.05  # running again afterwards
+        with _Isolated(None, 0, 1, False, [other]):
+            other.stop(timeout=5)  # stopping a stopped process does not hang until the kill
+        assert not other.alive()
+    finally:
+        other.stop()
