@@ -174,21 +174,27 @@ def treeCpuSeconds(root: int) -> float:
 
 
 BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
+STEAL_FIELD = 7
 """user, nice, system, irq, softirq, steal in a /proc/stat cpuN line."""
 
 
-def parseCoreBusyTicks(procStatText: str, core: int) -> int:
-    """Busy clock ticks of one core from a /proc/stat text."""
+def parseCoreBusyTicks(procStatText: str, core: int, fields: tuple[int, ...] = ()) -> int:
+    """Busy clock ticks of one core from a /proc/stat text (or the sum of ``fields`` of its line)."""
     prefix = f"cpu{core} "
     for line in procStatText.splitlines():
         if line.startswith(prefix):
             values = [int(v) for v in line.split()[1:]]
-            return sum(values[i] for i in BUSY_FIELDS if i < len(values))
+            return sum(values[i] for i in fields or BUSY_FIELDS if i < len(values))
     return 0
 
 
 def coreBusySeconds(core: int) -> float:
     return parseCoreBusyTicks(Path("/proc/stat").read_text(), core) / CLOCK_TICKS
+
+
+def coreStealSeconds(core: int) -> float:
+    """Time the hypervisor ran something else on this virtual core (steal, part of the busy time above)."""
+    return parseCoreBusyTicks(Path("/proc/stat").read_text(), core, (STEAL_FIELD,)) / CLOCK_TICKS
 
 
 IDLE_WINDOW_SECONDS = 0.25

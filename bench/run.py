@@ -37,7 +37,7 @@ import httpx
 import orjson
 
 from bench import litellmProxy, report, tails
-from bench.procs import BenchProcess, coreBusySeconds, freePort, waitUntilIdle
+from bench.procs import BenchProcess, coreBusySeconds, coreStealSeconds, freePort, waitUntilIdle
 from bench.streamProbe import (
     Endpoint,
     analyseGaps,
@@ -67,6 +67,9 @@ HOLD_DELAY_MS = 100.0
 OPEN_STREAMS = 200
 PROBE_MAX_REQUESTS_PER_SECOND = 20000
 SETTLE_SECONDS = 2.0
+DISTURBED_SHARE = 0.10
+"""A wrk run during which others (processes, steal) took more than this share of the server core is repeated."""
+DISTURBED_RETRIES = 2
 WARM_UP_SECONDS = 2
 QUICK_WARM_UP_SECONDS = 1
 EXTRA_BENCHES = (("pdf", "bench.benchPdf"), ("stt", "bench.benchStt"), ("sttLanguages", "bench.sttLanguages"),
@@ -277,6 +280,7 @@ class BenchRun:
         metricsBefore = scrapeMetrics(target)
         with self.underTest(target):
             cpuBefore, busyBefore = (process.cpuSeconds() if process else 0.0), coreBusySeconds(core)
+            stealBefore = coreStealSeconds(core)
             try:
                 result = runWrk(target.url, target.bodyFiles[stream], target.bearer, concurrency, seconds,
                                 self.options.loadCore).asDict()
@@ -285,7 +289,9 @@ class BenchRun:
                 return None
             cpuUsed = (process.cpuSeconds() if process else 0.0) - cpuBefore
             busy = coreBusySeconds(core) - busyBefore
+            steal = coreStealSeconds(core) - stealBefore
         result.update(serverCpu(cpuUsed, busy, result["requests"], result["seconds"]))
+        result["stealShare"] = steal / result["seconds"] if result["seconds"] else 0.0
         result.update(loopLagBetween(metricsBefore, scrapeMetrics(target)))
         if process is not None:
             result["idleWaitSeconds"] = waited = round(waitUntilIdle(process), 2)
@@ -310,12 +316,35 @@ class BenchRun:
         for mode, stream in (("nonstream", False), ("stream", True)):
             for concurrency in self.options.concurrencies:
                 for target in self.roundOrder(roundIndex):
-                    result = self.wrkOnce(target, stream, concurrency, self.options.wrkSeconds)
+                    result = self.undisturbedRun(target, stream, concurrency)
                     if result is not None:
                         slot = self.results["wrk"].setdefault(mode, {}).setdefault(str(concurrency), {})
                         slot.setdefault(target.name, []).append(result)
                     print(f"  round {roundIndex + 1} {mode:9} c={concurrency:<3} {target.label:16} "
                           f"{_short(result)}", flush=True)
+
+    def undisturbedRun(self, target: Target, stream: bool, concurrency: int) -> dict[str, Any] | None:
+        """One wrk run, repeated (at most DISTURBED_RETRIES times) while other processes or the hypervisor (steal)
+        took more than DISTURBED_SHARE of the server core: such a run measures the neighbours, not the target (the
+        direct upstream's own c=1 max went from 5 to 36 ms in such a round). Every target gets the same rule; the
+        least disturbed attempt is kept and every repeat is named in the report's notes."""
+        attempts: list[dict[str, Any]] = []
+        for _ in range(1 + DISTURBED_RETRIES):
+            result = self.wrkOnce(target, stream, concurrency, self.options.wrkSeconds)
+            if result is None:
+                return None
+            attempts.append(result)
+            if result["otherLoad"] <= DISTURBED_SHARE:
+                break
+        kept = min(attempts, key=lambda attempt: attempt["otherLoad"])
+        kept["attempts"] = len(attempts)
+        if len(attempts) > 1:
+            shares = ", ".join(f"{attempt['otherLoad']:.0%} (steal {attempt.get('stealShare', 0.0):.0%})"
+                               for attempt in attempts)
+            self.notes.append(f"{target.label}, {'streaming' if stream else 'non-streaming'} c={concurrency}: other "
+                              f"load on the server core in {len(attempts)} attempts {shares}; kept the run with "
+                              f"{kept['otherLoad']:.0%}")
+        return kept
 
     def probeRound(self, roundIndex: int) -> None:
         seconds = self.options.probeSeconds
