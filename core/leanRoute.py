@@ -77,10 +77,13 @@ def leanHandlerFor(dependant: Dependant) -> Handler | None:
 
 
 def _effectiveRoute(route: APIRoute) -> Any:
-    """The route as included (its dependant has the include's dependencies): FastAPI builds an included route's
-    handler with the inclusion's context set, in versions that include routes without copying them."""
+    """The route as included (its dependant has the include's dependencies, e.g. the key and its rate limits):
+    FastAPI 0.165 builds an included route's handler with the inclusion's context set. None where this FastAPI has
+    no such context (the route keeps FastAPI's handler: a lean one could miss the include's dependencies)."""
     contextVar = getattr(fastapiRouting, "_effective_route_context_var", None)
-    context = contextVar.get() if contextVar is not None else None
+    if contextVar is None:
+        return None
+    context = contextVar.get()
     return context if context is not None and context.original_route is route else route
 
 
@@ -90,7 +93,7 @@ class LeanRoute(APIRoute):
     def get_route_handler(self) -> Handler:
         standard = super().get_route_handler()
         effective = _effectiveRoute(self)
-        lean = leanHandlerFor(effective.dependant)
+        lean = leanHandlerFor(effective.dependant) if effective is not None else None
         if lean is None:
             return standard
         overridesProvider = effective.dependency_overrides_provider

@@ -4,6 +4,7 @@ overrides are set, keeps FastAPI's handler."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Annotated
 
 import fastapi.routing
@@ -13,6 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 from starlette.responses import JSONResponse, Response
 
+import core.leanRoute
 import routeApi
 import routeOpenAi
 from app import createApp
@@ -133,3 +135,13 @@ async def test_theServiceAnswersChatsOnTheLeanPathWithItsLimits(stub, makeSettin
     assert any(name.lower().startswith("x-ratelimit") for name in answer.headers)
     assert refused.status_code == 401
     assert solveCount == []
+
+
+def test_withoutFastApisInclusionContextRoutesKeepFastApisHandler(monkeypatch, solveCount) -> None:
+    """A FastAPI without the inclusion context (the include's dependencies could be missed): no lean handlers."""
+    monkeypatch.setattr(core.leanRoute, "fastapiRouting", SimpleNamespace())  # a routing module without it
+    order: list[str] = []
+    with TestClient(makeApp(order)) as client:
+        assert client.post("/v1/lean", content=b"x").status_code == 401
+        assert client.post("/v1/lean", content=b"x", headers={"x-key": "good"}).status_code == 200
+    assert order[:1] == ["gate"] and solveCount
