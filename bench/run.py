@@ -485,7 +485,9 @@ class _Isolated:
     and the other gateways on the server core are stopped (SIGSTOP, SIGCONT after). An idle LiteLLM proxy keeps
     running its background loops, about 15 % of that core in earlier runs ("other load"): it took the core from the
     target whenever it ran and evicted the target's caches, which inflated the target's CPU per request and its
-    latency at concurrency 1. Stopped, the others neither run nor lose anything (their connections stay open)."""
+    latency at concurrency 1. Stopped, the others neither run nor lose anything (their connections stay open). A
+    stopped service records one long loop-lag sample as it continues; each run's lag is the difference of two scrapes
+    taken after that (``wrkOnce``), so the sample counts in no run."""
 
     def __init__(self, upstream: BenchProcess | None, serverCore: int, loadCore: int, active: bool,
                  others: list[BenchProcess]) -> None:

@@ -3,7 +3,8 @@
 FastAPI's request handler is general: it reads and validates parameters from path, query, headers, cookies and
 body, resolves every dependency with a full pass (parameters, cache key, security scopes, generator stacks) and
 serialises what the endpoint returns. For the model routes, whose endpoints take the request and read their own
-bodies (guard/jsonBody.py), that was about a fifth of a request's CPU (docu/performance.md, "CPU per request").
+bodies (guard/jsonBody.py), that was about a fifth of a request's CPU (docu/performance.md, "Stalls under
+load", third session).
 
 ``LeanRoute`` keeps the declarations as they are (dependencies in the signature and on the router, the OpenAPI
 document) and, for a route whose dependencies are all ``async def f(request)`` without sub-dependencies and whose

@@ -19,7 +19,7 @@ from starlette.types import Scope
 STEPS_PER_TURN = 6
 """Request steps let through per loop iteration; a step costs 0.1-0.4 ms of CPU, so an iteration stays a few ms.
 At 64 concurrent requests on one core, 6 halved the median loop lag of 12 (<= 2.5-5 ms instead of <= 5-10 ms) at
-the same throughput within the machine's noise (docu/performance.md, "Third session")."""
+the same throughput within the machine's noise (docu/performance.md, "Stalls under load", third session)."""
 TURNS_SCOPE_KEY = "poweron.turns"
 
 

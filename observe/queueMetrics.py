@@ -96,5 +96,5 @@ def installQueueMetrics(app: FastAPI, registry: CollectorRegistry, settings: Set
         lambda upstream, model, keyName, seconds: child(wait, upstream, labels.model(model),
                                                         labels.key(keyName)).observe(seconds))
     admission.refusalListeners.append(
-        lambda upstream, model, keyName, reason: refused.labels(upstream, labels.model(model), labels.key(keyName),
-                                                                reason).inc())
+        lambda upstream, model, keyName, reason: child(refused, upstream, labels.model(model), labels.key(keyName),
+                                                       reason).inc())

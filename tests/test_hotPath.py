@@ -1,6 +1,6 @@
 """The request path of the model routes stays lean: what each request costs in framework work is fixed by their
-shape (docu/performance.md, "CPU per request"). The numbers themselves are measured by ``make bench``; these tests
-keep the shapes that make them possible."""
+shape (docu/performance.md, "Stalls under load", third session). The numbers themselves are measured by
+``make bench``; these tests keep the shapes that make them possible."""
 
 from __future__ import annotations
 

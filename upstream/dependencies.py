@@ -25,9 +25,10 @@ async def getRegistry(request: Request) -> ModelRegistry:
 
 
 class ModelCall(NamedTuple):
-    """What a model route needs (settings, registry, the routed upstream), resolved as one dependency: FastAPI's
-    resolution costs about as much per dependency as a route's own planning, so the model routes (chat,
-    embeddings, analysis, text) take this one instead of three (docu/performance.md, "CPU per request")."""
+    """What a model route needs (settings, registry, the routed upstream), resolved as one dependency: FastAPI
+    resolves each dependency with a full pass (parameters, cache key, scopes), so the model routes (chat,
+    embeddings, analysis, text) take this one instead of three
+    (docu/performance.md, "Stalls under load", third session)."""
 
     settings: Settings
     registry: ModelRegistry
